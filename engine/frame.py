@@ -1,0 +1,175 @@
+"""The frame: one signal, as a deterministic CBOR map.
+
+A frame is the unit every gear, ring, egress and audit row deals in::
+
+    {"id": h'<16 bytes, UUIDv7>', "ts": <int ns since the Unix epoch>,
+     "src": "<where it entered the rack>", "kind": "<what it is, e.g. iso8583.0100>",
+     "headers": {<str>: <any>}, "body": <any CBOR value>}
+
+encoded with ``engine.cbor.dumps`` (RFC 8949 §4.2.1), so its bytes are a pure function of its
+content: the same frame always hashes, de-duplicates and audits to the same bytes. Text keys
+(rather than small ints) cost a few bytes per frame and keep frames readable by any CBOR tool,
+which matters for an audit trail that outlives this code.
+
+Ids are UUIDv7 (RFC 9562): 48-bit Unix milliseconds, then a 12-bit counter that keeps ids
+from one process strictly increasing within a millisecond (method 1 of §6.2), then 62 random
+bits that keep processes apart (``random`` is re-seeded in every forked child).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from engine.cbor import CBORDecodeError, dumps, loads
+
+ID_SIZE = 16
+_KEYS = frozenset(("id", "ts", "src", "kind", "headers", "body"))
+
+
+class FrameError(ValueError):
+    """Bytes that are not a frame, or a frame built with invalid fields."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Frame:
+    """One signal.
+
+    Attributes:
+        id: 16-byte UUIDv7, unique per signal; the de-duplication key downstream.
+        ts: creation time, integer nanoseconds since the Unix epoch.
+        src: where the signal entered the rack (e.g. ``acq:10.0.0.7:5123``, ``modbus:plc1``).
+        kind: what the signal is (e.g. ``iso8583.0100``, ``uns.sample``).
+        headers: small metadata map (routing keys, trace ids); values are CBOR values.
+        body: the payload, any CBOR-encodable value.
+    """
+
+    id: bytes
+    ts: int
+    src: str
+    kind: str
+    headers: Mapping[str, Any] = field(default_factory=dict)
+    body: Any = None
+
+    def __post_init__(self) -> None:
+        if type(self.id) is not bytes or len(self.id) != ID_SIZE:
+            raise FrameError(f"invalid frame field: field=id, rule=16 bytes, got={self.id!r}")
+        if type(self.ts) is not int or self.ts < 0:
+            raise FrameError(f"invalid frame field: field=ts, rule=int >= 0, got={self.ts!r}")
+        if type(self.src) is not str:
+            raise FrameError(
+                f"invalid frame field: field=src, rule=str, got={type(self.src).__name__}"
+            )
+        if type(self.kind) is not str:
+            raise FrameError(
+                f"invalid frame field: field=kind, rule=str, got={type(self.kind).__name__}"
+            )
+        if not isinstance(self.headers, Mapping):
+            raise FrameError(
+                f"invalid frame field: field=headers, rule=map, got={type(self.headers).__name__}"
+            )
+
+
+def new_frame(
+    src: str,
+    kind: str,
+    body: Any = None,
+    headers: Mapping[str, Any] | None = None,
+    ts: int | None = None,
+) -> Frame:
+    """Build a frame with a fresh UUIDv7 id, stamped now unless ``ts`` is given."""
+    now = time.time_ns() if ts is None else ts
+    return Frame(id=uuid7(now), ts=now, src=src, kind=kind, headers=headers or {}, body=body)
+
+
+def encode(frame: Frame) -> bytes:
+    """Deterministic CBOR bytes of ``frame``.
+
+    Raises:
+        engine.cbor.CBOREncodeError: a header or body value is not CBOR-encodable.
+    """
+    return dumps(
+        {
+            "id": frame.id,
+            "ts": frame.ts,
+            "src": frame.src,
+            "kind": frame.kind,
+            "headers": frame.headers,
+            "body": frame.body,
+        }
+    )
+
+
+def decode(data: bytes | memoryview, strict: bool = False) -> Frame:
+    """Frame from its CBOR bytes.
+
+    Args:
+        data: the encoded frame (a ring view works, nothing is kept referencing it).
+        strict: also require deterministic encoding (``engine.cbor.loads(strict=True)``).
+
+    Raises:
+        FrameError: not CBOR, not a map, missing/extra keys or wrong field types; the message
+            names the field. Chained from the CBOR error when there is one.
+    """
+    try:
+        obj = loads(data, strict=strict)
+    except CBORDecodeError as exc:
+        raise FrameError(f"frame is not valid CBOR: {exc}") from exc
+    if type(obj) is not dict:
+        raise FrameError(f"frame is not a map: got={type(obj).__name__}")
+    if obj.keys() != _KEYS:
+        missing = sorted(_KEYS - obj.keys())
+        extra = sorted(map(repr, obj.keys() - _KEYS))
+        raise FrameError(f"frame keys wrong: missing={missing}, extra={extra}")
+    return Frame(
+        id=obj["id"],
+        ts=obj["ts"],
+        src=obj["src"],
+        kind=obj["kind"],
+        headers=obj["headers"],
+        body=obj["body"],
+    )
+
+
+# --- UUIDv7 ------------------------------------------------------------------------------
+
+_last_ms = -1
+_counter = 0
+_COUNTER_MAX = 0xFFF
+
+
+def uuid7(ts_ns: int | None = None) -> bytes:
+    """A UUIDv7 as 16 bytes, strictly increasing for calls in one process.
+
+    Args:
+        ts_ns: the time to encode (ns since epoch); now if None.
+    """
+    global _last_ms, _counter
+    ms = (time.time_ns() if ts_ns is None else ts_ns) // 1_000_000
+    if ms > _last_ms:
+        _last_ms = ms
+        _counter = random.getrandbits(11)  # start in the lower half: room to count up
+    else:
+        # Same millisecond (or the clock stepped back): count; on overflow borrow the next
+        # millisecond rather than lose monotonicity.
+        _counter += 1
+        if _counter > _COUNTER_MAX:
+            _last_ms += 1
+            _counter = 0
+        ms = _last_ms
+    value = (
+        (ms & 0xFFFF_FFFF_FFFF) << 80
+        | 0x7 << 76
+        | _counter << 64
+        | 0b10 << 62
+        | random.getrandbits(62)
+    )
+    return value.to_bytes(16, "big")
+
+
+def uuid7_ms(frame_id: bytes) -> int:
+    """The Unix millisecond timestamp inside a UUIDv7."""
+    return int.from_bytes(frame_id[:6], "big")

@@ -1,0 +1,30 @@
+"""Shared fixtures: unique shared-memory names that are removed after each test."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from engine.shm import _shm_unlink
+
+# The rack forks its workers (rings and eventfds are inherited); tests do the same.
+FORK = multiprocessing.get_context("fork")
+
+
+@pytest.fixture
+def shm_name() -> Iterator[callable]:
+    """Factory of unique segment names; every name handed out is unlinked afterwards."""
+    names: list[str] = []
+
+    def make(tag: str = "t") -> str:
+        name = f"fx-test-{os.getpid()}-{tag}-{uuid.uuid4().hex[:8]}"
+        names.append(name)
+        return name
+
+    yield make
+    for name in names:
+        _shm_unlink(name)
