@@ -173,3 +173,42 @@ def uuid7(ts_ns: int | None = None) -> bytes:
 def uuid7_ms(frame_id: bytes) -> int:
     """The Unix millisecond timestamp inside a UUIDv7."""
     return int.from_bytes(frame_id[:6], "big")
+
+
+def path_get(frame: Frame, path: str, default: Any = None) -> Any:
+    """Value at ``path`` ("headers.a.b", "body.x", "kind", "src") in ``frame``, or ``default``."""
+    head, _, rest = path.partition(".")
+    value: Any = getattr(frame, head, default) if head in _KEYS else default
+    if not rest:
+        return value
+    for part in rest.split("."):
+        if isinstance(value, Mapping) and part in value:
+            value = value[part]
+        else:
+            return default
+    return value
+
+
+def frame_id_of(data: bytes | memoryview) -> bytes:
+    """The id of an encoded frame without decoding it.
+
+    Deterministic encoding puts ``"id"`` first (its encoding sorts lowest of the six keys),
+    so a frame always starts ``a6 62 69 64 50`` and the 16 id bytes follow at offset 5.
+
+    Raises:
+        FrameError: the bytes do not start like a frame.
+    """
+    if data[:5] != _ID_PREFIX:
+        raise FrameError(f"not an encoded frame: prefix={bytes(data[:5]).hex()}")
+    return bytes(data[5:21])
+
+
+_ID_PREFIX = b"\xa6\x62id\x50"  # map(6), text(2) "id", bytes(16)
+_TS_PREFIX = b"\x62ts\x1b"  # text(2) "ts", uint64 (every ns timestamp after 1970-01-01T00:00:04)
+
+
+def frame_ts_of(data: bytes | memoryview) -> int | None:
+    """The ``ts`` of an encoded frame without decoding it (None if not at its usual place)."""
+    if data[21:25] != _TS_PREFIX:
+        return None
+    return int.from_bytes(data[25:33], "big")

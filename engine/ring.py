@@ -206,6 +206,33 @@ class Doorbell:
         finally:
             self.disarm()
 
+    async def wait_async(self, ready, timeout: float) -> bool:
+        """``wait`` for asyncio processes: the eventfd is watched with ``loop.add_reader``."""
+        import asyncio  # only io processes need it; stage workers never import asyncio
+
+        if ready():
+            return True
+        loop = asyncio.get_running_loop()
+        woken = asyncio.Event()
+        loop.add_reader(self.fd, woken.set)
+        deadline = loop.time() + timeout
+        self.arm()
+        try:
+            while not ready():
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    return False
+                try:
+                    await asyncio.wait_for(woken.wait(), min(remaining, WAKE_SLICE))
+                except TimeoutError:
+                    pass
+                woken.clear()
+                self.drain()
+            return True
+        finally:
+            self.disarm()
+            loop.remove_reader(self.fd)
+
     def close(self) -> None:
         """Close the eventfd in this process."""
         os.close(self.fd)
@@ -218,7 +245,7 @@ class Ring:
     the segment with ``unlink()`` when the rack stops.
     """
 
-    def __init__(self, segment: Segment):
+    def __init__(self, segment: Segment, doorbells: bool = True):
         self.segment = segment
         payload = segment.payload
         self.capacity: int = payload.nbytes - CONTROL_SIZE
@@ -229,8 +256,10 @@ class Ring:
         # Consumers hand out views of this read-only alias, so a handler cannot scribble on
         # records the producer owns.
         self._rodata = self._data.toreadonly()
-        self.data_bell = Doorbell(self._slots, CONSUMER_WAITING)
-        self.space_bell = Doorbell(self._slots, PRODUCER_WAITING)
+        self._doorbells = doorbells
+        if doorbells:
+            self.data_bell = Doorbell(self._slots, CONSUMER_WAITING)
+            self.space_bell = Doorbell(self._slots, PRODUCER_WAITING)
 
     @classmethod
     def create(cls, name: str, capacity: int) -> Ring:
@@ -250,6 +279,11 @@ class Ring:
                 f"rule=power of two >= {MIN_CAPACITY}"
             )
         return cls(Segment.create(name, KIND_RING, segment_size(capacity)))
+
+    @classmethod
+    def attach(cls, name: str) -> Ring:
+        """Map an existing ring to observe it (``statistics``); no doorbells, no sides."""
+        return cls(Segment.attach(name, KIND_RING), doorbells=False)
 
     def producer(self) -> Producer:
         """The writing side, resuming at the published tail."""
@@ -275,8 +309,9 @@ class Ring:
 
     def close(self) -> None:
         """Release this process's mapping and doorbells (views from ``poll`` must be gone)."""
-        self.data_bell.close()
-        self.space_bell.close()
+        if self._doorbells:
+            self.data_bell.close()
+            self.space_bell.close()
         self._words.release()
         self._rodata.release()
         self._data.release()
@@ -374,6 +409,27 @@ class Producer:
         self._head_cache = load_acquire(self._slots, HEAD)
         return self._head_cache + self._cap - self._tail
 
+    async def write_async(self, payloads: Sequence[bytes], type_: int = MSG,
+                          timeout: float = float("inf")) -> int:
+        """``write`` for asyncio processes: waits for space without blocking the loop."""
+        total = len(payloads)
+        done = self.try_write(payloads, type_)
+        if done == total:
+            return done
+        self._slots[FULL_WAITS] += 1
+        import asyncio
+
+        deadline = asyncio.get_running_loop().time() + timeout
+        while done < total:
+            remaining = deadline - asyncio.get_running_loop().time()
+            if remaining <= 0:
+                break
+            pending = payloads[done:]
+            need = record_size(len(pending[0])) * 2
+            await self._space.wait_async(lambda: self._free() >= need, remaining)
+            done += self.try_write(pending, type_)
+        return done
+
     @property
     def full_waits(self) -> int:
         """Times a ``write`` found the ring full and waited."""
@@ -411,15 +467,25 @@ class Consumer:
         views, self._pos = read_records(self._data, self._pos, tail, limit)
         return views
 
-    def commit(self) -> None:
-        """Release everything polled so far to the producer (one head store)."""
-        store_release(self._slots, HEAD, self._pos)
+    def commit(self, position: int | None = None) -> None:
+        """Release records to the producer (one head store).
+
+        Args:
+            position: commit only up to this position (a value of ``position`` taken after
+                an earlier poll), for consumers with several batches in flight; default:
+                everything polled so far.
+        """
+        store_release(self._slots, HEAD, self._pos if position is None else position)
         fence()  # head store before the flag load: see engine._ordering
         self._space.ring_if_waiting()
 
     def wait(self, timeout: float) -> bool:
         """Block until a record is available or ``timeout`` seconds passed; True if available."""
         return self._bell.wait(self.available, timeout)
+
+    async def wait_async(self, timeout: float) -> bool:
+        """``wait`` for asyncio processes."""
+        return await self._bell.wait_async(self.available, timeout)
 
     def available(self) -> bool:
         """True when records past those already polled are published."""

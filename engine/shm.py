@@ -114,6 +114,9 @@ class Segment:
     __slots__ = ("name", "header", "payload", "_shm", "_owner")
 
     def __init__(self, shm: shared_memory.SharedMemory, header: SegmentHeader, owner: bool):
+        # SharedMemory.__del__ closes the mmap, which fails (and prints) while our views of it
+        # live, e.g. at the exit of a process that never called close(). Closing is ours.
+        shm.close = _leave_open  # type: ignore[method-assign]
         self._shm = shm
         self._owner = owner
         self.name: str = shm.name.lstrip("/")
@@ -208,11 +211,15 @@ class Segment:
             BufferError: memoryviews derived from ``payload`` are still alive.
         """
         self.payload.release()
-        self._shm.close()
+        shared_memory.SharedMemory.close(self._shm)
 
     def unlink(self) -> None:
         """Remove the segment name; existing mappings stay valid until closed."""
         _shm_unlink(self.name)
+
+
+def _leave_open() -> None:
+    pass
 
 
 def _read_header(shm: shared_memory.SharedMemory, name: str) -> SegmentHeader:

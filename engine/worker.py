@@ -1,0 +1,346 @@
+"""Process bodies for gears: stage workers (tight loops) and asyncio io processes.
+
+Theory of operation
+-------------------
+The supervisor forks one process per ``ProcessSpec`` and calls ``run_process`` in the child.
+Rings and counters were created by the supervisor before the fork; the child takes its side
+of each ring (``consumer()`` on inputs, ``producer()`` on outputs), which resumes at the
+positions in shared memory. That is what makes a restart lossless:
+
+* a stage worker commits its input batch only after every frame it emitted is published in
+  its output ring; killed in between, its successor re-reads the batch (at-least-once; the
+  frame ids are unchanged, so egress de-duplicates);
+* a sink commits after ``write`` returned.
+
+Lanes: a pipeline with ``--workers N`` has N lanes. The source picks a frame's lane from the
+pipeline ``key`` (crc32 of the key's value, so a key always takes the same lane and keeps its
+order), stage replica *i* serves lane *i* from end to end, and each sink reads all N lanes.
+
+Stop: SIGTERM sets a flag; the loop finishes the batch in hand and returns. The supervisor
+drains (stops the source, waits for empty rings) before it stops the others.
+
+Bad input: a frame that does not decode, or that makes a gear raise, is written to the
+dead-letter file ``<data_dir>/deadletter/<pipeline>.<gear>.cbor`` (a CBOR sequence of
+``{"error", "gear", "frame"}``), counted as an error and logged with the frame id only, and the
+worker goes on: one bad frame neither stops the lane nor loses its neighbours.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from engine.cbor import dumps
+from engine.config import GearConfig
+from engine.counters import ERRORS, Counters
+from engine.frame import Frame, FrameError, decode, encode, path_get
+from engine.ring import Consumer, Ring
+from gears.base import GearContext, Sink, Source, Stage, lookup_gear
+
+log = logging.getLogger("fluxrig.worker")
+
+POLL_WAIT = 0.2  # seconds an idle loop sleeps on its doorbell before re-checking its flags
+
+
+@dataclass(slots=True, kw_only=True)
+class ProcessSpec:
+    """Everything a forked rack process needs; built by the supervisor before forking.
+
+    Attributes:
+        name: unique process name, e.g. ``demo.map.1`` (used for logs, counters, placement).
+        role: ``source``, ``stage``, ``sink``, ``egress`` or ``telemetry``.
+        pipeline: pipeline name ("" for rack-wide processes).
+        gear: the gear configuration (None for egress/telemetry).
+        replica: lane index for stages, 0 otherwise.
+        replicas: number of lanes.
+        inputs: rings this process consumes.
+        outputs: rings this process produces into (a source: one per lane).
+        counters: this process's counters segment.
+        key: lane key path (sources only).
+        cpu: CPU to pin to, or None.
+        extra: role-specific data (egress routes, telemetry targets).
+    """
+
+    name: str
+    role: str
+    pipeline: str = ""
+    gear: GearConfig | None = None
+    replica: int = 0
+    replicas: int = 1
+    inputs: list[Ring] = field(default_factory=list)
+    outputs: list[Ring] = field(default_factory=list)
+    counters: Counters | None = None
+    key: str | None = None
+    cpu: int | None = None
+    extra: Any = None
+
+
+@dataclass(slots=True)
+class Runtime:
+    """Rack-wide facts for process bodies (identical in every child)."""
+
+    rack_id: str
+    data_dir: str
+    nats_url: str
+    batch: int
+
+
+class _Stop:
+    """SIGTERM/SIGINT -> a flag the loops check between batches."""
+
+    def __init__(self) -> None:
+        self.set = False
+        signal.signal(signal.SIGTERM, self._handler)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides; Ctrl-C goes to it
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        self.set = True
+
+
+def lane_of(frame: Frame, key: str | None, lanes: int, fallback: int) -> int:
+    """The lane of ``frame``: crc32 of its key value, or ``fallback`` without a key."""
+    if lanes == 1:
+        return 0
+    if key is None:
+        return fallback % lanes
+    value = path_get(frame, key)
+    data = value if isinstance(value, bytes) else str(value).encode()
+    return zlib.crc32(data) % lanes
+
+
+def make_context(spec: ProcessSpec, rt: Runtime) -> GearContext:
+    """The GearContext for a spec's gear."""
+    assert spec.gear is not None
+    return GearContext(
+        rack_id=rt.rack_id,
+        pipeline=spec.pipeline,
+        name=spec.gear.name,
+        replica=spec.replica,
+        replicas=spec.replicas,
+        data_dir=rt.data_dir,
+        log=logging.getLogger(f"fluxrig.{spec.pipeline}.{spec.gear.name}"),
+    )
+
+
+class DeadLetters:
+    """Append-only CBOR sequence of frames a gear could not handle."""
+
+    def __init__(self, rt: Runtime, spec: ProcessSpec):
+        gear = spec.gear.name if spec.gear else spec.role
+        self.path = os.path.join(rt.data_dir, "deadletter", f"{spec.pipeline}.{gear}.cbor")
+        self.gear = gear
+        self._fd: int | None = None
+
+    def put(self, data: bytes | memoryview, error: Exception) -> None:
+        """Record one rejected frame (its bytes) with the reason."""
+        if self._fd is None:
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+        os.write(self._fd, dumps({"error": f"{type(error).__name__}: {error}",
+                                  "gear": self.gear, "frame": bytes(data)}))
+
+
+def run_process(spec: ProcessSpec, rt: Runtime) -> None:
+    """Entry point of a forked rack process (never returns normally: exits the child)."""
+    if spec.cpu is not None:
+        try:
+            os.sched_setaffinity(0, {spec.cpu})
+        except OSError as exc:
+            log.warning("cannot pin: process=%s, cpu=%s, error=%s", spec.name, spec.cpu, exc)
+    if spec.role == "stage":
+        run_stage(spec, rt)
+    elif spec.role == "source":
+        import asyncio
+
+        asyncio.run(run_source(spec, rt))
+    elif spec.role == "sink":
+        import asyncio
+
+        asyncio.run(run_sink(spec, rt))
+    elif spec.role == "egress":
+        from engine.egress import run_egress
+
+        run_egress(spec, rt)
+    elif spec.role == "telemetry":
+        from engine.telemetry import run_telemetry
+
+        run_telemetry(spec, rt)
+    else:  # pragma: no cover - the supervisor only builds the roles above
+        raise ValueError(f"unknown process role: role={spec.role}")
+
+
+def _decode_batch(views: Sequence[memoryview], dead: DeadLetters, counters: Counters,
+                  name: str) -> tuple[list[Frame], int]:
+    frames: list[Frame] = []
+    nbytes = 0
+    for view in views:
+        nbytes += len(view)
+        try:
+            frames.append(decode(view))
+        except FrameError as exc:
+            counters.add(ERRORS)
+            dead.put(view, exc)
+            log.error("undecodable frame dead-lettered: process=%s, error=%s", name, exc)
+    return frames, nbytes
+
+
+def run_stage(spec: ProcessSpec, rt: Runtime) -> None:
+    """A stage worker: input ring -> gear.process -> output ring, one batch at a time."""
+    stop = _Stop()
+    assert spec.gear is not None and spec.counters is not None
+    cls = lookup_gear(spec.gear.gear)
+    gear: Stage = cls(spec.gear.settings, make_context(spec, rt))  # type: ignore[assignment]
+    consumer = spec.inputs[0].consumer()
+    producer = spec.outputs[0].producer()
+    counters = spec.counters
+    dead = DeadLetters(rt, spec)
+    batch = rt.batch
+    while not stop.set:
+        if not consumer.wait(POLL_WAIT):
+            continue
+        views = consumer.poll(batch)
+        frames, nbytes_in = _decode_batch(views, dead, counters, spec.name)
+        out: list[Frame] = []
+        try:
+            gear.process(frames, out.append)
+        except Exception:
+            out = _process_one_by_one(gear, frames, dead, counters, spec.name)
+        del views
+        encoded = [encode(f) for f in out]
+        done = 0
+        while done < len(encoded):
+            done += producer.write(encoded[done:], timeout=POLL_WAIT)
+            if stop.set and done < len(encoded):
+                return  # not committed: the successor replays this batch
+        consumer.commit()
+        now = time.time_ns()
+        for f in frames:
+            counters.observe(now - f.ts)
+        counters.count_batch(len(frames), len(encoded), nbytes_in, sum(map(len, encoded)))
+    gear.close()
+
+
+def _process_one_by_one(gear: Stage, frames: list[Frame], dead: DeadLetters,
+                        counters: Counters, name: str) -> list[Frame]:
+    # The batch failed: find the frames that fail alone, dead-letter them, keep the rest.
+    out: list[Frame] = []
+    for frame in frames:
+        mine: list[Frame] = []
+        try:
+            gear.process([frame], mine.append)
+        except Exception as exc:
+            counters.add(ERRORS)
+            dead.put(encode(frame), exc)
+            log.error("gear failed on frame, dead-lettered: process=%s, frame_id=%s, error=%s",
+                      name, frame.id.hex(), type(exc).__name__)
+            continue
+        out.extend(mine)
+    return out
+
+
+async def run_source(spec: ProcessSpec, rt: Runtime) -> None:
+    """An io process running a Source gear; frames go to lane rings by key."""
+    import asyncio
+
+    assert spec.gear is not None and spec.counters is not None
+    cls = lookup_gear(spec.gear.gear)
+    gear: Source = cls(spec.gear.settings, make_context(spec, rt))  # type: ignore[assignment]
+    producers = [ring.producer() for ring in spec.outputs]
+    lanes = len(producers)
+    counters = spec.counters
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stopping.set)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    batch_no = 0
+
+    async def emit(frames: list[Frame]) -> None:
+        nonlocal batch_no
+        per_lane: list[list[bytes]] = [[] for _ in range(lanes)]
+        for frame in frames:
+            per_lane[lane_of(frame, spec.key, lanes, batch_no)].append(encode(frame))
+        batch_no += 1
+        nbytes = 0
+        for producer, encoded in zip(producers, per_lane):
+            if encoded:
+                await producer.write_async(encoded)
+                nbytes += sum(map(len, encoded))
+        counters.count_batch(0, len(frames), 0, nbytes)
+
+    try:
+        await gear.run(emit, stopping)
+        await stopping.wait()  # a finite source idles until the rack stops
+    finally:
+        gear.close()
+
+
+async def wait_any(consumers: Sequence[Consumer], rings: Sequence[Ring], timeout: float) -> bool:
+    """Wait until any of ``consumers`` has records (asyncio; one eventfd reader per ring)."""
+    import asyncio
+
+    if any(c.available() for c in consumers):
+        return True
+    loop = asyncio.get_running_loop()
+    woken = asyncio.Event()
+    bells = [r.data_bell for r in rings]
+    for bell in bells:
+        loop.add_reader(bell.fd, woken.set)
+        bell.arm()
+    try:
+        if any(c.available() for c in consumers):
+            return True
+        try:
+            await asyncio.wait_for(woken.wait(), timeout)
+        except TimeoutError:
+            pass
+        return any(c.available() for c in consumers)
+    finally:
+        for bell in bells:
+            bell.disarm()
+            bell.drain()
+            loop.remove_reader(bell.fd)
+
+
+async def run_sink(spec: ProcessSpec, rt: Runtime) -> None:
+    """An io process running a Sink gear over all lanes of its pipeline."""
+    import asyncio
+
+    assert spec.gear is not None and spec.counters is not None
+    cls = lookup_gear(spec.gear.gear)
+    gear: Sink = cls(spec.gear.settings, make_context(spec, rt))  # type: ignore[assignment]
+    consumers = [ring.consumer() for ring in spec.inputs]
+    counters = spec.counters
+    dead = DeadLetters(rt, spec)
+    stopping = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stopping.set)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    while not stopping.is_set():
+        if not await wait_any(consumers, spec.inputs, POLL_WAIT):
+            continue
+        for consumer in consumers:
+            views = consumer.poll(rt.batch)
+            if not views:
+                continue
+            frames, nbytes = _decode_batch(views, dead, counters, spec.name)
+            del views
+            while True:
+                try:
+                    await gear.write(frames)
+                    break
+                except Exception as exc:  # a sink failure is retried, never skipped
+                    counters.add(ERRORS)
+                    log.error("sink write failed, retrying: process=%s, error=%s",
+                              spec.name, exc)
+                    await asyncio.sleep(1.0)
+            consumer.commit()
+            now = time.time_ns()
+            for f in frames:
+                counters.observe(now - f.ts)
+            counters.count_batch(len(frames), len(frames), nbytes, nbytes)
+    gear.close()

@@ -1,0 +1,149 @@
+"""The gear contract: how a gear is configured, started in its process, fed and drained.
+
+A gear never sees rings, processes or sockets of the rack. The rack gives it a
+``GearContext`` and calls it; it hands frames back through ``emit``.
+
+Life cycle (all in the gear's own process, after ``fork``):
+
+1. ``parse_settings(raw, at)`` — a classmethod, run by ``engine check`` and at start, before
+   any process exists. Validate everything here and raise ``at.error(...)`` (a
+   ``ConfigError`` naming file and key path). Return any object; it is handed to ``__init__``.
+2. ``__init__(settings, ctx)`` — in the worker, once per process start (and again after a
+   restart: a gear must not rely on state that only lived in a crashed process).
+3. Role-specific calls:
+
+   * ``Stage.process(frames, emit)``: a batch in, zero or more frames out via ``emit(frame)``.
+     The batch is committed upstream only after everything emitted is in the output ring, so
+     a crash replays the batch: make ``process`` deterministic and keep the frame ``id`` of a
+     1:1 transform (use ``derive_id`` for extra frames) so replays de-duplicate downstream.
+   * ``Source.run(emit, stopping)``: an asyncio coroutine producing frames with
+     ``await emit(frames)`` until ``stopping`` is set; ``emit`` returns once the frames are in
+     the ring (it waits on a full ring: that is backpressure).
+   * ``Sink.write(frames)``: an asyncio coroutine that makes a batch durable; the batch is
+     committed upstream when it returns, so raising means "retry later".
+
+4. ``close()`` — on a clean stop (drain), after the last batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import importlib
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from engine.config import At
+from engine.frame import Frame
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GearContext:
+    """What the rack tells a gear about where it runs.
+
+    Attributes:
+        rack_id: the rack's id.
+        pipeline: the pipeline name.
+        name: the gear's name in the pipeline.
+        replica: this process's lane (0-based); sources and sinks run once: 0.
+        replicas: number of lanes of the pipeline (``--workers``).
+        data_dir: the rack's data directory (for gears that keep files).
+        log: a logger named ``fluxrig.<pipeline>.<name>``.
+    """
+
+    rack_id: str
+    pipeline: str
+    name: str
+    replica: int
+    replicas: int
+    data_dir: str
+    log: logging.Logger
+
+
+class Gear:
+    """Base of every gear; subclass ``Source``, ``Stage`` or ``Sink``."""
+
+    role: ClassVar[str] = ""
+
+    @classmethod
+    def parse_settings(cls, raw: Any, at: At) -> Any:
+        """Validate the ``settings`` mapping of this gear; default: none allowed."""
+        from engine.config import get_map
+
+        get_map(raw, at, set())
+        return None
+
+    def __init__(self, settings: Any, ctx: GearContext):
+        self.settings = settings
+        self.ctx = ctx
+
+    def close(self) -> None:
+        """Release resources at a clean stop."""
+
+
+class Source(Gear):
+    """A gear that brings frames into the rack (runs in an asyncio io process)."""
+
+    role = "source"
+
+    async def run(self, emit: Callable[[list[Frame]], Awaitable[None]],
+                  stopping: asyncio.Event) -> None:
+        """Produce frames with ``await emit(frames)`` until ``stopping`` is set."""
+        raise NotImplementedError
+
+
+class Stage(Gear):
+    """A processing step (runs in a pinned stage worker, one per lane)."""
+
+    role = "stage"
+
+    def process(self, frames: list[Frame], emit: Callable[[Frame], None]) -> None:
+        """Handle a batch; call ``emit(frame)`` for every frame to pass on."""
+        raise NotImplementedError
+
+
+class Sink(Gear):
+    """A gear that takes frames out of the rack (runs in an asyncio io process)."""
+
+    role = "sink"
+
+    async def write(self, frames: list[Frame]) -> None:
+        """Make ``frames`` durable; returning commits them upstream."""
+        raise NotImplementedError
+
+
+def derive_id(parent: bytes, n: int) -> bytes:
+    """A stable 16-byte id for the ``n``-th extra frame derived from frame ``parent``.
+
+    Keeps the parent's UUIDv7 time prefix (so ids still sort by time) and replaces the rest
+    by a hash of (parent, n): the same input replayed after a crash gives the same ids.
+    """
+    digest = hashlib.blake2b(parent + n.to_bytes(4, "big"), digest_size=10).digest()
+    return parent[:6] + digest
+
+
+# Registered gears: name -> "module:Class". Imported on first use, so `engine check` does not
+# import what a rig does not use.
+_BUILTIN: Mapping[str, str] = {
+    "generator": "gears.generator:Generator",
+    "mapping": "gears.mapping:MappingStage",
+    "file": "gears.io.file:FileSink",
+    "stdout": "gears.io.stdout:StdoutSink",
+    "egress": "gears.egress:Egress",
+}
+
+
+def known_gears() -> list[str]:
+    """Names of every registered gear, sorted."""
+    return sorted(_BUILTIN)
+
+
+def lookup_gear(name: str) -> type[Gear] | None:
+    """The gear class registered as ``name``, or None."""
+    target = _BUILTIN.get(name)
+    if target is None:
+        return None
+    module, _, cls = target.partition(":")
+    return getattr(importlib.import_module(module), cls)
