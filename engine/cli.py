@@ -101,20 +101,17 @@ def stop(
     timeout: float = typer.Option(60.0, help="seconds to wait for the drain"),
 ) -> None:
     """Ask a running rack to drain and stop; waits until it has."""
-    from engine.telemetry import read_state
+    from engine.supervisor import running_pid
 
     d = _data_dir(config, data_dir)
-    try:
-        pid = read_state(d)["pid"]
-    except FileNotFoundError:
+    pid = running_pid(d)
+    if pid is None:
         typer.echo(f"error: no rack running: data_dir={d}", err=True)
-        raise typer.Exit(1) from None
+        raise typer.Exit(1)
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+        if running_pid(d) != pid:  # the lock goes with the supervisor (zombie or not)
             typer.echo(f"stopped: pid={pid}")
             return
         time.sleep(0.1)  # another process's exit has no event we can wait on here
@@ -130,10 +127,13 @@ def status(
     as_json: bool = typer.Option(False, "--json", help="print JSON"),
 ) -> None:
     """Per-process table of a running rack: pid, CPU, RSS, frames/s, errors, fill, latency."""
+    from engine.supervisor import running_pid
     from engine.telemetry import RackProbe, read_state, rows
 
     d = _data_dir(config, data_dir)
     try:
+        if running_pid(d) is None:
+            raise FileNotFoundError(d)
         state = read_state(d)
     except FileNotFoundError:
         typer.echo(f"error: no rack running: data_dir={d}", err=True)

@@ -107,6 +107,29 @@ def clean_stale_segments(rack_id: str) -> list[str]:
     return removed
 
 
+def running_pid(data_dir: str | os.PathLike[str]) -> int | None:
+    """Pid of the supervisor holding ``data_dir``'s lock, or None when no rack runs there.
+
+    The state file alone is not proof: a killed supervisor leaves it behind, and its pid may
+    since belong to another process. The lock is released by the kernel when the holder dies.
+    """
+    path = Path(data_dir) / "rack.lock"
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            return int(text) if text.isdigit() else None
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
 class Supervisor:
     """One rack on this machine."""
 

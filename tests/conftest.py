@@ -28,3 +28,14 @@ def shm_name() -> Iterator[callable]:
     yield make
     for name in names:
         _shm_unlink(name)
+
+
+@pytest.fixture
+def nats_server(tmp_path):
+    """A real nats-server with JetStream on 127.0.0.1 and a free port, stopped afterwards."""
+    from engine.natsd import NatsServer
+
+    server = NatsServer(rack_id="testhub", data_dir=tmp_path / "nats", host="127.0.0.1", port=0)
+    server.start()
+    yield server
+    server.stop()

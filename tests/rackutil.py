@@ -1,0 +1,174 @@
+"""Helpers for tests that run a whole rack: write a rig file, start ``engine start``, read
+counters and the JetStream stream."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from engine.counters import Counters
+from engine.frame import decode
+from engine.natsd import NatsServer
+from engine.telemetry import read_state
+
+
+def rig(tmp_path: Path, rack_id: str, *, count: int, rate: float, stages: int = 1,
+        subject: str | None = None, **extra: Any) -> Path:
+    """Write a generator -> mapping x stages -> egress rig file and return its path."""
+    subject = subject or f"fluxrig.{rack_id}.events"
+    cfg = {
+        "rack": {"id": rack_id, "data_dir": str(tmp_path / "data")},
+        "rings": {"capacity": "1MiB", "batch": 256},
+        "telemetry": {"interval": 0.2},
+        "egress": {"streams": [{"name": "EV", "subjects": [f"fluxrig.{rack_id}.>"]}],
+                   "batch": 500, "max_inflight": 4, "ack_timeout": 2.0},
+        "pipelines": [{
+            "name": "p",
+            "key": "headers.device",
+            "source": {"gear": "generator", "settings": {
+                "rate": rate, "count": count, "batch": 50, "keys": 8,
+                "headers": {"device": "d{i}"}, "body": {"seq": "$seq"}}},
+            "stages": [{"name": f"s{i}", "gear": "mapping",
+                        "settings": {"set": {f"headers.s{i}": True}}} for i in range(stages)],
+            "sinks": [{"name": "js", "gear": "egress", "settings": {"subject": subject}}],
+        }],
+    }
+    for key, value in extra.items():
+        cfg[key] = value
+    path = tmp_path / f"{rack_id}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+class RackProcess:
+    """``engine start`` as a child process, with access to its state and counters."""
+
+    def __init__(self, config: Path, data_dir: Path, workers: int = 1):
+        self.config = config
+        self.data_dir = data_dir
+        self.log = open(data_dir.parent / f"engine-{os.getpid()}-{time.monotonic_ns()}.out", "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "engine.cli", "start", "--config", str(config),
+             "--workers", str(workers), "--drain-timeout", "30"],
+            stdout=self.log, stderr=subprocess.STDOUT,
+        )
+        self.state = self._wait_state(30.0)
+        self._held: dict[str, Counters] = {}
+
+    def _wait_state(self, timeout: float) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"rack exited at start: code={self.proc.returncode}, "
+                                     f"output={self.output()}")
+            try:
+                state = read_state(self.data_dir)
+                if state["pid"] == self.proc.pid:  # not a state file left by a killed rack
+                    return state
+            except (FileNotFoundError, ValueError):
+                pass
+            time.sleep(0.05)  # only the state file says the rack is up
+        raise AssertionError("rack did not write its state file")
+
+    def refresh(self) -> dict[str, Any]:
+        """Re-read the state file (pids change on restarts)."""
+        self.state = read_state(self.data_dir)
+        return self.state
+
+    def output(self) -> str:
+        """Everything the rack printed so far."""
+        self.log.flush()
+        return Path(self.log.name).read_text(errors="replace")
+
+    def counters(self, role: str) -> Counters:
+        """Counters of the (first) process with ``role``; stays readable after the rack stops."""
+        if role not in self._held:
+            proc = next(p for p in self.state["processes"] if p["role"] == role)
+            self._held[role] = Counters.attach(proc["counters"])
+        return self._held[role]
+
+    def pid_of(self, name_prefix: str) -> int:
+        """Current pid of the first process whose name starts with ``name_prefix``."""
+        self.refresh()
+        return next(p["pid"] for p in self.state["processes"] if p["name"].startswith(name_prefix))
+
+    def wait_for(self, predicate, timeout: float, what: str) -> None:
+        """Poll ``predicate`` (shared-memory counters: no event exists) until true."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if predicate():
+                return
+            if self.proc.poll() is not None:
+                raise AssertionError(f"rack exited while waiting for {what}: {self.output()}")
+            time.sleep(0.05)
+        raise AssertionError(f"timed out waiting for {what}")
+
+    def stop(self, timeout: float = 60.0) -> int:
+        """SIGTERM (drain) and wait; returns the exit code."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            self.log.close()
+
+    def close(self) -> None:
+        """Kill if still running and unmap held counters."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        for c in self._held.values():
+            c.close()
+        if not self.log.closed:
+            self.log.close()
+
+
+async def _read_stream(url: str, stream: str, subject: str) -> tuple[int, list[tuple[str, bytes]]]:
+    import nats
+
+    nc = await nats.connect(url)
+    try:
+        js = nc.jetstream()
+        info = await js.stream_info(stream)
+        out: list[tuple[str, bytes]] = []
+        if info.state.messages:
+            sub = await js.pull_subscribe(subject, stream=stream)
+            while len(out) < info.state.messages:
+                for msg in await sub.fetch(1000, timeout=5):
+                    out.append((msg.headers.get("Nats-Msg-Id", ""), msg.data))
+                    await msg.ack()
+        return info.state.messages, out
+    finally:
+        await nc.close()
+
+
+def stream_contents(data_dir: Path, rack_id: str, stream: str = "EV",
+                    subject: str | None = None) -> tuple[int, list[tuple[str, bytes]]]:
+    """Re-open a stopped rack's JetStream store and return (message count, [(msg id, data)])."""
+    server = NatsServer(rack_id=rack_id, data_dir=data_dir, host="127.0.0.1", port=0)
+    server.start()
+    try:
+        return asyncio.run(_read_stream(server.url, stream, subject or f"fluxrig.{rack_id}.>"))
+    finally:
+        server.stop()
+
+
+def check_exactly_once(messages: list[tuple[str, bytes]], count: int) -> None:
+    """Every seq 0..count-1 once, every message id once and equal to its frame's id."""
+    seqs = []
+    ids = set()
+    for msg_id, data in messages:
+        frame = decode(data, strict=True)
+        assert msg_id == frame.id.hex()
+        ids.add(msg_id)
+        seqs.append(frame.body["seq"])
+    assert len(ids) == len(messages), "duplicate message ids in the stream"
+    assert sorted(seqs) == list(range(count)), "stream does not hold every frame exactly once"
