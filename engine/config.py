@@ -78,7 +78,9 @@ def get_map(raw: Any, at: At, allowed: set[str] | None = None) -> Mapping[str, A
         if not isinstance(k, str):
             raise at.error(f"keys must be strings, got {k!r}")
         if allowed is not None and k not in allowed:
-            raise at.key(k).error(f"unknown key (allowed: {', '.join(sorted(allowed))})")
+            choices = ", ".join(sorted(allowed))
+            raise at.key(k).error(f"unknown key (allowed: {choices})" if allowed
+                                  else "unknown key (none allowed)")
     return raw
 
 
@@ -136,6 +138,8 @@ def get_bool(m: Mapping[str, Any], key: str, at: At, default: bool) -> bool:
 def get_size(m: Mapping[str, Any], key: str, at: At, default: int) -> int:
     """A byte size: an integer or a string like ``4MiB`` / ``512K``."""
     value = m.get(key, default)
+    if value is None:
+        value = default
     if isinstance(value, int) and not isinstance(value, bool):
         return value
     if isinstance(value, str) and (match := _SIZE_RE.match(value)):
@@ -255,6 +259,8 @@ def load_config(path: str | os.PathLike[str]) -> RigConfig:
             raw = yaml.safe_load(f)
     except OSError as exc:
         raise ConfigError(f"{file}: cannot read: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{file}: not UTF-8 text: byte offset {exc.start}") from exc
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
@@ -307,11 +313,11 @@ def parse_config(raw: Any, file: str = "<config>") -> RigConfig:
     if placement_raw in ("auto", "none"):
         placement = placement_raw
     elif isinstance(placement_raw, Mapping):
-        ncpu = os.cpu_count() or 1
+        usable = sorted(os.sched_getaffinity(0))
         for k, v in placement_raw.items():
-            if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < ncpu:
+            if isinstance(v, bool) or not isinstance(v, int) or v not in usable:
                 raise at.key("placement").key(str(k)).error(
-                    f"expected a CPU number in 0..{ncpu - 1}, got {v!r}"
+                    f"expected one of this machine's usable CPUs {usable}, got {v!r}"
                 )
         placement = dict(placement_raw)
     else:
@@ -342,6 +348,8 @@ def parse_config(raw: Any, file: str = "<config>") -> RigConfig:
         sat = at.key("streams").index(i)
         s = get_map(s_raw, sat, {"name", "subjects", "storage", "max_age", "duplicate_window"})
         subjects = get_list(s, "subjects", sat, required=True)
+        if not subjects:
+            raise sat.key("subjects").error("at least one subject is required")
         for j, subj in enumerate(subjects):
             if not isinstance(subj, str) or not _SUBJECT_PATTERN_RE.match(subj):
                 raise sat.key("subjects").index(j).error(f"invalid subject pattern {subj!r}")
@@ -389,7 +397,7 @@ def parse_config(raw: Any, file: str = "<config>") -> RigConfig:
                 raise gat.key("gear").error(f"gear {gname!r} is a {cls.role}, expected a {role}")
             return GearConfig(
                 name=get_str(g, "name", gat, default=default_name, pattern=_NAME_RE,
-                             rule="lowercase letters, digits, '-' or '_'"),
+                             rule="lowercase letters, digits, '-' or '_', at most 32 characters"),
                 gear=gname,
                 role=role,
                 settings=cls.parse_settings(g.get("settings"), gat.key("settings")),

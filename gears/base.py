@@ -118,10 +118,13 @@ def derive_id(parent: bytes, n: int) -> bytes:
     """A stable 16-byte id for the ``n``-th extra frame derived from frame ``parent``.
 
     Keeps the parent's UUIDv7 time prefix (so ids still sort by time) and replaces the rest
-    by a hash of (parent, n): the same input replayed after a crash gives the same ids.
+    by a hash of (parent, n) with the version and variant bits set: still a UUIDv7, and the
+    same input replayed after a crash gives the same ids.
     """
-    digest = hashlib.blake2b(parent + n.to_bytes(4, "big"), digest_size=10).digest()
-    return parent[:6] + digest
+    digest = bytearray(hashlib.blake2b(parent + n.to_bytes(4, "big"), digest_size=10).digest())
+    digest[0] = 0x70 | (digest[0] & 0x0F)  # byte 6 of the UUID: version 7
+    digest[2] = 0x80 | (digest[2] & 0x3F)  # byte 8: RFC 9562 variant 0b10
+    return parent[:6] + bytes(digest)
 
 
 # Registered gears: name -> "module:Class". Imported on first use, so `engine check` does not

@@ -66,7 +66,7 @@ class Generator(Source):
         for name, tmpl in (("headers", headers), ("body", body)):
             try:
                 _render(tmpl, 0, 0, 0)
-            except (KeyError, IndexError, ValueError) as exc:
+            except Exception as exc:  # any str.format failure is a config error
                 raise at.key(name).error(
                     f"bad template: {exc!r} (fields available: seq, i)"
                 ) from exc

@@ -41,21 +41,29 @@ def _check_path(path: Any, at: At) -> str:
 
 
 def _put(root: dict[str, Any], parts: list[str], value: Any) -> None:
+    # Values are copied in: a constant from the settings or a subtree of the input frame
+    # must never be shared with the output, where a later set/drop would change it.
     node = root
     for part in parts[:-1]:
         child = node.get(part)
         if not isinstance(child, dict):
+            if value is _MISSING:
+                return  # dropping below a missing or scalar node: nothing to drop
             child = {}
             node[part] = child
         node = child
     if value is _MISSING:
         node.pop(parts[-1], None)
     else:
-        node[parts[-1]] = value
+        node[parts[-1]] = _copy_tree(value)
 
 
 def _copy_tree(value: Any) -> Any:
-    return {k: _copy_tree(v) for k, v in value.items()} if isinstance(value, Mapping) else value
+    if isinstance(value, Mapping):
+        return {k: _copy_tree(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_copy_tree(v) for v in value]
+    return value
 
 
 class MappingStage(Stage):

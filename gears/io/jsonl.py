@@ -5,6 +5,7 @@ Bytes become ``{"$hex": "..."}`` (JSON has no byte strings); the id is the UUID 
 
 from __future__ import annotations
 
+import json
 import uuid
 from typing import Any
 
@@ -21,15 +22,18 @@ def _default(value: Any) -> Any:
 
 def frame_json(frame: Frame) -> bytes:
     """One JSON line (with the newline) for ``frame``."""
-    return orjson.dumps(
-        {
-            "id": str(uuid.UUID(bytes=frame.id)),
-            "ts": frame.ts,
-            "src": frame.src,
-            "kind": frame.kind,
-            "headers": frame.headers,
-            "body": frame.body,
-        },
-        default=_default,
-        option=orjson.OPT_APPEND_NEWLINE | orjson.OPT_NON_STR_KEYS,
-    )
+    obj = {
+        "id": str(uuid.UUID(bytes=frame.id)),
+        "ts": frame.ts,
+        "src": frame.src,
+        "kind": frame.kind,
+        "headers": frame.headers,
+        "body": frame.body,
+    }
+    try:
+        return orjson.dumps(obj, default=_default,
+                            option=orjson.OPT_APPEND_NEWLINE | orjson.OPT_NON_STR_KEYS)
+    except TypeError:
+        # orjson refuses integers beyond 64 bits (valid CBOR); the stdlib takes them. A sink
+        # that raised here would retry the batch forever.
+        return (json.dumps(obj, default=_default, separators=(",", ":")) + "\n").encode()
