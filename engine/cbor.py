@@ -47,6 +47,7 @@ __all__ = [
     "CBORError",
     "NotDeterministicError",
     "dumps",
+    "dumps_ordered_map",
     "loads",
 ]
 
@@ -328,12 +329,27 @@ def dumps(obj: object) -> bytes:
             location), two map keys with the same encoding, nesting too deep
             or cyclic, or a value cbor2 rejects (e.g. lone surrogates in text).
     """
+    return _dumps_checked(obj, _canon_dict if type(obj) is dict else _canon)
+
+
+def dumps_ordered_map(keys: tuple[str, ...], values: tuple[object, ...]) -> bytes:
+    """Encode the map ``zip(keys, values)`` whose text ``keys`` are already distinct and in
+    deterministic order (``(utf-8 length, text)``), skipping the sort ``dumps`` would do.
+
+    For fixed envelopes such as the frame, whose keys never change; the values get the full
+    deterministic treatment. Same errors as ``dumps``.
+    """
+    return _dumps_checked(dict(zip(keys, values)), _canon_values)
+
+
+def _canon_values(d: dict[str, object]) -> object:
+    return {k: (v if type(v) in _LEAF_TYPES else _canon(v)) for k, v in d.items()}
+
+
+def _dumps_checked(obj: object, prepare: Any) -> bytes:
+    # One place maps our internal signals and cbor2's errors to CBOREncodeError.
     try:
-        if type(obj) is dict:
-            canon = _canon_dict(obj)
-        else:
-            canon = _canon(obj)
-        return cbor2.dumps(canon, default=_default)
+        return cbor2.dumps(prepare(obj), default=_default)
     except _Unsupported as exc:
         path = _path_to(obj, exc.obj)
         msg = f"unsupported type: type={type(exc.obj).__qualname__}, path={path}"

@@ -24,10 +24,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine.cbor import CBORDecodeError, dumps, loads
+from engine.cbor import CBORDecodeError, dumps_ordered_map, loads
 
 ID_SIZE = 16
 _KEYS = frozenset(("id", "ts", "src", "kind", "headers", "body"))
+# The envelope's keys in deterministic order (by encoded length, then bytes); fixed, so
+# encode() never sorts them.
+_ORDER = ("id", "ts", "src", "body", "kind", "headers")
 
 
 class FrameError(ValueError):
@@ -91,15 +94,8 @@ def encode(frame: Frame) -> bytes:
     Raises:
         engine.cbor.CBOREncodeError: a header or body value is not CBOR-encodable.
     """
-    return dumps(
-        {
-            "id": frame.id,
-            "ts": frame.ts,
-            "src": frame.src,
-            "kind": frame.kind,
-            "headers": frame.headers,
-            "body": frame.body,
-        }
+    return dumps_ordered_map(
+        _ORDER, (frame.id, frame.ts, frame.src, frame.body, frame.kind, frame.headers)
     )
 
 
