@@ -32,7 +32,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import psutil
 
 from engine.cbor import dumps
@@ -201,7 +200,9 @@ class _Otel:
         from opentelemetry.sdk.resources import Resource
         from prometheus_client import start_http_server
 
-        start_http_server(port, addr=host)
+        server, _ = start_http_server(port, addr=host)
+        self.port: int = server.server_port
+        log.info("prometheus endpoint: url=http://%s:%d/metrics", host, self.port)
         provider = MeterProvider(
             metric_readers=[PrometheusMetricReader()],
             resource=Resource.create({"service.name": "fluxrig", "fluxrig.rack": rack_id}),

@@ -85,7 +85,8 @@ class RackProcess:
 
     def output(self) -> str:
         """Everything the rack printed so far."""
-        self.log.flush()
+        if not self.log.closed:
+            self.log.flush()
         return Path(self.log.name).read_text(errors="replace")
 
     def counters(self, role: str) -> Counters:
