@@ -33,7 +33,7 @@ flag is set. The two full fences (``engine._ordering.fence``) make it impossible
 to miss each other, so the producer pays no system call while the consumer is busy. A producer
 facing a full ring does the same with ``PRODUCER_WAITING`` and a second eventfd rung by
 ``commit``. Sleeps are still cut into ``WAKE_SLICE`` slices as a guard against a peer that died
-between the two steps; an idle consumer thus wakes 10 times a second. Eventfds are inherited
+between the two steps; an idle consumer thus wakes once a second. Eventfds are inherited
 through ``fork``: create the ring in the parent, then fork the producer and consumer.
 
 Layout (segment payload, after the 128-byte ``engine.shm`` header)::
@@ -96,7 +96,7 @@ _FULL = 1  # write_records status codes
 _TOO_LARGE = 2
 _EMPTY: list[memoryview] = []  # shared, never mutated: poll's answer when nothing is new
 
-WAKE_SLICE = 0.100  # seconds: longest single sleep before re-checking the condition
+WAKE_SLICE = 1.0  # seconds: longest single sleep before re-checking the condition
 
 
 class RingError(Exception):

@@ -45,7 +45,7 @@ from gears.base import GearContext, Sink, Source, Stage, lookup_gear
 
 log = logging.getLogger("fluxrig.worker")
 
-POLL_WAIT = 0.2  # seconds an idle loop sleeps on its doorbell before re-checking its flags
+POLL_WAIT = 0.5  # seconds an idle loop sleeps on its doorbell before re-checking its flags
 
 
 @dataclass(slots=True, kw_only=True)

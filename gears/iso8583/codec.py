@@ -1,0 +1,324 @@
+"""ISO 8583 codecs: pyiso8583 specs by name or from a YAML file, full decode/encode through
+pyiso8583, and a compiled field *index* for the switch's hot path.
+
+Specs (``spec_by_name``):
+
+* ``default``: pyiso8583's ``default`` — binary bitmap, ASCII lengths and fields;
+* ``default_ascii``: pyiso8583's ``default_ascii`` — hex (ASCII) bitmap;
+* ``bcd``: binary bitmap, BCD lengths and packed-BCD numeric fields (``n`` fields of
+  ``default`` become ``data_enc: b, len_count: nibbles``, with a left pad of ``0`` for odd
+  lengths), ASCII for the rest;
+* ``ebcdic``: ``default`` with every ASCII length and text field in EBCDIC (cp500);
+* a path to a YAML file: ``{base: <name>, fields: {"<field>": {<pyiso8583 field spec>}}}``
+  overriding or adding field definitions.
+
+The switch does not need a full decode to do its job: routing reads the MTI, DE2, DE3, DE4
+and DE49; matching reads DE11/DE41/DE37; the message itself is forwarded as bytes. ``FieldIndex``
+walks the bitmap once and slices only the fields asked for, using the same spec dicts with
+the same rules as pyiso8583's decoder (the property tests compare the two on every spec).
+Full ``decode``/``encode`` stay on pyiso8583 for everything else (declines, echo replies,
+the CLI).
+
+Errors: ``CodecError(field=, offset=)``; messages name the field and byte offset and never
+contain field data (a PAN must never reach a log through an error message).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import iso8583
+import yaml
+from iso8583.specs import default as _DEFAULT
+from iso8583.specs import default_ascii as _DEFAULT_ASCII
+
+Spec = Mapping[str, Mapping[str, Any]]
+
+
+class CodecError(ValueError):
+    """A message that does not decode (or a document that does not encode) under its spec.
+
+    Attributes:
+        field: the field being processed ("t" MTI, "p" bitmap, "2".."128"), or "" if unknown.
+        offset: byte offset in the message where it failed, or -1.
+    """
+
+    def __init__(self, message: str, field: str = "", offset: int = -1):
+        super().__init__(message)
+        self.field = field
+        self.offset = offset
+
+
+def _bcd_spec() -> dict[str, dict[str, Any]]:
+    spec = copy.deepcopy(dict(_DEFAULT))
+    for key, f in spec.items():
+        if key in ("h", "t", "p", "1"):
+            continue
+        desc = f.get("desc", "")
+        # numeric fields (by pyiso8583's own desc + ISO 8583:1987 usage) become packed BCD
+        if key in _NUMERIC_FIELDS:
+            f["data_enc"] = "b"
+            f["len_count"] = "nibbles"
+            f["left_pad"] = "0"
+        if f["len_type"]:
+            f["len_enc"] = "bcd"
+            f["len_type"] = 1 if f["len_type"] == 2 else 2
+        f["desc"] = desc
+    spec["t"] = dict(spec["t"], data_enc="b", max_len=2)
+    return spec
+
+
+# ISO 8583:1987 fields of type n (numeric) that are commonly packed BCD on binary links
+_NUMERIC_FIELDS = frozenset(
+    "2 3 4 5 6 7 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24 25 26 28 29 30 31 32 33 "
+    "49 50 51 70".split()
+)
+
+
+def _ebcdic_spec() -> dict[str, dict[str, Any]]:
+    spec = copy.deepcopy(dict(_DEFAULT))
+    for f in spec.values():
+        if f["data_enc"] == "ascii":
+            f["data_enc"] = "cp500"
+        if f["len_enc"] == "ascii":
+            f["len_enc"] = "cp500"
+    return spec
+
+
+_BUILTIN: dict[str, Spec] = {
+    "default": _DEFAULT,
+    "default_ascii": _DEFAULT_ASCII,
+    "bcd": _bcd_spec(),
+    "ebcdic": _ebcdic_spec(),
+}
+BUILTIN_SPECS = tuple(_BUILTIN)
+
+
+def spec_by_name(name: str, base_dir: str | Path | None = None) -> Spec:
+    """A built-in spec by name, or one loaded from a YAML spec file.
+
+    Raises:
+        CodecError: unknown name, unreadable or invalid spec file.
+    """
+    if name in _BUILTIN:
+        return _BUILTIN[name]
+    path = Path(name)
+    if base_dir is not None and not path.is_absolute():
+        path = Path(base_dir) / path
+    if path.suffix not in (".yaml", ".yml"):
+        raise CodecError(f"unknown spec {name!r} (built-in: {', '.join(_BUILTIN)}, "
+                         f"or a .yaml spec file)")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise CodecError(f"cannot read spec file: path={path}, error={exc.strerror}") from exc
+    except yaml.YAMLError as exc:
+        raise CodecError(f"invalid YAML in spec file: path={path}") from exc
+    return spec_from_mapping(raw, str(path))
+
+
+_FIELD_KEYS = {"data_enc", "len_enc", "len_type", "max_len", "desc", "len_count",
+               "left_pad", "right_pad"}
+
+
+def spec_from_mapping(raw: Any, where: str = "<spec>") -> Spec:
+    """Build a spec from ``{base: name, fields: {key: field spec}}``; validates each field."""
+    if not isinstance(raw, Mapping):
+        raise CodecError(f"{where}: expected a mapping with 'base' and 'fields'")
+    base = raw.get("base", "default")
+    if base not in _BUILTIN:
+        raise CodecError(f"{where}: base: unknown spec {base!r} (built-in: {', '.join(_BUILTIN)})")
+    spec = copy.deepcopy(dict(_BUILTIN[base]))
+    fields = raw.get("fields") or {}
+    if not isinstance(fields, Mapping):
+        raise CodecError(f"{where}: fields: expected a mapping")
+    for key, f in fields.items():
+        key = str(key)
+        if key not in ("h", "t", "p") and not (key.isdigit() and 1 <= int(key) <= 128):
+            raise CodecError(f"{where}: fields.{key}: field must be h, t, p or 1..128")
+        if not isinstance(f, Mapping) or not set(f) <= _FIELD_KEYS:
+            raise CodecError(f"{where}: fields.{key}: expected keys among {sorted(_FIELD_KEYS)}")
+        merged = dict(spec.get(key, {}), **f)
+        for need in ("data_enc", "len_enc", "len_type", "max_len"):
+            if need not in merged:
+                raise CodecError(f"{where}: fields.{key}.{need}: required")
+        if merged["len_type"] not in (0, 1, 2, 3, 4):
+            raise CodecError(f"{where}: fields.{key}.len_type: expected 0..4")
+        if merged.get("len_count", "bytes") not in ("bytes", "nibbles"):
+            raise CodecError(f"{where}: fields.{key}.len_count: expected bytes or nibbles")
+        for enc in ("data_enc", "len_enc"):
+            if merged[enc] not in ("b", "bcd"):
+                try:
+                    "0".encode(merged[enc])
+                except LookupError:
+                    raise CodecError(f"{where}: fields.{key}.{enc}: unknown encoding "
+                                     f"{merged[enc]!r}") from None
+        spec[key] = merged
+    return spec
+
+
+def decode(raw: bytes, spec: Spec) -> dict[str, str]:
+    """Full decode through pyiso8583.
+
+    Raises:
+        CodecError: with the field and offset pyiso8583 reported (no field data).
+    """
+    try:
+        doc, _ = iso8583.decode(raw, spec)
+    except iso8583.DecodeError as exc:
+        raise CodecError(f"cannot decode: {exc.msg}: field={exc.field}, offset={exc.pos}",
+                         exc.field, exc.pos) from None
+    return doc
+
+
+def encode(doc: Mapping[str, str], spec: Spec) -> bytes:
+    """Full encode through pyiso8583 (``doc`` is not modified).
+
+    Raises:
+        CodecError: with the field pyiso8583 reported.
+    """
+    try:
+        raw, _ = iso8583.encode(dict(doc), spec)
+    except iso8583.EncodeError as exc:
+        raise CodecError(f"cannot encode: {exc.msg}: field={exc.field}", exc.field) from None
+    return bytes(raw)
+
+
+class FieldIndex:
+    """Compiled reader of selected fields: MTI, bitmap walk, and slices of wanted fields.
+
+    ``read(raw)`` returns ``(mti, {field: value})`` for the wanted fields present, decoded to
+    the same strings pyiso8583 produces. Fields not wanted are skipped by length only.
+    """
+
+    def __init__(self, spec: Spec, wanted: Iterable[str]):
+        self.spec = spec
+        self.wanted = frozenset(wanted)
+        t, p = spec["t"], spec["p"]
+        if spec["h"]["max_len"] or t["len_type"] or p["len_type"]:
+            raise CodecError("field index needs a spec without header and with fixed t/p")
+        self._t_len = t["max_len"]
+        self._t_enc = t["data_enc"]
+        self._p_len = p["max_len"]
+        self._p_hex = p["data_enc"] != "b"  # ascii/ebcdic bitmap: hex digits
+        self._p_enc = p["data_enc"]
+        # per field: (len_type, len_enc, max_len, nibbles, data_enc, left_pad, right_pad)
+        self._plan: list[tuple[int, str, int, bool, str, str, str] | None] = [None] * 129
+        for n in range(1, 129):
+            f = spec.get(str(n))
+            if f is not None:
+                self._plan[n] = (f["len_type"], f["len_enc"], f["max_len"],
+                                 f.get("len_count", "bytes") == "nibbles", f["data_enc"],
+                                 f.get("left_pad", "")[:1], f.get("right_pad", "")[:1])
+
+    def _bitmap(self, raw: bytes, idx: int) -> tuple[int, int, int]:
+        """(bits as int, number of bits, index after the bitmap(s))."""
+        n = self._p_len
+        chunk = raw[idx:idx + n]
+        if len(chunk) != n:
+            raise CodecError(f"cannot decode: truncated bitmap: field=p, offset={idx}", "p", idx)
+        try:
+            bits = int(chunk.decode(self._p_enc), 16) if self._p_hex else int.from_bytes(chunk, "big")
+        except (ValueError, UnicodeDecodeError):
+            raise CodecError(f"cannot decode: invalid bitmap: field=p, offset={idx}",
+                             "p", idx) from None
+        width = n * 4 if self._p_hex else n * 8
+        idx += n
+        if bits >> (width - 1) & 1:  # field 1: secondary bitmap follows
+            chunk = raw[idx:idx + n]
+            if len(chunk) != n:
+                raise CodecError(f"cannot decode: truncated secondary bitmap: field=1, "
+                                 f"offset={idx}", "1", idx)
+            try:
+                second = (int(chunk.decode(self._p_enc), 16) if self._p_hex
+                          else int.from_bytes(chunk, "big"))
+            except (ValueError, UnicodeDecodeError):
+                raise CodecError(f"cannot decode: invalid secondary bitmap: field=1, "
+                                 f"offset={idx}", "1", idx) from None
+            bits = bits << width | second
+            width *= 2
+            idx += n
+        return bits, width, idx
+
+    def read(self, raw: bytes) -> tuple[str, dict[str, str]]:
+        """MTI and the wanted fields of ``raw``.
+
+        Raises:
+            CodecError: truncated or malformed message (field and offset named).
+        """
+        tl = self._t_len
+        mti_raw = raw[:tl]
+        if len(mti_raw) != tl:
+            raise CodecError("cannot decode: truncated MTI: field=t, offset=0", "t", 0)
+        try:
+            mti = mti_raw.hex().upper() if self._t_enc == "b" else mti_raw.decode(self._t_enc)
+        except UnicodeDecodeError:
+            raise CodecError("cannot decode: invalid MTI: field=t, offset=0", "t", 0) from None
+        bits, width, idx = self._bitmap(raw, tl)
+        out: dict[str, str] = {}
+        wanted = self.wanted
+        plan = self._plan
+        for n in range(2, width + 1):
+            if not bits >> (width - n) & 1:
+                continue
+            p = plan[n]
+            key = str(n)
+            if p is None:
+                raise CodecError(f"cannot decode: field not in spec: field={key}, offset={idx}",
+                                 key, idx)
+            len_type, len_enc, max_len, nibbles, data_enc, lpad, rpad = p
+            if len_type == 0:
+                length = max_len
+            else:
+                lraw = raw[idx:idx + len_type]
+                if len(lraw) != len_type:
+                    raise CodecError(f"cannot decode: truncated length: field={key}, "
+                                     f"offset={idx}", key, idx)
+                try:
+                    if len_enc == "b":
+                        length = int.from_bytes(lraw, "big")
+                    elif len_enc == "bcd":
+                        length = int(lraw.hex(), 10)
+                    else:
+                        length = int(lraw.decode(len_enc))
+                except (ValueError, UnicodeDecodeError):
+                    raise CodecError(f"cannot decode: invalid length: field={key}, "
+                                     f"offset={idx}", key, idx) from None
+                if length > max_len:
+                    raise CodecError(f"cannot decode: length over max: field={key}, "
+                                     f"offset={idx}, max={max_len}", key, idx)
+                idx += len_type
+            nbytes = (length + 1) // 2 if nibbles else length
+            end = idx + nbytes
+            if end > len(raw):
+                raise CodecError(f"cannot decode: truncated data: field={key}, offset={idx}",
+                                 key, idx)
+            if key in wanted and length:
+                data = raw[idx:end]
+                if data_enc == "b":
+                    value = data.hex().upper()
+                    if nibbles and length & 1:
+                        if lpad and value[:1] == lpad:
+                            value = value[1:]
+                        elif rpad and value[-1:] == rpad:
+                            value = value[:-1]
+                        else:
+                            raise CodecError(f"cannot decode: bad pad: field={key}, "
+                                             f"offset={idx}", key, idx)
+                else:
+                    try:
+                        value = data.decode(data_enc)
+                    except UnicodeDecodeError:
+                        raise CodecError(f"cannot decode: invalid text: field={key}, "
+                                         f"offset={idx}", key, idx) from None
+                out[key] = value
+            elif key in wanted:
+                out[key] = ""
+            idx = end
+        if idx != len(raw):
+            raise CodecError(f"cannot decode: extra data after last field: field=, "
+                             f"offset={idx}", "", idx)
+        return mti, out
