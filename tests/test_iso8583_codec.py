@@ -159,3 +159,22 @@ def test_unknown_spec_name():
         spec_by_name("cobol")
     assert str(exc.value) == ("unknown spec 'cobol' (built-in: default, default_ascii, bcd, "
                               "ebcdic, or a .yaml spec file)")
+
+
+@pytest.mark.parametrize("name", BUILTIN_SPECS)
+@settings(max_examples=150, deadline=None)
+@given(data=st.data(), de39=st.sampled_from(["00", "05", "91"]))
+def test_respond_splices_the_same_bytes_pyiso8583_encodes(name, data, de39):
+    spec = spec_by_name(name)
+    doc = data.draw(documents(spec))
+    doc["t"] = data.draw(st.sampled_from(["0100", "0200", "0400", "0800"]))
+    try:
+        raw, _ = iso8583.encode(dict(doc), spec)
+    except iso8583.EncodeError:
+        return
+    want_doc, _ = iso8583.decode(bytes(raw), spec)
+    want_doc = {k: v for k, v in want_doc.items() if k not in ("p", "1")}
+    want_doc["t"] = doc["t"][:2] + str(int(doc["t"][2]) + 1) + doc["t"][3:]
+    want_doc["39"] = de39
+    want, _ = iso8583.encode(want_doc, spec)
+    assert FieldIndex(spec, ()).respond(bytes(raw), de39) == bytes(want)

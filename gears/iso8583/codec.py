@@ -243,8 +243,9 @@ class FieldIndex:
             idx += n
         return bits, width, idx
 
-    def read(self, raw: bytes) -> tuple[str, dict[str, str]]:
-        """MTI and the wanted fields of ``raw``.
+    def spans(self, raw: bytes) -> tuple[str, int, list[tuple[int, int, int, int]]]:
+        """Walk ``raw``: MTI, end of the bitmap(s), and per present field
+        ``(field, start, data_start, end)`` (start includes the length prefix).
 
         Raises:
             CodecError: truncated or malformed message (field and offset named).
@@ -258,25 +259,25 @@ class FieldIndex:
         except UnicodeDecodeError:
             raise CodecError("cannot decode: invalid MTI: field=t, offset=0", "t", 0) from None
         bits, width, idx = self._bitmap(raw, tl)
-        out: dict[str, str] = {}
-        wanted = self.wanted
+        bitmap_end = idx
         plan = self._plan
+        out: list[tuple[int, int, int, int]] = []
         for n in range(2, width + 1):
             if not bits >> (width - n) & 1:
                 continue
             p = plan[n]
-            key = str(n)
             if p is None:
-                raise CodecError(f"cannot decode: field not in spec: field={key}, offset={idx}",
-                                 key, idx)
-            len_type, len_enc, max_len, nibbles, data_enc, lpad, rpad = p
+                raise CodecError(f"cannot decode: field not in spec: field={n}, offset={idx}",
+                                 str(n), idx)
+            len_type, len_enc, max_len, nibbles, _, _, _ = p
+            start = idx
             if len_type == 0:
                 length = max_len
             else:
                 lraw = raw[idx:idx + len_type]
                 if len(lraw) != len_type:
-                    raise CodecError(f"cannot decode: truncated length: field={key}, "
-                                     f"offset={idx}", key, idx)
+                    raise CodecError(f"cannot decode: truncated length: field={n}, "
+                                     f"offset={idx}", str(n), idx)
                 try:
                     if len_enc == "b":
                         length = int.from_bytes(lraw, "big")
@@ -285,40 +286,96 @@ class FieldIndex:
                     else:
                         length = int(lraw.decode(len_enc))
                 except (ValueError, UnicodeDecodeError):
-                    raise CodecError(f"cannot decode: invalid length: field={key}, "
-                                     f"offset={idx}", key, idx) from None
+                    raise CodecError(f"cannot decode: invalid length: field={n}, "
+                                     f"offset={idx}", str(n), idx) from None
                 if length > max_len:
-                    raise CodecError(f"cannot decode: length over max: field={key}, "
-                                     f"offset={idx}, max={max_len}", key, idx)
+                    raise CodecError(f"cannot decode: length over max: field={n}, "
+                                     f"offset={idx}, max={max_len}", str(n), idx)
                 idx += len_type
-            nbytes = (length + 1) // 2 if nibbles else length
-            end = idx + nbytes
+            end = idx + ((length + 1) // 2 if nibbles else length)
             if end > len(raw):
-                raise CodecError(f"cannot decode: truncated data: field={key}, offset={idx}",
-                                 key, idx)
-            if key in wanted and length:
-                data = raw[idx:end]
-                if data_enc == "b":
-                    value = data.hex().upper()
-                    if nibbles and length & 1:
-                        if lpad and value[:1] == lpad:
-                            value = value[1:]
-                        elif rpad and value[-1:] == rpad:
-                            value = value[:-1]
-                        else:
-                            raise CodecError(f"cannot decode: bad pad: field={key}, "
-                                             f"offset={idx}", key, idx)
-                else:
-                    try:
-                        value = data.decode(data_enc)
-                    except UnicodeDecodeError:
-                        raise CodecError(f"cannot decode: invalid text: field={key}, "
-                                         f"offset={idx}", key, idx) from None
-                out[key] = value
-            elif key in wanted:
-                out[key] = ""
+                raise CodecError(f"cannot decode: truncated data: field={n}, offset={idx}",
+                                 str(n), idx)
+            out.append((n, start, idx, end))
             idx = end
         if idx != len(raw):
             raise CodecError(f"cannot decode: extra data after last field: field=, "
                              f"offset={idx}", "", idx)
-        return mti, out
+        return mti, bitmap_end, out
+
+    def _value(self, n: int, raw: bytes, start: int, data_start: int, end: int) -> str:
+        len_type, len_enc, max_len, nibbles, data_enc, lpad, rpad = self._plan[n]  # type: ignore[misc]
+        data = raw[data_start:end]
+        if not data:
+            return ""
+        if data_enc == "b":
+            value = data.hex().upper()
+            if nibbles:
+                if len_type == 0:
+                    length = max_len
+                elif len_enc == "b":
+                    length = int.from_bytes(raw[start:data_start], "big")
+                elif len_enc == "bcd":
+                    length = int(raw[start:data_start].hex(), 10)
+                else:
+                    length = int(raw[start:data_start].decode(len_enc))
+                if length & 1:
+                    if lpad and value[:1] == lpad:
+                        return value[1:]
+                    if rpad and value[-1:] == rpad:
+                        return value[:-1]
+                    raise CodecError(f"cannot decode: bad pad: field={n}, offset={data_start}",
+                                     str(n), data_start)
+            return value
+        try:
+            return data.decode(data_enc)
+        except UnicodeDecodeError:
+            raise CodecError(f"cannot decode: invalid text: field={n}, offset={data_start}",
+                             str(n), data_start) from None
+
+    def read(self, raw: bytes) -> tuple[str, dict[str, str]]:
+        """MTI and the wanted fields of ``raw`` (as pyiso8583 would decode them).
+
+        Raises:
+            CodecError: truncated or malformed message (field and offset named).
+        """
+        mti, _, spans = self.spans(raw)
+        wanted = self.wanted
+        value = self._value
+        return mti, {str(n): value(n, raw, s, d, e) for n, s, d, e in spans
+                     if str(n) in wanted}
+
+    def respond(self, raw: bytes, de39: str) -> bytes:
+        """The response to request ``raw``: same fields, MTI + 10 (0100 -> 0110), DE39 set
+        (inserted or replaced) — built by splicing bytes, equal to what pyiso8583 would
+        encode for the same document.
+
+        Raises:
+            CodecError: ``raw`` does not decode, or DE39 is not in the spec as fixed 2.
+        """
+        mti, bitmap_end, spans = self.spans(raw)
+        f39 = self.spec["39"]
+        if f39["len_type"] != 0 or f39["max_len"] != 2 or f39["data_enc"] == "b":
+            raise CodecError("respond needs DE39 as a fixed 2-character text field")
+        resp_mti = mti[:2] + str(int(mti[2]) + 1) + mti[3:]
+        t = self.spec["t"]
+        mti_raw = (bytes.fromhex(resp_mti) if t["data_enc"] == "b"
+                   else resp_mti.encode(t["data_enc"]))
+        tl, pl = self._t_len, self._p_len
+        if self._p_hex:
+            bits = int(raw[tl:tl + pl].decode(self._p_enc), 16)
+            bits |= 1 << (pl * 4 - 39)
+            primary = f"{bits:0{pl}X}".encode(self._p_enc)
+        else:
+            bits = int.from_bytes(raw[tl:tl + pl], "big") | 1 << (pl * 8 - 39)
+            primary = bits.to_bytes(pl, "big")
+        before = after = bitmap_end
+        for n, start, _, end in spans:
+            if n < 39:
+                before = after = end
+            elif n == 39:
+                after = end
+            else:
+                break
+        return b"".join((mti_raw, primary, raw[tl + pl:before], de39.encode(f39["data_enc"]),
+                         raw[after:]))
