@@ -48,6 +48,7 @@ from engine.shm import KIND_COUNTERS, KIND_RING, SegmentFormatError, _shm_unlink
 from engine.shm import Segment
 from engine.telemetry import STATE_FILE
 from engine.worker import ProcessSpec, Runtime, run_process
+from gears.base import lookup_gear
 
 log = logging.getLogger("fluxrig.supervisor")
 
@@ -193,10 +194,17 @@ class Supervisor:
         sinks_specs, stage_specs, source_specs = [], [], []
         for p in cfg.pipelines:
             lanes_in = [self._ring(f"{p.name}-{p.source.name}-{i}") for i in range(n)]
-            source_specs.append(ProcessSpec(
-                name=f"{p.name}.{p.source.name}", role="source", pipeline=p.name,
-                gear=p.source, replicas=n, outputs=lanes_in, key=p.key,
-                counters=self._counters(f"{p.name}-{p.source.name}")))
+            if getattr(lookup_gear(p.source.gear), "replicated", False):
+                for i in range(n):  # one source per lane, each feeding its own lane
+                    source_specs.append(ProcessSpec(
+                        name=f"{p.name}.{p.source.name}.{i}", role="source", pipeline=p.name,
+                        gear=p.source, replica=i, replicas=n, outputs=[lanes_in[i]],
+                        counters=self._counters(f"{p.name}-{p.source.name}-{i}")))
+            else:
+                source_specs.append(ProcessSpec(
+                    name=f"{p.name}.{p.source.name}", role="source", pipeline=p.name,
+                    gear=p.source, replicas=n, outputs=lanes_in, key=p.key,
+                    counters=self._counters(f"{p.name}-{p.source.name}")))
             current = lanes_in
             for stage in p.stages:
                 nxt = [self._ring(f"{p.name}-{stage.name}-{i}") for i in range(n)]

@@ -125,6 +125,7 @@ def make_context(spec: ProcessSpec, rt: Runtime) -> GearContext:
         replicas=spec.replicas,
         data_dir=rt.data_dir,
         log=logging.getLogger(f"fluxrig.{spec.pipeline}.{spec.gear.name}"),
+        counters=spec.counters,
     )
 
 

@@ -51,6 +51,8 @@ class GearContext:
         replicas: number of lanes of the pipeline (``--workers``).
         data_dir: the rack's data directory (for gears that keep files).
         log: a logger named ``fluxrig.<pipeline>.<name>``.
+        counters: this process's ``engine.counters.Counters`` (a gear may record latencies
+            with ``observe``; frames in/out are counted by the rack), or None in tests.
     """
 
     rack_id: str
@@ -60,6 +62,7 @@ class GearContext:
     replicas: int
     data_dir: str
     log: logging.Logger
+    counters: Any = None
 
 
 class Gear:
@@ -84,9 +87,14 @@ class Gear:
 
 
 class Source(Gear):
-    """A gear that brings frames into the rack (runs in an asyncio io process)."""
+    """A gear that brings frames into the rack (runs in an asyncio io process).
+
+    ``replicated = True`` runs one source process per lane (``--workers N``), each writing
+    its own lane; e.g. a TCP server whose replicas share the port with SO_REUSEPORT.
+    """
 
     role = "source"
+    replicated: ClassVar[bool] = False
 
     async def run(self, emit: Callable[[list[Frame]], Awaitable[None]],
                   stopping: asyncio.Event) -> None:
@@ -135,6 +143,7 @@ _BUILTIN: Mapping[str, str] = {
     "file": "gears.io.file:FileSink",
     "stdout": "gears.io.stdout:StdoutSink",
     "egress": "gears.egress:Egress",
+    "iso8583": "gears.iso8583.switch:SwitchGear",
 }
 
 
