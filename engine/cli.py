@@ -164,12 +164,175 @@ def status(
         )
 
 
-@app.command()
-def demo(seconds: float = typer.Option(20.0, help="how long to run")) -> None:
-    """Run the demo rack (configs/demo.yaml) with live progress and a summary."""
-    from engine.demo import run
+iso = typer.Typer(help="ISO 8583 tools: load generator, issuer simulator, codec.",
+                  no_args_is_help=True)
+app.add_typer(iso, name="iso")
 
-    raise typer.Exit(run(seconds))
+
+def _framing(prefix: str, header_len: int, max_frame: int):
+    from gears.iso8583.framing import FramingConfig
+
+    try:
+        return FramingConfig(prefix=prefix, header_len=header_len, max_frame=max_frame)
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+
+def _spec(name: str):
+    from gears.iso8583.codec import CodecError, spec_by_name
+
+    try:
+        return spec_by_name(name)
+    except CodecError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+
+@iso.command("load")
+def iso_load(
+    host: str = typer.Option("127.0.0.1"),
+    port: int = typer.Option(8583),
+    connections: int = typer.Option(10, min=1, help="acquirer connections (one terminal each)"),
+    rate: float = typer.Option(0.0, min=0, help="requests/s in total; 0 = max (closed loop)"),
+    window: int = typer.Option(4, min=1, help="outstanding requests per connection at max rate"),
+    duration: float = typer.Option(10.0, help="seconds of sending"),
+    count: int = typer.Option(0, min=0, help="stop after this many requests (overrides duration)"),
+    mix: list[str] = typer.Option(["4761739001010119:0100:10000"], help=(
+        "request mix entries PAN[:MTI[:AMOUNT[:WEIGHT]]], repeatable")),
+    spec: str = typer.Option("default", help="codec spec name or YAML spec file"),
+    prefix: str = typer.Option("2B", help="length prefix: 2B 2L 4B 4L 4A"),
+    header: str = typer.Option("", help="header/TPDU as hex"),
+    max_frame: int = typer.Option(8192),
+    grace: float = typer.Option(7.0, help="seconds to wait for outstanding replies"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Drive a switch like many acquirer terminals; exit 1 on any cross-wired or lost reply."""
+    import asyncio
+
+    from gears.iso8583.loadgen import LoadConfig, LoadGenerator, MixEntry
+
+    entries = []
+    for m in mix:
+        parts = m.split(":")
+        try:
+            entries.append(MixEntry(pan=parts[0], mti=parts[1] if len(parts) > 1 else "0100",
+                                    amount=int(parts[2]) if len(parts) > 2 else 10_000,
+                                    weight=int(parts[3]) if len(parts) > 3 else 1))
+        except (ValueError, IndexError):
+            typer.echo(f"error: --mix: invalid entry {m!r} (expected PAN[:MTI[:AMOUNT[:WEIGHT]]])",
+                       err=True)
+            raise typer.Exit(2) from None
+    hdr = bytes.fromhex(header)
+    gen = LoadGenerator(LoadConfig(
+        host=host, port=port, spec=_spec(spec), framing=_framing(prefix, len(hdr), max_frame),
+        header=hdr, connections=connections, rate=rate, window=window, duration=duration,
+        count=count, grace=grace, mix=tuple(entries)))
+    if not as_json:
+        def progress(g) -> None:
+            r = g.report
+            typer.echo(f"sent {r.sent:>9,}  received {r.received:>9,}  "
+                       f"cross-wired {r.cross_wired}", err=True)
+        gen.progress = progress
+    report = asyncio.run(gen.run())
+    summary = report.summary()
+    if as_json:
+        typer.echo(json.dumps(summary, indent=1))
+    else:
+        typer.echo(f"TPS {summary['tps']:,.0f}  sent {summary['sent']:,}  received "
+                   f"{summary['received']:,}  approved {summary['approved']:,}  declined "
+                   f"{summary['declined']:,}  timeouts {summary['timeouts']:,}")
+        typer.echo(f"latency ms p50 {summary['p50_ms']}  p90 {summary['p90_ms']}  p99 "
+                   f"{summary['p99_ms']}  max {summary['max_ms']}")
+        typer.echo(f"codes {summary['codes']}  cross-wired {summary['cross_wired']}  lost "
+                   f"{summary['lost']}  -> {'OK' if report.ok else 'FAILED'}")
+    raise typer.Exit(0 if report.ok else 1)
+
+
+@iso.command("issuer")
+def iso_issuer(
+    host: str = typer.Option("127.0.0.1"),
+    port: list[int] = typer.Option([9001], help="port(s) to serve, repeatable"),
+    rule: list[str] = typer.Option([], help="BIN[:min_amount]=DE39 or BIN=drop, repeatable"),
+    delay: float = typer.Option(0.0, help="seconds before each answer"),
+    drop_rate: float = typer.Option(0.0, min=0, max=1, help="fraction never answered"),
+    spec: str = typer.Option("default"),
+    prefix: str = typer.Option("2B"),
+    header_len: int = typer.Option(0),
+    max_frame: int = typer.Option(8192),
+) -> None:
+    """Issuer host simulator: DE39 by BIN/amount rules, delay, drop rate. Runs until killed."""
+    import asyncio
+
+    from gears.iso8583.issuer_sim import IssuerRule, IssuerSimulator
+
+    try:
+        rules = [IssuerRule.parse(r) for r in rule]
+    except ValueError as exc:
+        typer.echo(f"error: --rule: {exc}", err=True)
+        raise typer.Exit(2) from None
+    sim = IssuerSimulator(_spec(spec), _framing(prefix, header_len, max_frame), rules,
+                          delay=delay, drop_rate=drop_rate)
+
+    async def serve() -> None:
+        for p in port:
+            bound = await sim.start(host, p)
+            typer.echo(f"issuer simulator listening on {host}:{bound}", err=True)
+        await asyncio.Event().wait()
+
+    try:
+        asyncio.run(serve())
+    except KeyboardInterrupt:
+        pass
+
+
+@iso.command("decode")
+def iso_decode(
+    hex_message: str = typer.Argument(..., help="ISO 8583 message as hex (no length prefix)"),
+    spec: str = typer.Option("default"),
+    show_pan: bool = typer.Option(False, "--show-pan", help="print DE2 in clear (default masked)"),
+) -> None:
+    """Hex -> JSON (DE2 masked unless --show-pan)."""
+    from gears.iso8583.codec import CodecError, decode
+    from gears.iso8583.switch import mask_pan
+
+    try:
+        doc = decode(bytes.fromhex(hex_message), _spec(spec))
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    except CodecError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    if "2" in doc and not show_pan:
+        doc["2"] = mask_pan(doc["2"])
+    typer.echo(json.dumps(doc, indent=1))
+
+
+@iso.command("encode")
+def iso_encode(
+    json_message: str = typer.Argument(..., help='fields as JSON, e.g. {"t":"0800","70":"301"}'),
+    spec: str = typer.Option("default"),
+) -> None:
+    """JSON -> hex."""
+    from gears.iso8583.codec import CodecError, encode
+
+    try:
+        doc = json.loads(json_message)
+        typer.echo(encode(doc, _spec(spec)).hex())
+    except (ValueError, CodecError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+
+
+@app.command()
+def demo(seconds: float = typer.Option(20.0, help="how long to run"),
+         pipeline: bool = typer.Option(False, "--pipeline",
+                                       help="the generic generator rig instead of the switch")) -> None:
+    """Run the ISO 8583 switch demo (or --pipeline: configs/demo.yaml) and summarise."""
+    from engine.demo import run, run_switch
+
+    raise typer.Exit(run(seconds) if pipeline else run_switch(seconds))
 
 
 def main() -> None:

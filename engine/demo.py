@@ -1,9 +1,13 @@
-"""The quick-start demo: a real rack from ``configs/demo.yaml`` for ~20 s, then a summary.
+"""The quick-start demos.
 
-It runs ``engine start --config configs/demo.yaml --workers 2`` as a child, shows the live
-table that telemetry sees, stops the rack with SIGTERM (a full drain), then re-opens the rack's
-JetStream store with a fresh nats-server and counts the stream: it must hold exactly the
-frames the generator produced, one message per frame id.
+``run_switch`` (what ``scripts/demo`` runs): the ISO 8583 switch from
+``configs/iso8583-switch.yaml`` with ``--workers 2``, the issuer simulator on 9001-9003 and the
+load generator offering 2,000 TPS from 50 terminals for ~20 s; live progress, then a drain and
+a summary: TPS, latency, outcomes, cross-wired and lost replies (both must be 0), and the
+audit trail re-read from JetStream (one event per transaction, no clear PAN anywhere).
+
+``run`` (``scripts/demo --pipeline``): the generic rack from ``configs/demo.yaml``: generator ->
+mapping -> egress; the stream must hold exactly the frames the generator produced.
 """
 
 from __future__ import annotations
@@ -22,7 +26,9 @@ from engine.counters import Counters
 from engine.natsd import NatsServer
 from engine.telemetry import RackProbe, read_state, rows
 
-CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+ROOT = Path(__file__).resolve().parent.parent
+CONFIG = ROOT / "configs" / "demo.yaml"
+SWITCH_CONFIG = ROOT / "configs" / "iso8583-switch.yaml"
 
 
 def _wait_for_state(data_dir: Path, proc: subprocess.Popen[bytes], timeout: float) -> dict:
@@ -118,5 +124,138 @@ def run(seconds: float = 20.0, config: Path = CONFIG, workers: int = 2) -> int:
             c.close()
 
 
+async def _read_txn_stream(url: str, stream: str, subject: str) -> tuple[int, list[bytes]]:
+    import nats
+    from nats.js.api import AckPolicy, ConsumerConfig
+
+    nc = await nats.connect(url)
+    try:
+        js = nc.jetstream()
+        info = await js.stream_info(stream)
+        out: list[bytes] = []
+        if info.state.messages:
+            # a reader, not a worker: no acks, so no max_ack_pending stall after 1,000
+            sub = await js.pull_subscribe(subject, stream=stream,
+                                          config=ConsumerConfig(ack_policy=AckPolicy.NONE))
+            while len(out) < info.state.messages:
+                out += [m.data for m in await sub.fetch(1000, timeout=5)]
+        return info.state.messages, out
+    finally:
+        await nc.close()
+
+
+def _wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float) -> None:
+    import socket
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"process exited during start: code={proc.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.1)  # a listening port has no readiness event to wait on
+    raise RuntimeError(f"port {port} not listening after {timeout}s")
+
+
+def run_switch(seconds: float = 20.0, tps: float = 2000.0, workers: int = 2) -> int:
+    """Run the switch demo; 0 when nothing was cross-wired or lost and the audit is complete."""
+    from engine.frame import decode
+    from gears.iso8583.codec import spec_by_name
+    from gears.iso8583.framing import FramingConfig
+    from gears.iso8583.loadgen import LoadConfig, LoadGenerator, MixEntry
+
+    cfg = load_config(SWITCH_CONFIG)
+    data_dir = Path(cfg.data_dir).resolve()
+    shutil.rmtree(data_dir, ignore_errors=True)
+    stream = cfg.egress.streams[0]
+    mix = (MixEntry(pan="4761739001010119", amount=2_500, weight=6),       # visa: approved
+           MixEntry(pan="4000056655665556", amount=750_000, weight=1),     # visa, big: 51
+           MixEntry(pan="5500000000000004", amount=12_000, weight=2),      # mastercard: 05
+           MixEntry(pan="9000000000000001", amount=1_000, weight=1))       # no route: 92
+    pans = [m.pan for m in mix]
+    print(f"ISO 8583 switch demo: rack '{cfg.rack_id}' ({SWITCH_CONFIG.name}, --workers "
+          f"{workers}), issuer simulator on 9001-9003, {tps:,.0f} TPS offered from 50 "
+          f"terminals for {seconds:.0f} s", flush=True)
+    issuer = subprocess.Popen(
+        [sys.executable, "-m", "engine.cli", "iso", "issuer", "--port", "9001", "--port",
+         "9002", "--port", "9003", "--rule", "4:500000=51", "--rule", "4=00",
+         "--rule", "5=05"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    rack = subprocess.Popen(
+        [sys.executable, "-m", "engine.cli", "start", "--config", str(SWITCH_CONFIG),
+         "--workers", str(workers)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_port(9003, issuer, 20)
+        _wait_for_state(data_dir, rack, 30)
+        _wait_port(8583, rack, 30)
+        time.sleep(1.0)  # issuer links connect right after the listener opens
+        gen = LoadGenerator(LoadConfig(
+            host="127.0.0.1", port=8583, spec=spec_by_name("default"),
+            framing=FramingConfig(prefix="2B"), connections=50, rate=tps, duration=seconds,
+            grace=7.0, mix=mix))
+        print(f"{'t(s)':>5} {'sent':>9} {'answered':>9} {'TPS':>7} {'p99 ms':>7} "
+              f"{'cross-wired':>11}", flush=True)
+        t0 = time.monotonic()
+        last = [0, t0]
+
+        def progress(g: LoadGenerator) -> None:
+            r = g.report
+            now = time.monotonic()
+            rate = (r.received - last[0]) / max(1e-9, now - last[1])
+            last[:] = [r.received, now]
+            recent = r.latencies_ns[-int(max(1, rate)):]
+            p99 = sorted(recent)[int(len(recent) * 0.99) - 1] / 1e6 if recent else 0.0
+            print(f"{now - t0:5.1f} {r.sent:9,} {r.received:9,} {rate:7,.0f} {p99:7.2f} "
+                  f"{r.cross_wired:11}", flush=True)
+
+        gen.progress = progress
+        report = asyncio.run(gen.run())
+        summary = report.summary()
+        print("stopping the rack (drain: in-flight answered, events flushed to JetStream) ...",
+              flush=True)
+        rack.send_signal(signal.SIGTERM)
+        code = rack.wait(60)
+        server = NatsServer(rack_id=cfg.rack_id, data_dir=data_dir, host="127.0.0.1", port=0)
+        server.start()
+        try:
+            events, blobs = asyncio.run(_read_txn_stream(server.url, stream.name,
+                                                         stream.subjects[0]))
+        finally:
+            server.stop()
+        outcomes: dict[str, int] = {}
+        for blob in blobs:
+            body = decode(blob).body
+            outcomes[body["de39"]] = outcomes.get(body["de39"], 0) + 1
+        leaks = sum(blob.count(p.encode()) for blob in blobs for p in pans)
+        leaks += sum(path.read_bytes().count(p.encode()) for path in data_dir.rglob("*")
+                     if path.is_file() for p in pans)
+        print()
+        print(f"{'transactions answered':<34} {summary['received']:,} of {summary['sent']:,} "
+              f"sent")
+        print(f"{'throughput':<34} {summary['tps']:,.0f} TPS")
+        print(f"{'latency p50 / p90 / p99 / max':<34} {summary['p50_ms']} / {summary['p90_ms']}"
+              f" / {summary['p99_ms']} / {summary['max_ms']} ms")
+        print(f"{'approved (00)':<34} {summary['codes'].get('00', 0):,}")
+        print(f"{'declined: funds (51) / issuer (05)':<34} {summary['codes'].get('51', 0):,} / "
+              f"{summary['codes'].get('05', 0):,}")
+        print(f"{'no route (92) / timeouts (91)':<34} {summary['codes'].get('92', 0):,} / "
+              f"{summary['codes'].get('91', 0):,}")
+        print(f"{'cross-wired / lost replies':<34} {summary['cross_wired']} / {summary['lost']}")
+        print(f"{'audit events in JetStream':<34} {events:,} (by DE39: {dict(sorted(outcomes.items()))})")
+        print(f"{'clear PANs in stream and data dir':<34} {leaks}")
+        print(f"{'rack exit code':<34} {code} (0 = drained cleanly)")
+        ok = (report.ok and code == 0 and events == summary["received"] and leaks == 0)
+        print("OK" if ok else "FAILED")
+        return 0 if ok else 1
+    finally:
+        for proc in (rack, issuer):
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
 if __name__ == "__main__":
-    sys.exit(run(float(sys.argv[1]) if len(sys.argv) > 1 else 20.0))
+    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    secs = float(args[0]) if args else 20.0
+    sys.exit(run(secs) if "--pipeline" in sys.argv else run_switch(secs))
