@@ -1,4 +1,5 @@
-"""Build hook for the one C extension (engine._ringcore); all metadata is in pyproject.toml."""
+"""Build hook for the C extensions (engine._ringcore, engine._cborcore); metadata is in
+pyproject.toml."""
 
 from setuptools import Extension, setup
 
@@ -8,6 +9,11 @@ setup(
             "engine._ringcore",
             sources=["engine/_ringcore.c"],
             extra_compile_args=["-O2", "-std=c11"],
-        )
+        ),
+        Extension(
+            "engine._cborcore",
+            sources=["engine/_cborcore.c"],
+            extra_compile_args=["-O2", "-std=c11"],
+        ),
     ]
 )

@@ -41,6 +41,11 @@ from typing import Any, Final
 
 import cbor2
 
+# The common subset (None, bool, 64-bit ints, float, str, bytes, list, tuple, str-keyed dict)
+# is encoded in C (engine/_cborcore.c); it returns None for anything else, which takes the
+# Python path below. The Python path is the reference: tests require identical bytes.
+from engine._cborcore import encode as _fast_encode
+
 __all__ = [
     "CBORDecodeError",
     "CBOREncodeError",
@@ -329,6 +334,9 @@ def dumps(obj: object) -> bytes:
             location), two map keys with the same encoding, nesting too deep
             or cyclic, or a value cbor2 rejects (e.g. lone surrogates in text).
     """
+    fast = _fast_encode(obj)
+    if fast is not None:
+        return fast
     return _dumps_checked(obj, _canon_dict if type(obj) is dict else _canon)
 
 
@@ -339,7 +347,11 @@ def dumps_ordered_map(keys: tuple[str, ...], values: tuple[object, ...]) -> byte
     For fixed envelopes such as the frame, whose keys never change; the values get the full
     deterministic treatment. Same errors as ``dumps``.
     """
-    return _dumps_checked(dict(zip(keys, values)), _canon_values)
+    d = dict(zip(keys, values))
+    fast = _fast_encode(d)
+    if fast is not None:
+        return fast
+    return _dumps_checked(d, _canon_values)
 
 
 def _canon_values(d: dict[str, object]) -> object:

@@ -187,6 +187,13 @@ def encode(doc: Mapping[str, str], spec: Spec) -> bytes:
     return bytes(raw)
 
 
+_KEYS = tuple(str(n) for n in range(129))  # field number -> its key, without str() per field
+
+# byte value -> the 1-based bit positions set in it, most significant first (ISO bit order)
+_BIT_POSITIONS: tuple[tuple[int, ...], ...] = tuple(
+    tuple(i + 1 for i in range(8) if byte >> (7 - i) & 1) for byte in range(256))
+
+
 class FieldIndex:
     """Compiled reader of selected fields: MTI, bitmap walk, and slices of wanted fields.
 
@@ -250,6 +257,13 @@ class FieldIndex:
         Raises:
             CodecError: truncated or malformed message (field and offset named).
         """
+        mti, bitmap_end, out, _ = self._walk(raw, None)
+        return mti, bitmap_end, out
+
+    def _walk(self, raw: bytes, values: dict[str, str] | None
+              ) -> tuple[str, int, list[tuple[int, int, int, int]], dict[str, str] | None]:
+        # One pass over the message; with ``values`` it also decodes the wanted fields
+        # (text ones inline, the hot case; binary/BCD through _value).
         tl = self._t_len
         mti_raw = raw[:tl]
         if len(mti_raw) != tl:
@@ -262,9 +276,13 @@ class FieldIndex:
         bitmap_end = idx
         plan = self._plan
         out: list[tuple[int, int, int, int]] = []
-        for n in range(2, width + 1):
-            if not bits >> (width - n) & 1:
-                continue
+        # walk only the set bits: a byte-wise table gives each byte's field numbers
+        present = [base + pos for base, byte in zip(range(0, width, 8),
+                                                   bits.to_bytes(width // 8, "big")) if byte
+                   for pos in _BIT_POSITIONS[byte]]
+        for n in present:
+            if n == 1:
+                continue  # the secondary-bitmap flag, consumed by _bitmap
             p = plan[n]
             if p is None:
                 raise CodecError(f"cannot decode: field not in spec: field={n}, offset={idx}",
@@ -297,11 +315,23 @@ class FieldIndex:
                 raise CodecError(f"cannot decode: truncated data: field={n}, offset={idx}",
                                  str(n), idx)
             out.append((n, start, idx, end))
+            if values is not None:
+                key = _KEYS[n]
+                if key in self.wanted:
+                    enc = p[4]
+                    if enc == "b" or enc == "bcd":
+                        values[key] = self._value(n, raw, start, idx, end)
+                    else:
+                        try:
+                            values[key] = raw[idx:end].decode(enc)
+                        except UnicodeDecodeError:
+                            raise CodecError(f"cannot decode: invalid text: field={n}, "
+                                             f"offset={idx}", key, idx) from None
             idx = end
         if idx != len(raw):
             raise CodecError(f"cannot decode: extra data after last field: field=, "
                              f"offset={idx}", "", idx)
-        return mti, bitmap_end, out
+        return mti, bitmap_end, out, values
 
     def _value(self, n: int, raw: bytes, start: int, data_start: int, end: int) -> str:
         len_type, len_enc, max_len, nibbles, data_enc, lpad, rpad = self._plan[n]  # type: ignore[misc]
@@ -339,11 +369,8 @@ class FieldIndex:
         Raises:
             CodecError: truncated or malformed message (field and offset named).
         """
-        mti, _, spans = self.spans(raw)
-        wanted = self.wanted
-        value = self._value
-        return mti, {str(n): value(n, raw, s, d, e) for n, s, d, e in spans
-                     if str(n) in wanted}
+        mti, _, _, values = self._walk(raw, {})
+        return mti, values  # type: ignore[return-value]
 
     def respond(self, raw: bytes, de39: str) -> bytes:
         """The response to request ``raw``: same fields, MTI + 10 (0100 -> 0110), DE39 set
