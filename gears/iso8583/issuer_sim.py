@@ -16,6 +16,7 @@ import logging
 import random
 from dataclasses import dataclass
 
+from gears.iso8583.coalesce import Coalescer
 from gears.iso8583.codec import CodecError, FieldIndex, Spec
 from gears.iso8583.framing import NEED_DATA, Framer, FramingConfig, FramingError
 
@@ -123,13 +124,16 @@ class _IssuerProtocol(asyncio.Protocol):
         self.sim = sim
         self.framer = Framer(sim.framing)
         self.transport: asyncio.Transport | None = None
+        self.out = Coalescer(asyncio.get_running_loop())
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        self.out.transport = self.transport
         self.sim.transports.add(self.transport)  # type: ignore[arg-type]
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.sim.transports.discard(self.transport)  # type: ignore[arg-type]
+        self.out.transport = None
 
     def data_received(self, data: bytes) -> None:
         self.framer.receive_data(data)
@@ -156,7 +160,7 @@ class _IssuerProtocol(asyncio.Protocol):
             if delay > 0:
                 loop.call_later(delay, self._send, out)
             else:
-                self.transport.write(out)
+                self.out.write(out)
 
     def _send(self, data: bytes) -> None:
         if self.transport is not None and not self.transport.is_closing():

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from gears.iso8583.coalesce import Coalescer
 from gears.iso8583.codec import FieldIndex, Spec, encode
 from gears.iso8583.framing import NEED_DATA, Framer, FramingConfig, FramingError
 
@@ -127,9 +128,11 @@ class _Conn(asyncio.Protocol):
         self.next_template = 0
         self.transport: asyncio.Transport | None = None
         self.closed = asyncio.get_running_loop().create_future()
+        self.out = Coalescer(asyncio.get_running_loop())
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        self.out.transport = self.transport
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.closed.done():
@@ -148,7 +151,7 @@ class _Conn(asyncio.Protocol):
         raw = t.head + _field_bytes(gen.cfg.spec, "11", stan) + t.tail
         self.outstanding[stan] = time.perf_counter_ns()
         gen.report.sent += 1
-        self.transport.write(self.framer.frame(raw, gen.cfg.header))
+        self.out.write(self.framer.frame(raw, gen.cfg.header))
 
     def data_received(self, data: bytes) -> None:
         self.framer.receive_data(data)

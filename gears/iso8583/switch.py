@@ -53,6 +53,7 @@ import iso8583
 from engine.config import At, get_float, get_int, get_list, get_map, get_str
 from engine.frame import Frame, new_frame
 from gears.base import Source
+from gears.iso8583.coalesce import Coalescer
 from gears.iso8583.codec import CodecError, FieldIndex, Spec, decode, encode, spec_by_name
 from gears.iso8583.framing import NEED_DATA, Framer, FramingConfig, FramingError
 from gears.iso8583.matcher import DEFAULT_KEY, Matcher, match_key
@@ -471,15 +472,18 @@ class _AcquirerConn(asyncio.Protocol):
         self.switch = switch
         self.framer = Framer(switch.s.acquirer.framing)
         self.transport: asyncio.Transport | None = None
+        self.out = Coalescer(asyncio.get_running_loop())
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        self.out.transport = self.transport
         sock = transport.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
+        self.out.transport = None
 
     def data_received(self, data: bytes) -> None:
         self.framer.receive_data(data)
@@ -499,7 +503,7 @@ class _AcquirerConn(asyncio.Protocol):
         """Write one message; False if the connection is gone."""
         if self.transport is None or self.transport.is_closing():
             return False
-        self.transport.write(self.framer.frame(raw, header))
+        self.out.write(self.framer.frame(raw, header))
         return True
 
     def close(self) -> None:
@@ -523,6 +527,7 @@ class _IssuerLink(asyncio.Protocol):
         self.lost: asyncio.Event | None = None
         self.echo_stan = 0
         self._closed = False
+        self.out = Coalescer(asyncio.get_running_loop())
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -545,6 +550,7 @@ class _IssuerLink(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        self.out.transport = self.transport
         sock = transport.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -556,6 +562,7 @@ class _IssuerLink(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.connected = False
         self.transport = None
+        self.out.transport = None
         if not self._closed:
             log.warning("issuer link down: issuer=%s, link=%d", self.issuer.name, self.n)
         self.switch.link_state(self.issuer.name)
@@ -564,7 +571,7 @@ class _IssuerLink(asyncio.Protocol):
 
     def send_request(self, raw: bytes, acq_spec: Spec) -> None:
         out = raw if self.spec is acq_spec else encode(decode(raw, acq_spec), self.spec)
-        self.transport.write(self.framer.frame(out, self.issuer.link.header))
+        self.out.write(self.framer.frame(out, self.issuer.link.header))
         self.last_io = time.monotonic()
 
     def data_received(self, data: bytes) -> None:
