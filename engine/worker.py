@@ -154,6 +154,15 @@ def run_process(spec: ProcessSpec, rt: Runtime) -> None:
             os.sched_setaffinity(0, {spec.cpu})
         except OSError as exc:
             log.warning("cannot pin: process=%s, cpu=%s, error=%s", spec.name, spec.cpu, exc)
+    if spec.role == "telemetry":
+        # Sampling every process with psutil is a burst of a few ms each interval; on a
+        # small host the data path must win that CPU, so telemetry yields it.
+        os.nice(10)
+    # Everything imported so far lives as long as the process: keep it out of the cyclic
+    # GC's full collections, whose pauses would otherwise land in the latency tail.
+    import gc
+
+    gc.freeze()
     if spec.role == "stage":
         run_stage(spec, rt)
     elif spec.role == "source":

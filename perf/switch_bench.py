@@ -1,0 +1,190 @@
+"""Switch benchmark: fluxrig's ISO 8583 switch vs a plain asyncio switch on pyiso8583.
+
+    python perf/switch_bench.py [--seconds 60] [--p99-seconds 20] [--workers 2] [--json PATH]
+
+Same machine, same run, same issuer simulator (``engine iso issuer``, approves BIN 4) and
+same load generator (``engine iso load``, a separate process, 50 terminals):
+
+1. max rate: closed loop, 4 outstanding requests per terminal, for ``--seconds`` — sustained
+   TPS, latency, cross-wired and lost replies (must be 0), and CPU time per transaction
+   summed over every process of the system under test (for fluxrig: supervisor, switch
+   replicas, egress, telemetry and nats-server; the audit trail is part of the work);
+2. fixed 2,000 TPS offered for ``--p99-seconds``: latency percentiles.
+
+Bars (issue "Payments I"): >= 8,000 TPS sustained with 0 cross-wired / 0 lost; >= 2x the
+baseline's TPS; p99 <= 5 ms at 2,000 TPS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+PY = sys.executable
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_port(port: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.1)  # a listener has no readiness event to wait on
+    raise RuntimeError(f"port {port} not listening")
+
+
+def _tree_cpu(pid: int) -> float:
+    total = 0.0
+    try:
+        root = psutil.Process(pid)
+        for p in [root, *root.children(recursive=True)]:
+            try:
+                t = p.cpu_times()
+                total += t.user + t.system
+            except psutil.Error:
+                pass
+    except psutil.Error:
+        pass
+    return total
+
+
+def _load(port: int, seconds: float, rate: float) -> dict:
+    cmd = [PY, "-m", "engine.cli", "iso", "load", "--port", str(port), "--connections", "50",
+           "--window", "4", "--duration", str(seconds), "--rate", str(rate), "--json",
+           "--mix", "4761739001010119:0100:2500"]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    return json.loads(out.stdout)
+
+
+def _measure(pid: int, port: int, seconds: float, p99_seconds: float) -> dict:
+    cpu0 = _tree_cpu(pid)
+    peak = _load(port, seconds, 0)
+    cpu = _tree_cpu(pid) - cpu0
+    steady = _load(port, p99_seconds, 2000)
+    return {
+        "max": peak, "at_2000": steady,
+        "cpu_us_per_txn": round(cpu / max(1, peak["received"]) * 1e6, 1),
+    }
+
+
+def run_fluxrig(issuer_port: int, seconds: float, p99_seconds: float, workers: int,
+                tmp: Path) -> dict:
+    port = _free_port()
+    cfg = yaml.safe_load((ROOT / "configs" / "iso8583-switch.yaml").read_text())
+    cfg["rack"]["id"] = "bench"
+    cfg["rack"]["data_dir"] = str(tmp / "rack")
+    cfg["egress"]["streams"][0]["subjects"] = ["fluxrig.bench.txn"]
+    pipeline = cfg["pipelines"][0]
+    pipeline["sinks"][0]["settings"]["subject"] = "fluxrig.bench.txn"
+    s = pipeline["source"]["settings"]
+    s["listen"]["port"] = port
+    for issuer in s["issuers"].values():
+        issuer["port"] = issuer_port
+    path = tmp / "bench-switch.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    rack = subprocess.Popen([PY, "-m", "engine.cli", "start", "--config", str(path),
+                             "--workers", str(workers)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_port(port)
+        time.sleep(1.5)  # issuer links connect right after the listener
+        result = _measure(rack.pid, port, seconds, p99_seconds)
+    finally:
+        rack.send_signal(signal.SIGTERM)
+        try:
+            rack.wait(60)
+        except subprocess.TimeoutExpired:
+            rack.kill()
+    result["workers"] = workers
+    return result
+
+
+def run_baseline(issuer_port: int, seconds: float, p99_seconds: float) -> dict:
+    port = _free_port()
+    proc = subprocess.Popen([PY, str(ROOT / "perf" / "baselines" / "asyncio_switch.py"),
+                             "--port", str(port), "--route", f"4=127.0.0.1:{issuer_port}"],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_port(port)
+        return _measure(proc.pid, port, seconds, p99_seconds)
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--seconds", type=float, default=60.0)
+    ap.add_argument("--p99-seconds", type=float, default=20.0)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    issuer_port = _free_port()
+    issuer = subprocess.Popen([PY, "-m", "engine.cli", "iso", "issuer", "--port",
+                               str(issuer_port), "--rule", "4=00"], cwd=ROOT,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    tmp = Path(tempfile.mkdtemp(prefix="switch-bench-"))
+    try:
+        _wait_port(issuer_port)
+        base = run_baseline(issuer_port, args.seconds, args.p99_seconds)
+        flux = run_fluxrig(issuer_port, args.seconds, args.p99_seconds, args.workers, tmp)
+    finally:
+        issuer.kill()
+        issuer.wait()
+        shutil.rmtree(tmp, ignore_errors=True)
+    ratio = flux["max"]["tps"] / base["max"]["tps"] if base["max"]["tps"] else 0.0
+    print(f"switch benchmark: {args.seconds:.0f} s at max rate (50 terminals x 4 outstanding), "
+          f"{args.p99_seconds:.0f} s at 2,000 TPS; issuer simulator and load generator on the "
+          f"same {os.cpu_count()} CPUs")
+    print(f"{'system':<34} {'TPS':>8} {'p50 ms':>7} {'p99 ms':>7} {'x-wired':>7} {'lost':>5} "
+          f"{'p99@2k':>7} {'CPU us/txn':>10} {'ratio':>6}")
+    for name, r in (("asyncio + pyiso8583 (baseline)", base),
+                    (f"fluxrig switch --workers {flux['workers']}", flux)):
+        m, s = r["max"], r["at_2000"]
+        print(f"{name:<34} {m['tps']:8,.0f} {m['p50_ms']:7.2f} {m['p99_ms']:7.2f} "
+              f"{m['cross_wired']:7} {m['lost']:5} {s['p99_ms']:7.2f} {r['cpu_us_per_txn']:10.1f} "
+              f"{m['tps'] / base['max']['tps']:6.2f}")
+    fm = flux["max"]
+    bars = {
+        "tps_sustained_8000": fm["tps"] >= 8000 and fm["cross_wired"] == 0 and fm["lost"] == 0,
+        "ratio_2x": ratio >= 2.0,
+        "p99_at_2000_le_5ms": flux["at_2000"]["p99_ms"] <= 5.0,
+    }
+    print(f"bar: >= 8,000 TPS for {args.seconds:.0f} s, 0 cross-wired, 0 lost: "
+          f"{fm['tps']:,.0f} TPS — {'PASS' if bars['tps_sustained_8000'] else 'FAIL'}")
+    print(f"bar: >= 2x baseline TPS: {ratio:.2f}x — {'PASS' if bars['ratio_2x'] else 'FAIL'}")
+    print(f"bar: p99 <= 5 ms at 2,000 TPS: {flux['at_2000']['p99_ms']:.2f} ms — "
+          f"{'PASS' if bars['p99_at_2000_le_5ms'] else 'FAIL'}")
+    if args.json:
+        args.json.write_text(json.dumps({
+            "benchmark": "switch", "seconds": args.seconds, "p99_seconds": args.p99_seconds,
+            "baseline": base, "fluxrig": flux, "ratio": ratio, "bars": bars,
+            "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0],
+                        "platform": platform.platform()},
+            "date": time.strftime("%Y-%m-%d %H:%M:%S")}, indent=2))
+    return 0 if all(bars.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
