@@ -255,6 +255,7 @@ def iso_issuer(
     port: list[int] = typer.Option([9001], help="port(s) to serve, repeatable"),
     rule: list[str] = typer.Option([], help="BIN[:min_amount]=DE39 or BIN=drop, repeatable"),
     delay: float = typer.Option(0.0, help="seconds before each answer"),
+    jitter: float = typer.Option(0.0, help="extra random delay, uniform 0..jitter seconds"),
     drop_rate: float = typer.Option(0.0, min=0, max=1, help="fraction never answered"),
     spec: str = typer.Option("default"),
     prefix: str = typer.Option("2B"),
@@ -272,7 +273,7 @@ def iso_issuer(
         typer.echo(f"error: --rule: {exc}", err=True)
         raise typer.Exit(2) from None
     sim = IssuerSimulator(_spec(spec), _framing(prefix, header_len, max_frame), rules,
-                          delay=delay, drop_rate=drop_rate)
+                          delay=delay, drop_rate=drop_rate, jitter=jitter)
 
     async def serve() -> None:
         for p in port:

@@ -1,7 +1,8 @@
 """Issuer host simulator (``engine iso issuer``): answers ISO 8583 requests over TCP.
 
 Rules pick DE39 by BIN prefix and amount (first match wins, default "00"); a rule may also
-``drop`` (never answer) or add ``delay`` seconds. Responses are built by splicing DE39 and the
+``drop`` (never answer). Every answer waits ``delay`` seconds plus a uniform random
+``jitter``, so answers leave in a different order than the requests came. Responses are built by splicing DE39 and the
 response MTI into the request bytes (``FieldIndex.respond``), so the simulator stays cheap at
 thousands of TPS. 0800 is answered 0810 "00".
 
@@ -64,11 +65,13 @@ class IssuerSimulator:
     """Serve one or more issuer endpoints from one asyncio loop."""
 
     def __init__(self, spec: Spec, framing: FramingConfig, rules: list[IssuerRule],
-                 delay: float = 0.0, drop_rate: float = 0.0, seed: int | None = None):
+                 delay: float = 0.0, drop_rate: float = 0.0, seed: int | None = None,
+                 jitter: float = 0.0):
         self.index = FieldIndex(spec, ("2", "4"))
         self.framing = framing
         self.rules = rules
         self.delay = delay
+        self.jitter = jitter  # extra uniform random delay: answers leave out of order
         self.drop_rate = drop_rate
         self.stats = IssuerStats()
         self._rng = random.Random(seed)
@@ -99,7 +102,8 @@ class IssuerSimulator:
             self.stats.dropped += 1
             return None, 0.0
         self.stats.answered += 1
-        return self.index.respond(raw, rule.de39 if rule else "00"), self.delay
+        delay = self.delay + (self._rng.random() * self.jitter if self.jitter else 0.0)
+        return self.index.respond(raw, rule.de39 if rule else "00"), delay
 
     async def start(self, host: str, port: int) -> int:
         """Listen on ``host:port`` (0: any free port); returns the port."""

@@ -268,6 +268,8 @@ class Switch:
         self._tasks: list[asyncio.Task] = []
         self._rr: dict[str, int] = {}
         self.closing = False
+        self.reordered = 0  # responses that overtook an older request (diagnostics)
+        self._last_t0 = 0
 
     # -- lifecycle --
 
@@ -416,6 +418,9 @@ class Switch:
             return
         self.router.end(txn.issuer)
         self.stats.responses += 1
+        if txn.t0 < self._last_t0:
+            self.reordered += 1
+        self._last_t0 = txn.t0
         out = raw if link.spec is self.acq_spec else encode(decode(raw, link.spec), self.acq_spec)
         code = fields.get("39", "")
         self._count_code(code)

@@ -1,0 +1,107 @@
+"""The switch as users run it: `engine start` + `engine iso issuer` + load, audit in JetStream."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from engine.frame import decode
+from engine.natsd import free_port
+from gears.iso8583.codec import spec_by_name
+from gears.iso8583.framing import FramingConfig
+from gears.iso8583.loadgen import LoadConfig, LoadGenerator, MixEntry
+from rackutil import RackProcess, stream_contents
+
+pytestmark = pytest.mark.slow
+
+PANS = ("4761739001010119", "5500000000000004", "9000000000000001")
+
+
+def _rig(tmp_path, port: int, issuer_port: int):
+    cfg = {
+        "rack": {"id": "t-switch", "data_dir": str(tmp_path / "data")},
+        "telemetry": {"interval": 0.5},
+        "egress": {"streams": [{"name": "TXN", "subjects": ["fluxrig.t-switch.txn"]}]},
+        "pipelines": [{
+            "name": "payments",
+            "source": {"name": "switch", "gear": "iso8583", "settings": {
+                "listen": {"host": "127.0.0.1", "port": port},
+                "acquirer": {"framing": {"prefix": "2B"}, "spec": "default"},
+                "timeout": 2.0,
+                "issuers": {"a": {"port": issuer_port, "connections": 2},
+                            "b": {"port": issuer_port, "connections": 1}},
+                "groups": {"visa": {"endpoints": ["a"]}, "mc": {"endpoints": ["b"]}},
+                "routes": [{"name": "visa", "bins": ["4"], "group": "visa"},
+                           {"name": "mc", "bins": ["5"], "group": "mc"}],
+            }},
+            "sinks": [{"name": "audit", "gear": "egress",
+                       "settings": {"subject": "fluxrig.t-switch.txn"}}],
+        }],
+    }
+    path = tmp_path / "switch.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _wait_listening(rack: RackProcess, port: int) -> None:
+    import socket
+
+    def up() -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return True
+        except OSError:
+            return False
+
+    rack.wait_for(up, 30, f"switch listening on {port}")
+
+
+def test_switch_rack_answers_every_terminal_and_audits_every_transaction(tmp_path):
+    port, issuer_port = free_port(), free_port()
+    issuer = subprocess.Popen([sys.executable, "-m", "engine.cli", "iso", "issuer", "--port",
+                               str(issuer_port), "--rule", "4=00", "--rule", "5=05"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    rack = RackProcess(_rig(tmp_path, port, issuer_port), tmp_path / "data", workers=2)
+    try:
+        names = [p["name"] for p in rack.state["processes"]]
+        assert "payments.switch.0" in names and "payments.switch.1" in names
+        _wait_listening(rack, port)
+        rack.wait_for(lambda: "issuer link up: issuer=b" in rack.output(), 30, "issuer links")
+        gen = LoadGenerator(LoadConfig(
+            host="127.0.0.1", port=port, spec=spec_by_name("default"),
+            framing=FramingConfig(prefix="2B"), connections=20, rate=1500, count=3000,
+            duration=60, grace=5, mix=tuple(MixEntry(pan=p) for p in PANS)))
+        report = asyncio.run(gen.run()).summary()
+        status = subprocess.run([sys.executable, "-m", "engine.cli", "status", "--data-dir",
+                                 str(tmp_path / "data"), "--json", "--interval", "0.2"],
+                                capture_output=True, text=True, timeout=60)
+        assert rack.stop() == 0
+    finally:
+        rack.close()
+        issuer.kill()
+        issuer.wait()
+    assert report["sent"] == report["received"] == 3000
+    assert report["cross_wired"] == 0 and report["lost"] == 0
+    assert report["codes"] == {"00": 1000, "05": 1000, "92": 1000}
+    by_name = {p["name"]: p for p in json.loads(status.stdout)["processes"]}
+    assert by_name["payments.switch.0"]["frames_out"] + \
+        by_name["payments.switch.1"]["frames_out"] == 3000  # one audit frame per transaction
+    count, messages = stream_contents(tmp_path / "data", "t-switch", "TXN",
+                                      "fluxrig.t-switch.txn")
+    assert count == 3000
+    events = [decode(data, strict=True).body for _, data in messages]
+    assert sorted(e["de39"] for e in events) == ["00"] * 1000 + ["05"] * 1000 + ["92"] * 1000
+    assert {e["pan"] for e in events} == {"476173******0119", "550000******0004",
+                                          "900000******0001"}
+    assert all(e["latency_us"] >= 0 and e["t_resp"] >= e["t_req"] for e in events)
+    # no clear PAN in any file the rack wrote (JetStream store, logs, state, config copies)
+    for path in (tmp_path / "data").rglob("*"):
+        if path.is_file():
+            blob = path.read_bytes()
+            for pan in PANS:
+                assert pan.encode() not in blob, path
