@@ -23,8 +23,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import psutil
 import yaml
+
+from _util import tree_cpu_seconds
 
 from engine.counters import Counters
 from engine.telemetry import read_state
@@ -74,22 +75,6 @@ def _start(config: Path, data_dir: Path, workers: int) -> tuple[subprocess.Popen
     raise RuntimeError("rack did not start")
 
 
-def _cpu_seconds(root_pid: int) -> float:
-    """User+system CPU of the supervisor and every descendant (nats-server included)."""
-    total = 0.0
-    try:
-        root = psutil.Process(root_pid)
-        for p in [root, *root.children(recursive=True)]:
-            try:
-                t = p.cpu_times()
-                total += t.user + t.system
-            except psutil.Error:
-                pass
-    except psutil.Error:
-        pass
-    return total
-
-
 def run_pipeline(d: Path, workers: int, frames: int) -> dict:
     rack_id = f"pb-w{workers}"
     config = _rig(d, rack_id, frames, 0)
@@ -97,12 +82,12 @@ def run_pipeline(d: Path, workers: int, frames: int) -> dict:
     try:
         egress = Counters.attach(next(p["counters"] for p in state["processes"]
                                       if p["role"] == "egress"))
-        cpu0, t0 = _cpu_seconds(proc.pid), time.perf_counter()
+        cpu0, t0 = tree_cpu_seconds(proc.pid), time.perf_counter()
         deadline = time.monotonic() + 600
         while egress.snapshot().frames_out < frames and time.monotonic() < deadline:
             time.sleep(0.01)  # shared-memory counter: polled
         dt = time.perf_counter() - t0
-        cpu = _cpu_seconds(proc.pid) - cpu0
+        cpu = tree_cpu_seconds(proc.pid) - cpu0
         snap = egress.snapshot()
         egress.close()
         proc.send_signal(signal.SIGTERM)
@@ -121,9 +106,9 @@ def run_idle(d: Path, seconds: float) -> dict:
     proc, state = _start(config, d / "pb-idle", 1)
     try:
         time.sleep(3.0)  # let start-up work (imports, stream creation) finish first
-        cpu0, t0 = _cpu_seconds(proc.pid), time.perf_counter()
+        cpu0, t0 = tree_cpu_seconds(proc.pid), time.perf_counter()
         time.sleep(seconds)  # the measurement window itself
-        cpu = _cpu_seconds(proc.pid) - cpu0
+        cpu = tree_cpu_seconds(proc.pid) - cpu0
         dt = time.perf_counter() - t0
         proc.send_signal(signal.SIGTERM)
         proc.wait(60)
