@@ -228,7 +228,7 @@ BAD = [
     # pipelines: gears
     ("gear-unknown", {"pipelines.0.stages.0.gear": "iso8538"},
      "pipelines[0].stages[0].gear: unknown gear 'iso8538' "
-     "(known: egress, file, generator, mapping, stdout)"),
+     "(known: egress, file, generator, iso8583, mapping, stdout)"),
     ("sink-as-stage", {"pipelines.0.stages.0.gear": "file"},
      "pipelines[0].stages[0].gear: gear 'file' is a sink, expected a stage"),
     ("stage-as-source", {"pipelines.0.source.gear": "mapping"},
@@ -422,5 +422,5 @@ def test_cli_check_refuses_a_bad_config_with_exit_2(tmp_path):
     assert result.stdout == ""
     assert result.stderr == (
         f"error: {path}: pipelines[0].stages[0].gear: unknown gear 'iso8538' "
-        "(known: egress, file, generator, mapping, stdout)\n"
+        "(known: egress, file, generator, iso8583, mapping, stdout)\n"
     )

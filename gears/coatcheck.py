@@ -1,0 +1,187 @@
+"""Coat check: card data leaves the message right after decode; a token stays behind.
+
+Theory of operation
+-------------------
+*Tokens* (``make_token``): same length as the PAN, same first 6 (BIN: routing still works)
+and last 4 digits (display still works), random digits between, and a deliberately failing
+Luhn check digit, so a token can never pass for a card number anywhere downstream.
+
+*Sealing* (``KeyRing``): the clear values of the sensitive fields (DE2 PAN, DE35 track 2,
+DE45 track 1, DE52 PIN block, plus any field a rig adds) are CBOR-encoded and encrypted with
+AES-256-GCM (``cryptography``), with the token as associated data (a sealed blob cannot be
+swapped onto another token). The blob records its key id::
+
+    {"k": key id, "n": 12-byte nonce, "c": ciphertext + 16-byte tag}
+
+Keys live in a key file (JSON, created 0600 on first use: ``{"current": id, "keys": {id:
+base64}}``) or come from ``FLUXRIG_VAULT_KEY`` (base64 of 32 bytes; key id ``env``).
+``rotate`` adds a key and makes it current: new entries use it, entries sealed before stay
+readable with their old key until they expire.
+
+*The vault* is a NATS KV bucket on the rack's own JetStream (it works with the hub away).
+Entries expire with the bucket's TTL (transaction timeout + margin). Writes are fire-and-
+forget core publishes on ``$KV.<bucket>.<key>`` queued on the connection: they overlap the
+issuer round trip instead of adding one to the request path. The process that checked the
+values in keeps them in memory until its issuer leg claims them (``claim``), so the issuer
+leg never waits on the network; after a restart the KV copy is what remains.
+
+Nothing here logs; errors carry key ids and tokens, never clear values.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import secrets
+from collections.abc import Mapping
+from pathlib import Path
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from engine.cbor import dumps, loads
+
+SENSITIVE_FIELDS = ("2", "35", "45", "52")
+ENV_KEY = "FLUXRIG_VAULT_KEY"
+
+
+class VaultError(Exception):
+    """A sealed value that cannot be opened (unknown key id, tampering, bad key file)."""
+
+
+def luhn_valid(digits: str) -> bool:
+    """True when ``digits`` passes the Luhn (mod 10) check."""
+    total = 0
+    for i, ch in enumerate(reversed(digits)):
+        d = ord(ch) - 48
+        if i & 1:
+            d *= 2
+            if d > 9:
+                d -= 9
+        total += d
+    return total % 10 == 0
+
+
+def make_token(pan: str) -> str:
+    """A token for ``pan``: same length, BIN (first 6) and last 4 kept, random middle, and
+    guaranteed to fail the Luhn check.
+
+    PANs shorter than 13 digits (not valid card numbers) get an all-random token of their
+    length that also fails Luhn.
+    """
+    n = len(pan)
+    if n < 13 or not pan.isdigit():
+        keep_head, keep_tail = "", ""
+    else:
+        keep_head, keep_tail = pan[:6], pan[-4:]
+    middle_len = n - len(keep_head) - len(keep_tail)
+    middle = "".join(str(secrets.randbelow(10)) for _ in range(middle_len))
+    token = keep_head + middle + keep_tail
+    if middle_len and luhn_valid(token):
+        # change one middle digit by 1: the Luhn sum moves by 1 or 2 mod 10, never by 0
+        i = len(keep_head)
+        token = token[:i] + str((int(token[i]) + 1) % 10) + token[i + 1:]
+    return token
+
+
+class KeyRing:
+    """AES-256-GCM keys by id, one of them current."""
+
+    def __init__(self, keys: Mapping[str, bytes], current: str, path: Path | None = None):
+        if current not in keys:
+            raise VaultError(f"current key id not in key ring: current={current}")
+        for kid, key in keys.items():
+            if len(key) != 32:
+                raise VaultError(f"vault key must be 32 bytes: key_id={kid}, size={len(key)}")
+        self.keys = dict(keys)
+        self.current = current
+        self.path = path
+        self._aead = {kid: AESGCM(k) for kid, k in self.keys.items()}
+        self._mtime = path.stat().st_mtime_ns if path is not None and path.exists() else 0
+
+    @classmethod
+    def load_or_create(cls, path: str | os.PathLike[str],
+                       env: Mapping[str, str] | None = None) -> KeyRing:
+        """The key from ``FLUXRIG_VAULT_KEY`` if set, else the key file (created if absent).
+
+        Raises:
+            VaultError: malformed environment key or key file.
+        """
+        env = os.environ if env is None else env
+        if env.get(ENV_KEY):
+            try:
+                key = base64.b64decode(env[ENV_KEY], validate=True)
+            except ValueError:
+                raise VaultError(f"{ENV_KEY} is not base64") from None
+            return cls({"env": key}, "env")
+        p = Path(path)
+        if not p.exists():
+            p.parent.mkdir(parents=True, exist_ok=True)
+            kid = "k1"
+            _write_key_file(p, {kid: AESGCM.generate_key(bit_length=256)}, kid)
+        return cls._from_file(p)
+
+    @classmethod
+    def _from_file(cls, p: Path) -> KeyRing:
+        try:
+            doc = json.loads(p.read_text())
+            keys = {kid: base64.b64decode(v, validate=True) for kid, v in doc["keys"].items()}
+            return cls(keys, doc["current"], p)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise VaultError(f"bad vault key file: path={p}, error={type(exc).__name__}") from None
+
+    def reload_if_changed(self) -> KeyRing:
+        """This ring, or a fresh one if the key file changed (after ``engine keys rotate``)."""
+        if self.path is None:
+            return self
+        try:
+            mtime = self.path.stat().st_mtime_ns
+        except OSError:
+            return self
+        return self if mtime == self._mtime else KeyRing._from_file(self.path)
+
+    def seal(self, token: str, clear: Mapping[str, str]) -> bytes:
+        """Encrypt ``clear`` under the current key, bound to ``token``."""
+        nonce = secrets.token_bytes(12)
+        ct = self._aead[self.current].encrypt(nonce, dumps(dict(clear)), token.encode())
+        return dumps({"k": self.current, "n": nonce, "c": ct})
+
+    def open(self, token: str, sealed: bytes) -> dict[str, str]:
+        """Decrypt a blob made by ``seal`` for ``token``.
+
+        Raises:
+            VaultError: unknown key id, wrong token, or tampered blob.
+        """
+        try:
+            doc = loads(sealed)
+            aead = self._aead[doc["k"]]
+        except KeyError:
+            raise VaultError(f"unknown vault key id: token={token}") from None
+        except ValueError:
+            raise VaultError(f"malformed sealed value: token={token}") from None
+        try:
+            return loads(aead.decrypt(doc["n"], doc["c"], token.encode()))
+        except InvalidTag:
+            raise VaultError(f"sealed value does not open: token={token}, "
+                             f"key_id={doc['k']}") from None
+
+
+def _write_key_file(path: Path, keys: Mapping[str, bytes], current: str) -> None:
+    doc = {"current": current,
+           "keys": {kid: base64.b64encode(k).decode() for kid, k in keys.items()}}
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(doc, f)
+    os.replace(tmp, path)
+
+
+def rotate(path: str | os.PathLike[str]) -> str:
+    """Add a new key to the key file and make it current; returns the new key id."""
+    p = Path(path)
+    ring = KeyRing.load_or_create(p, env={})
+    n = 1 + max((int(k[1:]) for k in ring.keys if k[1:].isdigit()), default=0)
+    kid = f"k{n}"
+    _write_key_file(p, {**ring.keys, kid: AESGCM.generate_key(bit_length=256)}, kid)
+    return kid
