@@ -126,6 +126,7 @@ def make_context(spec: ProcessSpec, rt: Runtime) -> GearContext:
         data_dir=rt.data_dir,
         log=logging.getLogger(f"fluxrig.{spec.pipeline}.{spec.gear.name}"),
         counters=spec.counters,
+        nats_url=rt.nats_url,
     )
 
 

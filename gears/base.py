@@ -53,6 +53,7 @@ class GearContext:
         log: a logger named ``fluxrig.<pipeline>.<name>``.
         counters: this process's ``engine.counters.Counters`` (a gear may record latencies
             with ``observe``; frames in/out are counted by the rack), or None in tests.
+        nats_url: the rack's NATS (for gears that keep state in JetStream/KV), "" if none.
     """
 
     rack_id: str
@@ -63,6 +64,7 @@ class GearContext:
     data_dir: str
     log: logging.Logger
     counters: Any = None
+    nats_url: str = ""
 
 
 class Gear:

@@ -185,3 +185,43 @@ def rotate(path: str | os.PathLike[str]) -> str:
     kid = f"k{n}"
     _write_key_file(p, {**ring.keys, kid: AESGCM.generate_key(bit_length=256)}, kid)
     return kid
+
+
+class Vault:
+    """The switch process's side of the vault: clear values held until the issuer leg claims
+    them, and the outbox of sealed KV writes (flushed by the asyncio shell, not awaited on
+    the request path).
+
+    Keys are ``<prefix>.<token>`` (the prefix keeps switch replicas apart in one bucket).
+    """
+
+    def __init__(self, ring: KeyRing, bucket: str, prefix: str):
+        self.ring = ring
+        self.bucket = bucket
+        self.prefix = prefix
+        self.local: dict[str, dict[str, str]] = {}
+        self.outbox: list[tuple[str, bytes]] = []
+
+    def check_in(self, pan: str, clear: Mapping[str, str]) -> tuple[str, str]:
+        """Store ``clear`` under a fresh token for ``pan``; returns (token, vault key)."""
+        while True:
+            token = make_token(pan or "0" * 16)
+            key = f"{self.prefix}.{token}"
+            if key not in self.local:  # two cards in flight with the same token: redraw
+                break
+        self.local[key] = dict(clear)
+        self.outbox.append((f"$KV.{self.bucket}.{key}", self.ring.seal(key, clear)))
+        return token, key
+
+    def claim(self, key: str) -> dict[str, str] | None:
+        """The clear values for ``key`` (issuer-facing leg only), or None if not held here."""
+        return self.local.get(key)
+
+    def release(self, key: str) -> None:
+        """The transaction is over: forget the clear values (the KV copy expires by TTL)."""
+        self.local.pop(key, None)
+
+    def take_outbox(self) -> list[tuple[str, bytes]]:
+        """Sealed writes queued since the last call."""
+        out, self.outbox = self.outbox, []
+        return out

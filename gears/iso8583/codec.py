@@ -436,6 +436,21 @@ class FieldIndex:
         mti, _, _, values = self._walk(raw, {})
         return mti, values  # type: ignore[return-value]
 
+    def read_spans(self, raw: bytes) -> tuple[str, dict[str, str], list[tuple[int, int, int, int]]]:
+        """``read`` plus the spans of every present field (for splicing)."""
+        mti, _, spans, values = self._walk(raw, {})
+        return mti, values, spans  # type: ignore[return-value]
+
+    def field_bytes(self, key: str, value: str) -> bytes:
+        """``value`` encoded as field ``key``'s data (no length prefix), as pyiso8583 would."""
+        f = self.spec[key]
+        if f["data_enc"] in ("b", "bcd"):
+            if f.get("len_count") == "nibbles" and len(value) % 2:
+                pad = f.get("left_pad", "")[:1]
+                value = pad + value if pad else value + f.get("right_pad", "0")[:1]
+            return bytes.fromhex(value)
+        return value.encode(f["data_enc"])
+
     def respond(self, raw: bytes, de39: str) -> bytes:
         """The response to request ``raw``: same fields, MTI + 10 (0100 -> 0110), DE39 set
         (inserted or replaced) — built by splicing bytes, equal to what pyiso8583 would

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from gears.iso8583.coalesce import Coalescer
 from gears.iso8583.codec import CodecError, FieldIndex, Spec
@@ -59,6 +59,8 @@ class IssuerStats:
     dropped: int = 0
     echoes: int = 0
     malformed: int = 0
+    reversals: list = field(default_factory=list)  # (MTI, DE11, DE2) of each 0400/0401 seen
+    pans: set = field(default_factory=set)  # DE2 values received (tests: the issuer gets the PAN)
 
 
 class IssuerSimulator:
@@ -67,11 +69,12 @@ class IssuerSimulator:
     def __init__(self, spec: Spec, framing: FramingConfig, rules: list[IssuerRule],
                  delay: float = 0.0, drop_rate: float = 0.0, seed: int | None = None,
                  jitter: float = 0.0):
-        self.index = FieldIndex(spec, ("2", "4"))
+        self.index = FieldIndex(spec, ("2", "4", "11"))
         self.framing = framing
         self.rules = rules
         self.delay = delay
         self.jitter = jitter  # extra uniform random delay: answers leave out of order
+        self.record_pans = False
         self.drop_rate = drop_rate
         self.stats = IssuerStats()
         self._rng = random.Random(seed)
@@ -91,7 +94,13 @@ class IssuerSimulator:
         if mti == "0800":
             self.stats.echoes += 1
             return self.index.respond(raw, "00"), 0.0
+        if mti in ("0400", "0401"):
+            # reversals are always acknowledged (0410): the rules model authorisations
+            self.stats.reversals.append((mti, fields.get("11", ""), fields.get("2", "")))
+            return self.index.respond(raw, "00"), 0.0
         self.stats.requests += 1
+        if self.record_pans:
+            self.stats.pans.add(fields.get("2", ""))
         try:
             amount = int(fields.get("4") or 0)
         except ValueError:

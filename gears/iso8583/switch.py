@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import socket
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -53,6 +54,7 @@ import iso8583
 from engine.config import At, get_float, get_int, get_list, get_map, get_str
 from engine.frame import Frame, new_frame
 from gears.base import Source
+from gears.coatcheck import SENSITIVE_FIELDS, KeyRing, Vault
 from gears.iso8583.coalesce import Coalescer
 from gears.iso8583.codec import CodecError, FieldIndex, Spec, decode, encode, spec_by_name
 from gears.iso8583.framing import NEED_DATA, Framer, FramingConfig, FramingError
@@ -97,6 +99,27 @@ class IssuerSettings:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class CoatCheckSettings:
+    """Card data to the vault right after decode (Payments II)."""
+
+    fields: tuple[str, ...]
+    bucket: str
+    key_file: str
+    ttl_margin: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SafSettings:
+    """Store-and-forward reversals."""
+
+    stream: str
+    retry_interval: float
+    retry_limit: int
+    expire_after: float
+    inter_delay: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class SwitchSettings:
     """Validated settings of the ``iso8583`` source gear."""
 
@@ -111,6 +134,8 @@ class SwitchSettings:
     timeout: float
     no_route_code: str
     event_batch: int
+    coatcheck: CoatCheckSettings | None = None
+    saf: SafSettings | None = None
 
 
 def _link(raw: Any, at: At, with_header: bool) -> LinkSettings:
@@ -143,7 +168,39 @@ def _link(raw: Any, at: At, with_header: bool) -> LinkSettings:
 def parse_switch_settings(raw: Any, at: At) -> SwitchSettings:
     """Validate the switch settings (see configs/iso8583-switch.yaml)."""
     m = get_map(raw, at, {"listen", "acquirer", "on_malformed", "issuers", "groups", "routes",
-                          "match_key", "timeout", "no_route_code", "event_batch"})
+                          "match_key", "timeout", "no_route_code", "event_batch", "coatcheck",
+                          "saf"})
+    coat = None
+    if m.get("coatcheck") is not None:
+        cat = at.key("coatcheck")
+        cm = get_map(m["coatcheck"], cat, {"enabled", "fields", "bucket", "key_file",
+                                           "ttl_margin"})
+        if cm.get("enabled", True):
+            fields = tuple(map(str, get_list(cm, "fields", cat))) or SENSITIVE_FIELDS
+            for j, f in enumerate(fields):
+                if not (f.isdigit() and 2 <= int(f) <= 128):
+                    raise cat.key("fields").index(j).error(f"expected a field number, got {f!r}")
+            coat = CoatCheckSettings(
+                fields=fields,
+                bucket=get_str(cm, "bucket", cat, default="fluxrig_vault",
+                               pattern=re.compile(r"^[A-Za-z0-9_-]+$"),
+                               rule="letters, digits, '-' or '_'"),
+                key_file=get_str(cm, "key_file", cat, default="vault.keys"),
+                ttl_margin=get_float(cm, "ttl_margin", cat, 30.0))
+    saf = None
+    if m.get("saf") is not None:
+        sat = at.key("saf")
+        sm = get_map(m["saf"], sat, {"enabled", "stream", "retry_interval", "retry_limit",
+                                     "expire_after", "inter_delay"})
+        if sm.get("enabled", True):
+            saf = SafSettings(
+                stream=get_str(sm, "stream", sat, default="SAF",
+                               pattern=re.compile(r"^[A-Za-z0-9_-]+$"),
+                               rule="letters, digits, '-' or '_'"),
+                retry_interval=get_float(sm, "retry_interval", sat, 5.0),
+                retry_limit=get_int(sm, "retry_limit", sat, 10, 1),
+                expire_after=get_float(sm, "expire_after", sat, 86400.0),
+                inter_delay=get_float(sm, "inter_delay", sat, 0.05, exclusive=False))
     listen = get_map(m.get("listen"), at.key("listen"), {"host", "port"})
     issuers = []
     iat = at.key("issuers")
@@ -210,7 +267,8 @@ def parse_switch_settings(raw: Any, at: At) -> SwitchSettings:
         acquirer=_link(m.get("acquirer"), at.key("acquirer"), False),
         on_malformed=on_malformed, issuers=tuple(issuers), groups=tuple(groups),
         rules=tuple(rules), match_key=key, timeout=get_float(m, "timeout", at, 5.0),
-        no_route_code=code, event_batch=get_int(m, "event_batch", at, 200, 1, 10_000))
+        no_route_code=code, event_batch=get_int(m, "event_batch", at, 200, 1, 10_000),
+        coatcheck=coat, saf=saf)
 
 
 # --- run-time ----------------------------------------------------------------------------------
@@ -228,6 +286,8 @@ class _Txn:
     route: str
     issuer: str
     key: str
+    vkey: str | None = None  # vault key when coat check tokenised the request
+    spans: list | None = None
 
 
 @dataclass(slots=True)
@@ -246,6 +306,10 @@ class SwitchStats:
     format_errors: int = 0
     framing_errors: int = 0
     acquirer_gone: int = 0
+    tokenised: int = 0
+    reversals_queued: int = 0
+    reversals_done: int = 0
+    reversals_dead: int = 0
     codes: dict[str, int] = field(default_factory=dict)
 
 
@@ -253,10 +317,20 @@ class Switch:
     """Everything one switch process holds; driven by the Source gear or by tests."""
 
     def __init__(self, s: SwitchSettings, emit_event: Callable[[dict], None] | None = None,
-                 counters: Any = None):
+                 counters: Any = None, data_dir: str = ".", replica: int = 0):
         self.s = s
         self.acq_spec: Spec = spec_by_name(s.acquirer.spec_name)
-        self.acq_index = FieldIndex(self.acq_spec, set(ROUTING_FIELDS) | set(s.match_key))
+        self.sensitive = frozenset(s.coatcheck.fields) if s.coatcheck else frozenset()
+        self.acq_index = FieldIndex(self.acq_spec,
+                                    set(ROUTING_FIELDS) | set(s.match_key) | self.sensitive)
+        self.vault: Vault | None = None
+        self.keyring: KeyRing | None = None
+        if s.coatcheck is not None or s.saf is not None:
+            key_file = s.coatcheck.key_file if s.coatcheck else "vault.keys"
+            self.keyring = KeyRing.load_or_create(f"{data_dir}/{key_file}")
+        if s.coatcheck is not None:
+            self.vault = Vault(self.keyring, s.coatcheck.bucket, f"l{replica}")
+        self.saf: Any = None  # gears.iso8583.saf.SafQueue once NATS is attached
         self.router = Router(list(s.rules), {g.name: g for g in s.groups})
         self.matcher = Matcher(timeout=s.timeout)
         self.stats = SwitchStats()
@@ -269,6 +343,7 @@ class Switch:
         self._rr: dict[str, int] = {}
         self.closing = False
         self.reordered = 0  # responses that overtook an older request (diagnostics)
+        self._nc: Any = None
         self._last_t0 = 0
 
     # -- lifecycle --
@@ -287,6 +362,40 @@ class Switch:
         self._schedule_expiry()
         return self.server.sockets[0].getsockname()[1]
 
+    async def attach_nats(self, nc: Any, rack_id: str) -> None:
+        """Create/open the vault bucket and the SAF queue on the rack's JetStream."""
+        from nats.js.api import KeyValueConfig, StorageType
+
+        self._nc = nc
+        js = nc.jetstream()
+        if self.s.coatcheck is not None:
+            ttl = self.s.timeout + self.s.coatcheck.ttl_margin
+            try:
+                await js.create_key_value(KeyValueConfig(
+                    bucket=self.s.coatcheck.bucket, ttl=ttl, history=1,
+                    storage=StorageType.FILE))
+            except Exception as exc:  # exists with the same config: fine; else say so
+                if "already in use" not in str(exc) and "exist" not in str(exc):
+                    raise
+        if self.s.saf is not None:
+            from gears.iso8583.saf import SafQueue
+
+            self.saf = SafQueue(self, js, rack_id)
+            await self.saf.setup()
+            self._tasks.append(asyncio.get_running_loop().create_task(self.saf.run()))
+
+    async def flush_vault(self) -> None:
+        """Write the sealed vault entries queued since the last flush (fire and forget)."""
+        if self.vault is None or self._nc is None:
+            return
+        ring = self.vault.ring.reload_if_changed()  # after `engine keys rotate`
+        if ring is not self.vault.ring:
+            self.vault.ring = self.keyring = ring
+            if self.saf is not None:
+                self.saf.ring = ring
+        for subject, sealed in self.vault.take_outbox():
+            await self._nc.publish(subject, sealed)
+
     async def drain(self, timeout: float) -> None:
         """Stop accepting connections and wait (up to ``timeout``) for answers in flight."""
         if self.server is not None:
@@ -302,6 +411,8 @@ class Switch:
             self.server.close()
         if self._timer is not None:
             self._timer.cancel()
+        if self.saf is not None and self.saf._publishes:
+            await asyncio.gather(*self.saf._publishes, return_exceptions=True)
         for task in self._tasks:
             task.cancel()
         for links in self.links.values():
@@ -325,34 +436,37 @@ class Switch:
             return
         self.stats.requests += 1
         key = match_key(fields, self.s.match_key)
+        vkey = spans = None
+        if self.vault is not None and not self.sensitive.isdisjoint(fields):
+            raw, fields, vkey, spans = self._tokenise(raw)
         decision = self.router.route(mti, fields)
         if isinstance(decision, NoRoute):
             self.stats.no_route += 1
             self._local_answer(conn, header, raw, mti, fields, self.s.no_route_code, t0,
-                               "", "", "no_route")
+                               "", "", "no_route", vkey, spans)
             return
         if isinstance(decision, Unavailable):
             self.stats.unavailable += 1
             self._local_answer(conn, header, raw, mti, fields, "91", t0, decision.rule, "",
-                               "unavailable")
+                               "unavailable", vkey, spans)
             return
         link = self._pick_link(decision.endpoint)
         if link is None:  # router thought it up; the links say otherwise
             self.stats.unavailable += 1
             self._local_answer(conn, header, raw, mti, fields, "91", t0, decision.rule, "",
-                               "unavailable")
+                               "unavailable", vkey, spans)
             return
         txn = _Txn(conn, header, raw, mti, fields, t0, time.time_ns(), decision.rule,
-                   decision.endpoint, key)
+                   decision.endpoint, key, vkey, spans)
         if not self.matcher.add(key, txn, time.monotonic()):
             self.stats.duplicates += 1
             log.warning("duplicate in-flight key answered 94: key=%s, pan=%s", key,
                         mask_pan(fields.get("2", "")))
             self._local_answer(conn, header, raw, mti, fields, "94", t0, decision.rule,
-                               decision.endpoint, "duplicate")
+                               decision.endpoint, "duplicate", vkey, spans)
             return
         self.router.begin(decision.endpoint)
-        link.send_request(raw, self.acq_spec)
+        link.send_request(self.clear_raw(txn), self.acq_spec)
 
     def _pick_link(self, issuer: str) -> _IssuerLink | None:
         links = [link for link in self.links.get(issuer, ()) if link.connected]
@@ -390,9 +504,58 @@ class Switch:
         if self.s.on_malformed == "close":
             conn.close()
 
+    def _tokenise(self, raw: bytes) -> tuple[bytes, dict[str, str], str, list]:
+        """Coat check: sensitive fields to the vault, token/filler into the message.
+
+        The token has the PAN's length and every filler its field's byte length, so the
+        tokenised message has the same layout (the spans stay valid for detokenising).
+        """
+        _, clear_fields, spans = self.acq_index.read_spans(raw)
+        sens = {k: clear_fields[k] for k in self.sensitive if k in clear_fields}
+        token, vkey = self.vault.check_in(sens.get("2", ""), sens)  # type: ignore[union-attr]
+        parts, last = [], 0
+        for n, _, d, e in spans:
+            k = str(n)
+            if k in sens:
+                parts.append(raw[last:d])
+                if k == "2":
+                    parts.append(self.acq_index.field_bytes("2", token))
+                else:
+                    f = self.acq_spec[k]
+                    parts.append(b"\0" * (e - d) if f["data_enc"] in ("b", "bcd")
+                                 else ("0" * (e - d)).encode(f["data_enc"]))
+                last = e
+        parts.append(raw[last:])
+        fields = {k: v for k, v in clear_fields.items() if k not in sens}
+        if "2" in sens:
+            fields["2"] = token
+        self.stats.tokenised += 1
+        return b"".join(parts), fields, vkey, spans
+
+    def clear_raw(self, txn: _Txn) -> bytes:
+        """The request as the acquirer sent it: the vault's clear values spliced back in
+        (for the issuer-facing leg and answers to the acquirer only)."""
+        if txn.vkey is None:
+            return txn.raw
+        clear = self.vault.claim(txn.vkey)  # type: ignore[union-attr]
+        if clear is None:
+            raise RuntimeError(f"vault entry missing: key={txn.vkey}")
+        parts, last = [], 0
+        for n, _, d, e in txn.spans:  # type: ignore[union-attr]
+            k = str(n)
+            if k in clear:
+                parts += [txn.raw[last:d], self.acq_index.field_bytes(k, clear[k])]
+                last = e
+        parts.append(txn.raw[last:])
+        return b"".join(parts)
+
     def _local_answer(self, conn: _AcquirerConn, header: bytes, raw: bytes, mti: str,
                       fields: dict[str, str], code: str, t0: int, route: str, issuer: str,
-                      outcome: str) -> None:
+                      outcome: str, vkey: str | None = None, spans: list | None = None) -> None:
+        if vkey is not None:
+            raw = self.clear_raw(_Txn(conn, header, raw, mti, fields, t0, 0, route, issuer,
+                                      "", vkey, spans))
+            self.vault.release(vkey)  # type: ignore[union-attr]
         conn.send(self.acq_index.respond(raw, code), header)
         self._count_code(code)
         self._event(mti, fields, code, t0, time.time_ns(), route, issuer, outcome)
@@ -405,6 +568,9 @@ class Switch:
     def on_response(self, link: _IssuerLink, raw: bytes, mti: str, fields: dict[str, str]) -> None:
         """One framed message from an issuer link (not an echo reply)."""
         key = match_key(fields, self.s.match_key)
+        if mti[:3] == "041" and self.saf is not None and self.saf.on_reversal_response(
+                link.issuer.name, key, fields):
+            return
         verdict, txn = self.matcher.match(key, time.monotonic())
         if verdict == "late":
             self.stats.late += 1
@@ -424,6 +590,8 @@ class Switch:
         out = raw if link.spec is self.acq_spec else encode(decode(raw, link.spec), self.acq_spec)
         code = fields.get("39", "")
         self._count_code(code)
+        if txn.vkey is not None:
+            self.vault.release(txn.vkey)  # type: ignore[union-attr]
         if not txn.conn.send(out, txn.header):
             self.stats.acquirer_gone += 1
         self._event(txn.mti, txn.fields, code, txn.t0, txn.ts, txn.route, txn.issuer,
@@ -441,7 +609,12 @@ class Switch:
             self.stats.timeouts += 1
             log.warning("issuer timeout answered 91: issuer=%s, key=%s, pan=%s", txn.issuer,
                         txn.key, mask_pan(txn.fields.get("2", "")))
-            txn.conn.send(self.acq_index.respond(txn.raw, "91"), txn.header)
+            clear = self.clear_raw(txn)
+            if self.saf is not None and txn.mti[:2] in ("01", "02"):
+                self.saf.enqueue(txn, clear)  # the issuer may have approved: reverse it
+            if txn.vkey is not None:
+                self.vault.release(txn.vkey)  # type: ignore[union-attr]
+            txn.conn.send(self.acq_index.respond(clear, "91"), txn.header)
             self._count_code("91")
             self._event(txn.mti, txn.fields, "91", txn.t0, txn.ts, txn.route, txn.issuer,
                         "timeout")
@@ -465,6 +638,7 @@ class Switch:
             return
         self.emit_event({
             "mti": mti, "pan": mask_pan(fields.get("2", "")), "amount": fields.get("4", ""),
+            **({"token": fields.get("2", "")} if self.vault is not None else {}),
             "currency": fields.get("49", ""), "stan": fields.get("11", ""),
             "terminal": fields.get("41", ""), "route": route, "issuer": issuer, "de39": code,
             "outcome": outcome, "latency_us": latency_ns // 1000, "t_req": ts,
@@ -574,6 +748,11 @@ class _IssuerLink(asyncio.Protocol):
         if self.lost is not None:
             self.lost.set()
 
+    def send_raw(self, raw: bytes) -> None:
+        """Send bytes already in this issuer's spec (SAF reversals)."""
+        self.out.write(self.framer.frame(raw, self.issuer.link.header))
+        self.last_io = time.monotonic()
+
     def send_request(self, raw: bytes, acq_spec: Spec) -> None:
         out = raw if self.spec is acq_spec else encode(decode(raw, acq_spec), self.spec)
         self.out.write(self.framer.frame(out, self.issuer.link.header))
@@ -646,7 +825,16 @@ class SwitchGear(Source):
             if len(pending) >= batch:
                 wake.set()
 
-        switch = Switch(self.settings, on_event, getattr(self.ctx, "counters", None))
+        switch = Switch(self.settings, on_event, self.ctx.counters, self.ctx.data_dir,
+                        self.ctx.replica)
+        nc = None
+        if self.settings.coatcheck is not None or self.settings.saf is not None:
+            import nats
+
+            nc = await nats.connect(self.ctx.nats_url, max_reconnect_attempts=-1,
+                                    reconnect_time_wait=0.5,
+                                    name=f"fluxrig-switch-{self.ctx.rack_id}-{self.ctx.replica}")
+            await switch.attach_nats(nc, self.ctx.rack_id)
         port = await switch.start()
         self.ctx.log.info("switch listening: port=%d, replica=%d", port, self.ctx.replica)
         try:
@@ -656,11 +844,15 @@ class SwitchGear(Source):
                 except TimeoutError:
                     pass
                 wake.clear()
+                await switch.flush_vault()
                 if pending:
                     out, pending[:] = list(pending), []
                     await emit(out)
         finally:
             await switch.drain(self.settings.timeout + 1.0)
+            await switch.flush_vault()
             await switch.stop()
             if pending:
                 await emit(list(pending))
+            if nc is not None:
+                await nc.drain()
