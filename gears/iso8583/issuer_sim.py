@@ -75,6 +75,7 @@ class IssuerSimulator:
         self.delay = delay
         self.jitter = jitter  # extra uniform random delay: answers leave out of order
         self.record_pans = False
+        self.drop_all = False  # a hung issuer: reads everything, answers nothing
         self.drop_rate = drop_rate
         self.stats = IssuerStats()
         self._rng = random.Random(seed)
@@ -95,9 +96,15 @@ class IssuerSimulator:
             self.stats.echoes += 1
             return self.index.respond(raw, "00"), 0.0
         if mti in ("0400", "0401"):
-            # reversals are always acknowledged (0410): the rules model authorisations
+            # reversals are acknowledged (0410) unless the issuer hangs: the rules model
+            # authorisations
             self.stats.reversals.append((mti, fields.get("11", ""), fields.get("2", "")))
+            if self.drop_all:
+                return None, 0.0
             return self.index.respond(raw, "00"), 0.0
+        if self.drop_all:
+            self.stats.dropped += 1
+            return None, 0.0
         self.stats.requests += 1
         if self.record_pans:
             self.stats.pans.add(fields.get("2", ""))
