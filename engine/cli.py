@@ -164,6 +164,31 @@ def status(
         )
 
 
+keys = typer.Typer(help="Vault keys (coat check): rotation.", no_args_is_help=True)
+app.add_typer(keys, name="keys")
+
+
+@keys.command("rotate")
+def keys_rotate(
+    config: Path = CONFIG,
+) -> None:
+    """Add a new vault key and make it current: new entries use it, old ones stay readable
+    until they expire. A running switch picks the new key up within a second."""
+    from gears.coatcheck import ENV_KEY, rotate
+
+    cfg = _load(config)
+    key_file = "vault.keys"
+    for p in cfg.pipelines:
+        coat = getattr(p.source.settings, "coatcheck", None)
+        if coat is not None:
+            key_file = coat.key_file
+    if os.environ.get(ENV_KEY):
+        typer.echo(f"error: the vault key comes from {ENV_KEY}; rotate it there", err=True)
+        raise typer.Exit(2)
+    path = Path(cfg.data_dir) / key_file
+    typer.echo(f"rotated: key_id={rotate(path)}, key_file={path}")
+
+
 iso = typer.Typer(help="ISO 8583 tools: load generator, issuer simulator, codec.",
                   no_args_is_help=True)
 app.add_typer(iso, name="iso")

@@ -459,7 +459,7 @@ class Supervisor:
     def drain(self) -> int:
         """Stop intake, let rings empty, stop everything, clean up; 0 if nothing was left."""
         log.info("draining: rack=%s", self.cfg.rack_id)
-        self._stop_children({"source"}, 10.0)
+        self._stop_children({"source"}, 20.0)  # a switch answers what is in flight first
         deadline = time.monotonic() + self.drain_timeout
         while not self.rings_empty() and time.monotonic() < deadline:
             self._reap()

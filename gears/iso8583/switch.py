@@ -855,4 +855,8 @@ class SwitchGear(Source):
             if pending:
                 await emit(list(pending))
             if nc is not None:
-                await nc.drain()
+                try:
+                    await asyncio.wait_for(nc.flush(), 5)  # the last vault writes out
+                except Exception:
+                    pass
+                await nc.close()
