@@ -105,3 +105,85 @@ def test_switch_rack_answers_every_terminal_and_audits_every_transaction(tmp_pat
             blob = path.read_bytes()
             for pan in PANS:
                 assert pan.encode() not in blob, path
+
+
+async def _collect_stats(url: str, subject: str, stop: asyncio.Event, out: list) -> None:
+    import nats
+
+    nc = await nats.connect(url)
+    sub = await nc.subscribe(subject)
+    while not stop.is_set():
+        try:
+            out.append((await sub.next_msg(timeout=0.2)).data)
+        except Exception:
+            pass
+    await nc.close()
+
+
+def test_leak_scan_ten_thousand_transactions_leave_no_card_number_anywhere(tmp_path):
+    """Coat check + SAF on; 10,000 transactions over 10 known PANs (with track 2), some
+    timing out (reversals); then every file the rack wrote, every JetStream stream, the logs
+    and the telemetry snapshots are searched for each PAN as ASCII, BCD and EBCDIC."""
+    pans = [f"4{i}61739001010{i}19"[:16] for i in range(6)] + \
+        [f"5{i}00000000000{i}04"[:16] for i in range(2)] + \
+        [f"6011000990139{i}24"[:16] for i in range(2)]
+    port, issuer_port = free_port(), free_port()
+    path = _rig(tmp_path, port, issuer_port)
+    cfg = yaml.safe_load(path.read_text())
+    settings = cfg["pipelines"][0]["source"]["settings"]
+    settings["coatcheck"] = {"enabled": True}
+    settings["saf"] = {"enabled": True, "retry_interval": 0.5}
+    settings["timeout"] = 0.5
+    settings["routes"].append({"name": "disc", "bins": ["6"], "group": "visa"})
+    cfg["telemetry"] = {"interval": 0.2}
+    path.write_text(yaml.safe_dump(cfg))
+    issuer = subprocess.Popen([sys.executable, "-m", "engine.cli", "iso", "issuer", "--port",
+                               str(issuer_port), "--rule", "6=drop", "--rule", "5=05",
+                               "--rule", "4=00"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    rack = RackProcess(path, tmp_path / "data", workers=2)
+    snapshots: list[bytes] = []
+    try:
+        _wait_listening(rack, port)
+        rack.wait_for(lambda: "issuer link up: issuer=b" in rack.output(), 30, "issuer links")
+
+        async def run():
+            stop = asyncio.Event()
+            stats = asyncio.create_task(_collect_stats(
+                rack.state["nats_url"], "fluxrig.stats.t-switch", stop, snapshots))
+            gen = LoadGenerator(LoadConfig(
+                host="127.0.0.1", port=port, spec=spec_by_name("default"),
+                framing=FramingConfig(prefix="2B"), connections=20, rate=2500, count=10_000,
+                duration=60, grace=5,
+                mix=tuple(MixEntry(pan=p, track2=True) for p in pans)))
+            report = (await gen.run()).summary()
+            stop.set()
+            await stats
+            return report
+
+        report = asyncio.run(run())
+        assert rack.stop() == 0
+    finally:
+        rack.close()
+        issuer.kill()
+        issuer.wait()
+    assert report["received"] == 10_000 and report["lost"] == 0 and report["cross_wired"] == 0
+    assert report["codes"].get("91", 0) == 2000  # BIN 6 timed out: reversals were queued
+    assert snapshots, "no telemetry snapshot seen"
+    needles = {}
+    for pan in pans:
+        needles[f"{pan} ascii"] = pan.encode()
+        needles[f"{pan} bcd"] = bytes.fromhex(pan)
+        needles[f"{pan} ebcdic"] = pan.encode("cp500")
+    hits = []
+    blobs = [(f"stats snapshot {i}", s) for i, s in enumerate(snapshots)]
+    blobs.append(("rack output", rack.output().encode()))
+    files = [p for p in (tmp_path / "data").rglob("*") if p.is_file()]
+    assert any("KV_fluxrig_vault" in str(p) for p in files)  # the vault is on disk
+    assert any("/SAF/" in str(p) for p in files)  # so is the SAF queue
+    blobs += [(str(p), p.read_bytes()) for p in files]
+    for where, blob in blobs:
+        for what, needle in needles.items():
+            if needle in blob:
+                hits.append((where, what))
+    assert hits == []

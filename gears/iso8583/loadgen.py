@@ -34,6 +34,7 @@ class MixEntry:
     amount: int = 10_000
     currency: str = "840"
     weight: int = 1
+    track2: bool = False  # also send DE35 (PAN=expiry+service code+discretionary data)
 
 
 @dataclass(slots=True, kw_only=True)
@@ -109,6 +110,8 @@ class _Template:
                "7": "1127153000", "11": "000000", "12": "153000", "13": "1127",
                "22": "051", "25": "00", "41": terminal, "42": "MERCHANT0000001",
                "49": entry.currency}
+        if entry.track2:
+            doc["35"] = f"{entry.pan}=27121011234500000"
         raw = encode(doc, spec)
         _, _, spans = FieldIndex(spec, ()).spans(raw)
         _, _, start, end = next(s for s in spans if s[0] == 11)
