@@ -76,7 +76,7 @@ def make_token(pan: str) -> str:
     else:
         keep_head, keep_tail = pan[:6], pan[-4:]
     middle_len = n - len(keep_head) - len(keep_tail)
-    middle = "".join(str(secrets.randbelow(10)) for _ in range(middle_len))
+    middle = f"{secrets.randbelow(10 ** middle_len):0{middle_len}d}" if middle_len else ""
     token = keep_head + middle + keep_tail
     if middle_len and luhn_valid(token):
         # change one middle digit by 1: the Luhn sum moves by 1 or 2 mod 10, never by 0

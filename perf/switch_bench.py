@@ -1,6 +1,7 @@
 """Switch benchmark: fluxrig's ISO 8583 switch vs a plain asyncio switch on pyiso8583.
 
-    python perf/switch_bench.py [--seconds 60] [--p99-seconds 20] [--workers 2] [--json PATH]
+    python perf/switch_bench.py [--seconds 60] [--p99-seconds 20] [--workers 2] [--coatcheck]
+                                [--json PATH]
 
 Same machine, same run, same issuer simulator (``engine iso issuer``, approves BIN 4) and
 same load generator (``engine iso load``, a separate process, 50 terminals):
@@ -60,16 +61,19 @@ def _measure(pid: int, port: int, seconds: float, p99_seconds: float) -> dict:
 
 
 def run_fluxrig(issuer_port: int, seconds: float, p99_seconds: float, workers: int,
-                tmp: Path) -> dict:
+                tmp: Path, coatcheck: bool, vault_storage: str = "memory") -> dict:
     port = free_port()
     cfg = yaml.safe_load((ROOT / "configs" / "iso8583-switch.yaml").read_text())
     cfg["rack"]["id"] = "bench"
-    cfg["rack"]["data_dir"] = str(tmp / "rack")
+    cfg["rack"]["data_dir"] = str(tmp / ("rack-coat" if coatcheck else "rack"))
     cfg["egress"]["streams"][0]["subjects"] = ["fluxrig.bench.txn"]
     pipeline = cfg["pipelines"][0]
     pipeline["sinks"][0]["settings"]["subject"] = "fluxrig.bench.txn"
     s = pipeline["source"]["settings"]
     s["listen"]["port"] = port
+    s["coatcheck"]["enabled"] = coatcheck
+    s["coatcheck"]["storage"] = vault_storage
+    s["saf"]["enabled"] = coatcheck
     for issuer in s["issuers"].values():
         issuer["port"] = issuer_port
     path = tmp / "bench-switch.yaml"
@@ -88,6 +92,7 @@ def run_fluxrig(issuer_port: int, seconds: float, p99_seconds: float, workers: i
         except subprocess.TimeoutExpired:
             rack.kill()
     result["workers"] = workers
+    result["coatcheck"] = coatcheck
     return result
 
 
@@ -109,6 +114,10 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=60.0)
     ap.add_argument("--p99-seconds", type=float, default=20.0)
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--coatcheck", action="store_true",
+                    help="also run fluxrig with coat check + SAF on and report the cost")
+    ap.add_argument("--vault-storage", choices=("memory", "file"), default="memory",
+                    help="JetStream storage of the vault KV bucket in the coat check run")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     issuer_port = free_port()
@@ -119,7 +128,10 @@ def main() -> int:
     try:
         wait_port(issuer_port)
         base = run_baseline(issuer_port, args.seconds, args.p99_seconds)
-        flux = run_fluxrig(issuer_port, args.seconds, args.p99_seconds, args.workers, tmp)
+        flux = run_fluxrig(issuer_port, args.seconds, args.p99_seconds, args.workers, tmp,
+                           False)
+        coat = (run_fluxrig(issuer_port, args.seconds, args.p99_seconds, args.workers, tmp, True,
+                            args.vault_storage) if args.coatcheck else None)
     finally:
         issuer.kill()
         issuer.wait()
@@ -130,8 +142,11 @@ def main() -> int:
           f"same {os.cpu_count()} CPUs")
     print(f"{'system':<34} {'TPS':>8} {'p50 ms':>7} {'p99 ms':>7} {'x-wired':>7} {'lost':>5} "
           f"{'p99@2k':>7} {'CPU us/txn':>10} {'ratio':>6}")
-    for name, r in (("asyncio + pyiso8583 (baseline)", base),
-                    (f"fluxrig switch --workers {flux['workers']}", flux)):
+    rows = [("asyncio + pyiso8583 (baseline)", base),
+            (f"fluxrig switch --workers {flux['workers']}", flux)]
+    if coat is not None:
+        rows.append((f"fluxrig + coat check ({args.vault_storage}) + SAF", coat))
+    for name, r in rows:
         m, s = r["max"], r["at_2000"]
         print(f"{name:<34} {m['tps']:8,.0f} {m['p50_ms']:7.2f} {m['p99_ms']:7.2f} "
               f"{m['cross_wired']:7} {m['lost']:5} {s['p99_ms']:7.2f} {r['cpu_us_per_txn']:10.1f} "
@@ -147,10 +162,20 @@ def main() -> int:
     print(f"bar: >= 2x baseline TPS: {ratio:.2f}x — {'PASS' if bars['ratio_2x'] else 'FAIL'}")
     print(f"bar: p99 <= 5 ms at 2,000 TPS: {flux['at_2000']['p99_ms']:.2f} ms — "
           f"{'PASS' if bars['p99_at_2000_le_5ms'] else 'FAIL'}")
+    if coat is not None:
+        cost = 1 - coat["max"]["tps"] / flux["max"]["tps"]
+        bars["coatcheck_cost_le_15pct"] = cost <= 0.15
+        bars["coatcheck_p99_at_2000_le_5ms"] = coat["at_2000"]["p99_ms"] <= 5.0
+        print(f"bar: coat check TPS cost <= 15%: {cost:.1%} "
+              f"({coat['max']['tps']:,.0f} vs {flux['max']['tps']:,.0f}) — "
+              f"{'PASS' if bars['coatcheck_cost_le_15pct'] else 'FAIL'}")
+        print(f"bar: coat check p99 <= 5 ms at 2,000 TPS: {coat['at_2000']['p99_ms']:.2f} ms — "
+              f"{'PASS' if bars['coatcheck_p99_at_2000_le_5ms'] else 'FAIL'}")
     if args.json:
         args.json.write_text(json.dumps({
             "benchmark": "switch", "seconds": args.seconds, "p99_seconds": args.p99_seconds,
-            "baseline": base, "fluxrig": flux, "ratio": ratio, "bars": bars,
+            "baseline": base, "fluxrig": flux, "fluxrig_coatcheck": coat, "ratio": ratio,
+            "bars": bars,
             "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0],
                         "platform": platform.platform()},
             "date": time.strftime("%Y-%m-%d %H:%M:%S")}, indent=2))

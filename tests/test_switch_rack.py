@@ -131,7 +131,7 @@ def test_leak_scan_ten_thousand_transactions_leave_no_card_number_anywhere(tmp_p
     path = _rig(tmp_path, port, issuer_port)
     cfg = yaml.safe_load(path.read_text())
     settings = cfg["pipelines"][0]["source"]["settings"]
-    settings["coatcheck"] = {"enabled": True}
+    settings["coatcheck"] = {"enabled": True, "storage": "file"}  # scan it on disk
     settings["saf"] = {"enabled": True, "retry_interval": 0.5}
     settings["timeout"] = 0.5
     settings["routes"].append({"name": "disc", "bins": ["6"], "group": "visa"})

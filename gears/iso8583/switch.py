@@ -106,6 +106,7 @@ class CoatCheckSettings:
     bucket: str
     key_file: str
     ttl_margin: float
+    storage: str = "memory"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -174,7 +175,10 @@ def parse_switch_settings(raw: Any, at: At) -> SwitchSettings:
     if m.get("coatcheck") is not None:
         cat = at.key("coatcheck")
         cm = get_map(m["coatcheck"], cat, {"enabled", "fields", "bucket", "key_file",
-                                           "ttl_margin"})
+                                           "ttl_margin", "storage"})
+        storage = get_str(cm, "storage", cat, default="memory")
+        if storage not in ("memory", "file"):
+            raise cat.key("storage").error(f"expected 'memory' or 'file', got {storage!r}")
         if cm.get("enabled", True):
             fields = tuple(map(str, get_list(cm, "fields", cat))) or SENSITIVE_FIELDS
             for j, f in enumerate(fields):
@@ -186,7 +190,7 @@ def parse_switch_settings(raw: Any, at: At) -> SwitchSettings:
                                pattern=re.compile(r"^[A-Za-z0-9_-]+$"),
                                rule="letters, digits, '-' or '_'"),
                 key_file=get_str(cm, "key_file", cat, default="vault.keys"),
-                ttl_margin=get_float(cm, "ttl_margin", cat, 30.0))
+                ttl_margin=get_float(cm, "ttl_margin", cat, 30.0), storage=storage)
     saf = None
     if m.get("saf") is not None:
         sat = at.key("saf")
@@ -373,7 +377,8 @@ class Switch:
             try:
                 await js.create_key_value(KeyValueConfig(
                     bucket=self.s.coatcheck.bucket, ttl=ttl, history=1,
-                    storage=StorageType.FILE))
+                    storage=(StorageType.MEMORY if self.s.coatcheck.storage == "memory"
+                             else StorageType.FILE)))
             except Exception as exc:  # exists with the same config: fine; else say so
                 if "already in use" not in str(exc) and "exist" not in str(exc):
                     raise
@@ -426,7 +431,11 @@ class Switch:
         """One framed message from an acquirer."""
         t0 = time.perf_counter_ns()
         try:
-            mti, fields = self.acq_index.read(raw)
+            if self.vault is None:
+                mti, fields = self.acq_index.read(raw)
+                spans = None
+            else:
+                mti, fields, spans = self.acq_index.read_spans(raw)
         except CodecError as exc:
             self._malformed(conn, header, raw, exc)
             return
@@ -436,9 +445,9 @@ class Switch:
             return
         self.stats.requests += 1
         key = match_key(fields, self.s.match_key)
-        vkey = spans = None
-        if self.vault is not None and not self.sensitive.isdisjoint(fields):
-            raw, fields, vkey, spans = self._tokenise(raw)
+        vkey = None
+        if spans is not None and not self.sensitive.isdisjoint(fields):
+            raw, fields, vkey = self._tokenise(raw, fields, spans)
         decision = self.router.route(mti, fields)
         if isinstance(decision, NoRoute):
             self.stats.no_route += 1
@@ -504,13 +513,13 @@ class Switch:
         if self.s.on_malformed == "close":
             conn.close()
 
-    def _tokenise(self, raw: bytes) -> tuple[bytes, dict[str, str], str, list]:
+    def _tokenise(self, raw: bytes, clear_fields: dict[str, str],
+                  spans: list) -> tuple[bytes, dict[str, str], str]:
         """Coat check: sensitive fields to the vault, token/filler into the message.
 
         The token has the PAN's length and every filler its field's byte length, so the
         tokenised message has the same layout (the spans stay valid for detokenising).
         """
-        _, clear_fields, spans = self.acq_index.read_spans(raw)
         sens = {k: clear_fields[k] for k in self.sensitive if k in clear_fields}
         token, vkey = self.vault.check_in(sens.get("2", ""), sens)  # type: ignore[union-attr]
         parts, last = [], 0
@@ -530,7 +539,7 @@ class Switch:
         if "2" in sens:
             fields["2"] = token
         self.stats.tokenised += 1
-        return b"".join(parts), fields, vkey, spans
+        return b"".join(parts), fields, vkey
 
     def clear_raw(self, txn: _Txn) -> bytes:
         """The request as the acquirer sent it: the vault's clear values spliced back in
