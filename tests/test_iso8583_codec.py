@@ -143,7 +143,8 @@ def test_yaml_spec_file_overrides_fields(tmp_path):
         ({"base": "nope"}, "<spec>: base: unknown spec 'nope' (built-in: default, default_ascii, bcd, ebcdic)"),
         ({"fields": {"200": {}}}, "<spec>: fields.200: field must be h, t, p or 1..128"),
         ({"fields": {"48": {"bogus": 1}}}, "<spec>: fields.48: expected keys among "
-         "['data_enc', 'desc', 'left_pad', 'len_count', 'len_enc', 'len_type', 'max_len', 'right_pad']"),
+         "['data_enc', 'desc', 'left_pad', 'len_count', 'len_enc', 'len_type', 'max_len', "
+         "'right_pad', 'sensitive']"),
         ({"fields": {"48": {"data_enc": "klingon"}}}, "<spec>: fields.48.data_enc: unknown encoding 'klingon'"),
         ({"fields": {"48": {"len_type": 9}}}, "<spec>: fields.48.len_type: expected 0..4"),
     ],

@@ -312,3 +312,39 @@ def test_no_clear_card_data_in_the_vault_stream_as_ascii_or_bcd(nats_server, tmp
         assert secret.encode() not in m.data
         assert secret[:16].encode("cp500") not in m.data
         assert bytes.fromhex(PAN4) not in m.data
+
+
+def test_a_field_the_spec_marks_sensitive_goes_to_the_vault_too(nats_server, tmp_path):
+    spec_path = tmp_path / "acme.yaml"
+    spec_path.write_text("base: default\nfields:\n  '48': {data_enc: ascii, len_enc: ascii, "
+                         "len_type: 3, max_len: 40, sensitive: true}\n")
+    secret = "CVV2=123;DOB=19700101"
+
+    async def main():
+        sims, ports = await _issuers({"a": ["4=00"]}, spec=str(spec_path))
+        s = _coat_settings(ports, tmp_path)
+        acq = s.acquirer.__class__(framing=s.acquirer.framing, spec_name=str(spec_path))
+        issuers = tuple(i.__class__(**{**{f: getattr(i, f) for f in i.__slots__},
+                                       "link": i.link.__class__(framing=i.link.framing,
+                                                                spec_name=str(spec_path))})
+                        for i in s.issuers)
+        s = s.__class__(**{**{f: getattr(s, f) for f in s.__slots__}, "acquirer": acq,
+                           "issuers": issuers})
+        switch, nc, port = await _switch(s, nats_server.url, tmp_path)
+        stop = asyncio.Event()
+        flusher = asyncio.create_task(_flusher(switch, stop))
+        await _wait_links(switch, ["a"])
+        reply = await _one(port, {"t": "0100", "2": PAN4, "4": "000000001000", "11": "000001",
+                                  "41": "TERM0001", "48": secret},
+                           spec=spec_by_name(str(spec_path)))
+        stop.set()
+        await flusher
+        await switch.stop()
+        await nc.close()
+        await sims["a"].close()
+        return reply, switch
+
+    reply, switch = asyncio.run(main())
+    assert "48" in switch.sensitive and reply["48"] == secret and reply["39"] == "00"
+    stored = asyncio.run(_vault_raw(nats_server.url, "vault_test"))
+    assert len(stored) == 1 and secret.encode() not in stored[0].data

@@ -10,7 +10,8 @@ Specs (``spec_by_name``):
   lengths), ASCII for the rest;
 * ``ebcdic``: ``default`` with every ASCII length and text field in EBCDIC (cp500);
 * a path to a YAML file: ``{base: <name>, fields: {"<field>": {<pyiso8583 field spec>}}}``
-  overriding or adding field definitions.
+  overriding or adding field definitions; ``sensitive: true`` on a field sends it to the
+  coat check vault like DE2/35/45/52 (pyiso8583 ignores the key).
 
 The switch does not need a full decode to do its job: routing reads the MTI, DE2, DE3, DE4
 and DE49; matching reads DE11/DE41/DE37; the message itself is forwarded as bytes. ``FieldIndex``
@@ -121,7 +122,7 @@ def spec_by_name(name: str, base_dir: str | Path | None = None) -> Spec:
 
 
 _FIELD_KEYS = {"data_enc", "len_enc", "len_type", "max_len", "desc", "len_count",
-               "left_pad", "right_pad"}
+               "left_pad", "right_pad", "sensitive"}
 
 
 def spec_from_mapping(raw: Any, where: str = "<spec>") -> Spec:

@@ -151,6 +151,10 @@ class SafQueue:
                                   headers={"Nats-Msg-Id": item["id"]})
             await msg.ack()
             self.switch.stats.reversals_dead += 1
+            if self.switch.counters is not None:
+                from engine.counters import ERRORS
+
+                self.switch.counters.add(ERRORS)  # visible in engine status and telemetry
             log.error("reversal dead-lettered: item=%s, issuer=%s, key=%s, reason=%s",
                       item["id"], item["issuer"], item["key"], why)
             return

@@ -324,7 +324,9 @@ class Switch:
                  counters: Any = None, data_dir: str = ".", replica: int = 0):
         self.s = s
         self.acq_spec: Spec = spec_by_name(s.acquirer.spec_name)
-        self.sensitive = frozenset(s.coatcheck.fields) if s.coatcheck else frozenset()
+        self.sensitive = frozenset(
+            (*s.coatcheck.fields, *(k for k, f in self.acq_spec.items() if f.get("sensitive")))
+        ) if s.coatcheck else frozenset()
         self.acq_index = FieldIndex(self.acq_spec,
                                     set(ROUTING_FIELDS) | set(s.match_key) | self.sensitive)
         self.vault: Vault | None = None
