@@ -192,7 +192,11 @@ class Vault:
     them, and the outbox of sealed KV writes (flushed by the asyncio shell, not awaited on
     the request path).
 
-    Keys are ``<prefix>.<token>`` (the prefix keeps switch replicas apart in one bucket).
+    Entry keys are ``<prefix>.<token>`` (the prefix keeps switch replicas apart). Entries are
+    written in *pages*: each flush puts one KV value ``<prefix>.p<n>`` holding the CBOR map
+    ``{entry key: sealed entry}`` — every entry still sealed on its own, bound to its key —
+    because one JetStream message per transaction cost the nats-server more CPU than the
+    rest of coat check together (measured: 24% TPS at 60 s vs the target 15%).
     """
 
     def __init__(self, ring: KeyRing, bucket: str, prefix: str):
@@ -200,7 +204,8 @@ class Vault:
         self.bucket = bucket
         self.prefix = prefix
         self.local: dict[str, dict[str, str]] = {}
-        self.outbox: list[tuple[str, bytes]] = []
+        self.outbox: dict[str, bytes] = {}
+        self.pages = 0
 
     def check_in(self, pan: str, clear: Mapping[str, str]) -> tuple[str, str]:
         """Store ``clear`` under a fresh token for ``pan``; returns (token, vault key)."""
@@ -210,7 +215,7 @@ class Vault:
             if key not in self.local:  # two cards in flight with the same token: redraw
                 break
         self.local[key] = dict(clear)
-        self.outbox.append((f"$KV.{self.bucket}.{key}", self.ring.seal(key, clear)))
+        self.outbox[key] = self.ring.seal(key, clear)
         return token, key
 
     def claim(self, key: str) -> dict[str, str] | None:
@@ -221,7 +226,16 @@ class Vault:
         """The transaction is over: forget the clear values (the KV copy expires by TTL)."""
         self.local.pop(key, None)
 
-    def take_outbox(self) -> list[tuple[str, bytes]]:
-        """Sealed writes queued since the last call."""
-        out, self.outbox = self.outbox, []
-        return out
+    def take_page(self) -> tuple[str, bytes] | None:
+        """The KV subject and value of one page with every entry queued since the last
+        call, or None when nothing is queued."""
+        if not self.outbox:
+            return None
+        entries, self.outbox = self.outbox, {}
+        self.pages += 1
+        return f"$KV.{self.bucket}.{self.prefix}.p{self.pages}", dumps(entries)
+
+
+def page_entries(page: bytes) -> dict[str, bytes]:
+    """The sealed entries of a vault page (``{entry key: sealed}``), for readers."""
+    return loads(page)

@@ -9,7 +9,7 @@ import nats
 import pytest
 
 from engine.cbor import loads
-from gears.coatcheck import luhn_valid, rotate
+from gears.coatcheck import luhn_valid, page_entries, rotate
 from gears.iso8583.codec import decode, encode, spec_by_name
 from gears.iso8583.framing import NEED_DATA, Framer, FramingConfig
 from gears.iso8583.loadgen import LoadConfig, LoadGenerator, MixEntry
@@ -65,6 +65,7 @@ async def _one(port, doc, spec=spec_by_name("default")):
 
 
 async def _vault_raw(nats_url, bucket):
+    """Every stored vault message (pages), read raw from the bucket's stream."""
     nc = await nats.connect(nats_url)
     js = nc.jetstream()
     info = await js.stream_info(f"KV_{bucket}")
@@ -75,6 +76,13 @@ async def _vault_raw(nats_url, bucket):
         except Exception:
             pass
     await nc.close()
+    return out
+
+
+def _entries(pages) -> dict[str, bytes]:
+    out = {}
+    for m in pages:
+        out.update(page_entries(m.data))
     return out
 
 
@@ -112,14 +120,16 @@ def test_issuer_gets_the_pan_acquirer_gets_its_answer_vault_holds_ciphertext(nat
     assert event["pan"] == "476173******0119"
     assert switch.stats.tokenised == 1 and switch.vault.local == {}  # released after reply
     stored = asyncio.run(_vault_raw(nats_server.url, "vault_test"))
-    assert len(stored) == 1
-    assert stored[0].subject == f"$KV.vault_test.l0.{token}"
-    blob = stored[0].data
-    assert PAN4.encode() not in blob and TRACK2.encode() not in blob
-    assert bytes.fromhex(PAN4) not in blob  # nor as BCD
-    sealed = loads(blob)
+    assert [m.subject for m in stored] == ["$KV.vault_test.l0.p1"]
+    page = stored[0].data
+    assert PAN4.encode() not in page and TRACK2.encode() not in page
+    assert bytes.fromhex(PAN4) not in page  # nor as BCD
+    entries = page_entries(page)
+    assert list(entries) == [f"l0.{token}"]
+    sealed = loads(entries[f"l0.{token}"])
     assert set(sealed) == {"k", "n", "c"} and sealed["k"] == "k1"
-    assert switch.keyring.open(f"l0.{token}", blob) == {"2": PAN4, "35": TRACK2}
+    assert switch.keyring.open(f"l0.{token}", entries[f"l0.{token}"]) == {"2": PAN4,
+                                                                          "35": TRACK2}
 
 
 def test_key_rotation_keeps_in_flight_transactions_working(nats_server, tmp_path):
@@ -150,8 +160,8 @@ def test_key_rotation_keeps_in_flight_transactions_working(nats_server, tmp_path
     report, new_kid, current = asyncio.run(main())
     assert new_kid == "k2" and current == "k2"
     assert report["codes"] == {"00": report["received"]} and report["lost"] == 0
-    stored = asyncio.run(_vault_raw(nats_server.url, "vault_test"))
-    kids = {loads(m.data)["k"] for m in stored}
+    entries = _entries(asyncio.run(_vault_raw(nats_server.url, "vault_test")))
+    kids = {loads(e)["k"] for e in entries.values()}
     assert kids == {"k1", "k2"}  # entries sealed before and after the rotation
 
 
@@ -306,7 +316,7 @@ def test_no_clear_card_data_in_the_vault_stream_as_ascii_or_bcd(nats_server, tmp
 
     asyncio.run(main())
     stored = asyncio.run(_vault_raw(nats_server.url, "vault_test"))
-    assert len(stored) == 20
+    assert len(_entries(stored)) == 20
     secret = PAN4 if field == "2" else TRACK2
     for m in stored:
         assert secret.encode() not in m.data
@@ -347,4 +357,4 @@ def test_a_field_the_spec_marks_sensitive_goes_to_the_vault_too(nats_server, tmp
     reply, switch = asyncio.run(main())
     assert "48" in switch.sensitive and reply["48"] == secret and reply["39"] == "00"
     stored = asyncio.run(_vault_raw(nats_server.url, "vault_test"))
-    assert len(stored) == 1 and secret.encode() not in stored[0].data
+    assert len(_entries(stored)) == 1 and secret.encode() not in stored[0].data

@@ -9,6 +9,7 @@ the event-loop turn (``call_soon``): same order, one system call, no added wait.
 from __future__ import annotations
 
 import asyncio
+import socket
 
 
 class Coalescer:
@@ -20,6 +21,14 @@ class Coalescer:
         self.transport: asyncio.Transport | None = None
         self._parts: list[bytes] = []
         self._loop = loop
+
+    def attach(self, transport: asyncio.BaseTransport) -> None:
+        """Write to ``transport`` from now on; small messages go out at once (TCP_NODELAY):
+        the coalescing already batches them, Nagle would only add delay."""
+        self.transport = transport  # type: ignore[assignment]
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def write(self, data: bytes) -> None:
         """Queue ``data``; it is written before the loop's next turn."""

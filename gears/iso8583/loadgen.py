@@ -135,7 +135,7 @@ class _Conn(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        self.out.transport = self.transport
+        self.out.attach(transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.closed.done():

@@ -43,7 +43,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-import socket
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -400,8 +399,9 @@ class Switch:
             self.vault.ring = self.keyring = ring
             if self.saf is not None:
                 self.saf.ring = ring
-        for subject, sealed in self.vault.take_outbox():
-            await self._nc.publish(subject, sealed)
+        page = self.vault.take_page()
+        if page is not None:
+            await self._nc.publish(*page)
 
     async def drain(self, timeout: float) -> None:
         """Stop accepting connections and wait (up to ``timeout``) for answers in flight."""
@@ -666,10 +666,7 @@ class _AcquirerConn(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        self.out.transport = self.transport
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.out.attach(transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
@@ -740,10 +737,7 @@ class _IssuerLink(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        self.out.transport = self.transport
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.out.attach(transport)
         self.connected = True
         self.last_io = time.monotonic()
         log.info("issuer link up: issuer=%s, link=%d", self.issuer.name, self.n)
