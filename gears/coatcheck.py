@@ -118,8 +118,11 @@ class KeyRing:
         p = Path(path)
         if not p.exists():
             p.parent.mkdir(parents=True, exist_ok=True)
-            kid = "k1"
-            _write_key_file(p, {kid: AESGCM.generate_key(bit_length=256)}, kid)
+            # Several switch replicas start at once: exactly one key file may win, and all
+            # of them must then use it (a second key would make the first one's entries
+            # unreadable), so the file appears by link(), which fails if it already exists.
+            _write_key_file(p, {"k1": AESGCM.generate_key(bit_length=256)}, "k1",
+                            exclusive=True)
         return cls._from_file(p)
 
     @classmethod
@@ -167,14 +170,29 @@ class KeyRing:
                              f"key_id={doc['k']}") from None
 
 
-def _write_key_file(path: Path, keys: Mapping[str, bytes], current: str) -> None:
+def _write_key_file(path: Path, keys: Mapping[str, bytes], current: str,
+                    exclusive: bool = False) -> None:
     doc = {"current": current,
            "keys": {kid: base64.b64encode(k).decode() for kid, k in keys.items()}}
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump(doc, f)
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(doc, f)
+            f.flush()
+            os.fsync(f.fileno())
+        if exclusive:
+            try:
+                os.link(tmp, path)  # first writer wins; the others read its file
+            except FileExistsError:
+                pass
+        else:
+            os.replace(tmp, path)
+    finally:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
 
 
 def rotate(path: str | os.PathLike[str]) -> str:

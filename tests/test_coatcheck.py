@@ -94,3 +94,23 @@ def test_bad_key_file(tmp_path):
     with pytest.raises(VaultError) as exc:
         KeyRing.load_or_create(path, env={})
     assert str(exc.value) == f"bad vault key file: path={path}, error=JSONDecodeError"
+
+
+def _make_ring(path, conn):
+    conn.send(KeyRing.load_or_create(path, env={}).keys)
+
+
+def test_replicas_starting_together_agree_on_one_key_file(tmp_path):
+    from conftest import FORK
+
+    path = tmp_path / "vault.keys"
+    pipes = [FORK.Pipe(duplex=False) for _ in range(6)]
+    procs = [FORK.Process(target=_make_ring, args=(path, tx)) for _, tx in pipes]
+    for p in procs:
+        p.start()
+    keys = [rx.recv() for rx, _ in pipes]
+    for p in procs:
+        p.join(10)
+    assert all(p.exitcode == 0 for p in procs)
+    assert all(k == keys[0] for k in keys)  # nobody generated a key of its own
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["vault.keys"]  # no temp files left
