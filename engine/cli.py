@@ -316,9 +316,10 @@ def iso_issuer(
 def iso_decode(
     hex_message: str = typer.Argument(..., help="ISO 8583 message as hex (no length prefix)"),
     spec: str = typer.Option("default"),
-    show_pan: bool = typer.Option(False, "--show-pan", help="print DE2 in clear (default masked)"),
+    show_pan: bool = typer.Option(False, "--show-pan",
+                                  help="print DE2/35/45/52 in clear (default masked)"),
 ) -> None:
-    """Hex -> JSON (DE2 masked unless --show-pan)."""
+    """Hex -> JSON (DE2 masked to first 6 + last 4, DE35/45/52 hidden, unless --show-pan)."""
     from gears.iso8583.codec import CodecError, decode
     from gears.iso8583.switch import mask_pan
 
@@ -330,8 +331,12 @@ def iso_decode(
     except CodecError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
-    if "2" in doc and not show_pan:
-        doc["2"] = mask_pan(doc["2"])
+    if not show_pan:
+        if "2" in doc:
+            doc["2"] = mask_pan(doc["2"])
+        for f in ("35", "45", "52"):  # tracks hold the PAN too; a PIN block is never shown
+            if f in doc:
+                doc[f] = "*" * len(doc[f])
     typer.echo(json.dumps(doc, indent=1))
 
 

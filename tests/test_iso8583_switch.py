@@ -335,3 +335,13 @@ def test_mask_pan():
     assert mask_pan("4761739001010119") == "476173******0119"
     assert mask_pan("1234") == "****"
     assert mask_pan("") == ""
+
+
+def test_card_data_cannot_be_a_match_key():
+    from engine.config import ConfigError
+
+    with pytest.raises(ConfigError) as exc:
+        parse_switch_settings({"issuers": {"a": {"port": 1}}, "routes": [], "groups": {},
+                               "match_key": ["41", "2"]}, At("t.yaml", "settings"))
+    assert str(exc.value) == ("t.yaml: settings.match_key[1]: field 2 holds card data and "
+                              "cannot be part of the match key")

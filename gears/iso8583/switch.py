@@ -261,6 +261,10 @@ def parse_switch_settings(raw: Any, at: At) -> SwitchSettings:
     if on_malformed not in ("close", "keep"):
         raise at.key("on_malformed").error(f"expected 'close' or 'keep', got {on_malformed!r}")
     key = tuple(map(str, get_list(m, "match_key", at))) or DEFAULT_KEY
+    for j, f in enumerate(key):
+        if f in SENSITIVE_FIELDS:  # the key is logged and kept in memory: never card data
+            raise at.key("match_key").index(j).error(
+                f"field {f} holds card data and cannot be part of the match key")
     code = get_str(m, "no_route_code", at, default="92")
     if len(code) != 2:
         raise at.key("no_route_code").error(f"expected a 2-character DE39 code, got {code!r}")
