@@ -13,7 +13,6 @@ mapping -> egress; the stream must hold exactly the frames the generator produce
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
 import signal
 import subprocess
@@ -78,7 +77,7 @@ def run(seconds: float = 20.0, config: Path = CONFIG, workers: int = 2) -> int:
         probe = RackProbe(state)
         print(f"{'t(s)':>5} {'generated':>11} {'in JetStream':>13} {'rate/s':>9} "
               f"{'p50 ms':>7} {'p99 ms':>7} {'rack CPU%':>9}")
-        t0 = prev_t = time.monotonic()
+        t0 = time.monotonic()
         prev = probe.sample()
         while time.monotonic() - t0 < seconds and proc.poll() is None:
             time.sleep(1.0)  # the display interval
@@ -91,7 +90,7 @@ def run(seconds: float = 20.0, config: Path = CONFIG, workers: int = 2) -> int:
             print(f"{cur.t - t0:5.1f} {source.snapshot().frames_out:11,} "
                   f"{egress.snapshot().frames_out:13,} {eg.get('out_per_s', 0):9,.0f} "
                   f"{p50:7.1f} {p99:7.1f} {cpu:9.1f}", flush=True)
-            prev, prev_t = cur, time.monotonic()
+            prev = cur
         probe.close()
         elapsed = time.monotonic() - t0
         print("stopping (drain: intake stops, rings empty into JetStream) ...", flush=True)

@@ -304,7 +304,6 @@ class Supervisor:
                 set_parent_death_signal(signal.SIGTERM)
                 if os.getppid() == 1:  # the supervisor died before prctl took effect
                     os._exit(1)
-                logging.getLogger().handlers  # keep the inherited log configuration
                 run_process(child.spec, self.runtime)
             except SystemExit as exc:
                 code = exc.code if isinstance(exc.code, int) else 1

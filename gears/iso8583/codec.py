@@ -477,7 +477,7 @@ class FieldIndex:
             bits = int.from_bytes(raw[tl:tl + pl], "big") | 1 << (pl * 8 - 39)
             primary = bits.to_bytes(pl, "big")
         before = after = bitmap_end
-        for n, start, _, end in spans:
+        for n, _, _, end in spans:
             if n < 39:
                 before = after = end
             elif n == 39:

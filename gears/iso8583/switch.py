@@ -44,7 +44,7 @@ import asyncio
 import logging
 import re
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,7 +58,7 @@ from gears.iso8583.coalesce import Coalescer
 from gears.iso8583.codec import CodecError, FieldIndex, Spec, decode, encode, spec_by_name
 from gears.iso8583.framing import NEED_DATA, Framer, FramingConfig, FramingError
 from gears.iso8583.matcher import DEFAULT_KEY, Matcher, match_key
-from gears.iso8583.router import BinRange, Group, NoRoute, Routed, Router, Rule, Unavailable
+from gears.iso8583.router import BinRange, Group, NoRoute, Router, Rule, Unavailable
 
 log = logging.getLogger("fluxrig.iso.switch")
 
