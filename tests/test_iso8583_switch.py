@@ -345,3 +345,22 @@ def test_card_data_cannot_be_a_match_key():
                                "match_key": ["41", "2"]}, At("t.yaml", "settings"))
     assert str(exc.value) == ("t.yaml: settings.match_key[1]: field 2 holds card data and "
                               "cannot be part of the match key")
+
+
+def test_idle_spin_keeps_the_switch_working():
+    async def main():
+        from gears.iso8583.switch import spin_before_sleep
+
+        spin_before_sleep(asyncio.get_running_loop(), 0.0002)
+        sims, ports = await _issuers({"a": ["4=00"]})
+        switch = Switch(_settings(ports, groups={"A": {"endpoints": ["a"]}},
+                                  routes=[{"bins": ["4"], "group": "A"}]))
+        port = await switch.start()
+        await _wait_links(switch, ["a"])
+        report = await _load(port, PANS["4"], 200, rate=500)
+        await switch.stop()
+        await sims["a"].close()
+        return report
+
+    report = asyncio.run(main())
+    assert report["codes"] == {"00": report["received"]} and report["received"] >= 200

@@ -136,6 +136,7 @@ class SwitchSettings:
     event_batch: int
     coatcheck: CoatCheckSettings | None = None
     saf: SafSettings | None = None
+    idle_spin_us: int = 0
 
 
 def _link(raw: Any, at: At, with_header: bool) -> LinkSettings:
@@ -169,7 +170,7 @@ def parse_switch_settings(raw: Any, at: At) -> SwitchSettings:
     """Validate the switch settings (see configs/iso8583-switch.yaml)."""
     m = get_map(raw, at, {"listen", "acquirer", "on_malformed", "issuers", "groups", "routes",
                           "match_key", "timeout", "no_route_code", "event_batch", "coatcheck",
-                          "saf"})
+                          "saf", "idle_spin_us"})
     coat = None
     if m.get("coatcheck") is not None:
         cat = at.key("coatcheck")
@@ -275,7 +276,8 @@ def parse_switch_settings(raw: Any, at: At) -> SwitchSettings:
         on_malformed=on_malformed, issuers=tuple(issuers), groups=tuple(groups),
         rules=tuple(rules), match_key=key, timeout=get_float(m, "timeout", at, 5.0),
         no_route_code=code, event_batch=get_int(m, "event_batch", at, 200, 1, 10_000),
-        coatcheck=coat, saf=saf)
+        coatcheck=coat, saf=saf,
+        idle_spin_us=get_int(m, "idle_spin_us", at, 0, 0, 100_000))
 
 
 # --- run-time ----------------------------------------------------------------------------------
@@ -812,6 +814,31 @@ class _IssuerLink(asyncio.Protocol):
 # --- the gear ----------------------------------------------------------------------------------
 
 
+def spin_before_sleep(loop: asyncio.AbstractEventLoop, spin: float) -> None:
+    """Make ``loop`` poll its sockets for ``spin`` seconds before it blocks in epoll.
+
+    A process woken by the kernel pays the host's wake-up latency (p99 150-750 us on the dev
+    VM); polling a little first catches the next message while still running. It trades CPU
+    for tail latency: every time the loop would sleep it burns up to ``spin`` first, which
+    also shows on an idle rack. Uses the loop's selector (a CPython asyncio detail).
+    """
+    sel = loop._selector  # type: ignore[attr-defined]
+    blocking_select = sel.select
+    clock = time.perf_counter
+
+    def select(timeout: float | None = None):
+        if timeout is None or timeout > 0:
+            end = clock() + spin
+            while clock() < end:
+                ready = blocking_select(0)
+                if ready:
+                    return ready
+        return blocking_select(timeout)
+
+    sel.select = select
+
+
+
 class SwitchGear(Source):
     """``gear: iso8583`` — a replicated source: one switch per lane, events to the ring."""
 
@@ -834,6 +861,8 @@ class SwitchGear(Source):
             if len(pending) >= batch:
                 wake.set()
 
+        if self.settings.idle_spin_us:
+            spin_before_sleep(asyncio.get_running_loop(), self.settings.idle_spin_us / 1e6)
         switch = Switch(self.settings, on_event, self.ctx.counters, self.ctx.data_dir,
                         self.ctx.replica)
         nc = None
