@@ -61,7 +61,8 @@ def _measure(pid: int, port: int, seconds: float, p99_seconds: float) -> dict:
 
 
 def run_fluxrig(issuer_port: int, seconds: float, p99_seconds: float, workers: int,
-                tmp: Path, coatcheck: bool, vault_storage: str = "memory") -> dict:
+                tmp: Path, coatcheck: bool, vault_storage: str = "memory",
+                idle_spin_us: int = 0) -> dict:
     port = free_port()
     cfg = yaml.safe_load((ROOT / "configs" / "iso8583-switch.yaml").read_text())
     cfg["rack"]["id"] = "bench"
@@ -73,6 +74,7 @@ def run_fluxrig(issuer_port: int, seconds: float, p99_seconds: float, workers: i
     s["listen"]["port"] = port
     s["coatcheck"]["enabled"] = coatcheck
     s["coatcheck"]["storage"] = vault_storage
+    s["idle_spin_us"] = idle_spin_us
     s["saf"]["enabled"] = coatcheck
     for issuer in s["issuers"].values():
         issuer["port"] = issuer_port
@@ -118,6 +120,8 @@ def main() -> int:
                     help="also run fluxrig with coat check + SAF on and report the cost")
     ap.add_argument("--vault-storage", choices=("memory", "file"), default="memory",
                     help="JetStream storage of the vault KV bucket in the coat check run")
+    ap.add_argument("--idle-spin-us", type=int, default=0,
+                    help="switch setting idle_spin_us for the fluxrig runs")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     issuer_port = free_port()
@@ -132,9 +136,9 @@ def main() -> int:
         # 25% slower whatever it was (a long-running issuer simulator, a warm page cache of
         # JetStream files...), and the cost must not be blamed on coat check
         coat = (run_fluxrig(issuer_port, args.seconds, args.p99_seconds, args.workers, tmp, True,
-                            args.vault_storage) if args.coatcheck else None)
+                            args.vault_storage, args.idle_spin_us) if args.coatcheck else None)
         flux = run_fluxrig(issuer_port, args.seconds, args.p99_seconds, args.workers, tmp,
-                           False)
+                           False, idle_spin_us=args.idle_spin_us)
     finally:
         issuer.kill()
         issuer.wait()
@@ -142,7 +146,7 @@ def main() -> int:
     ratio = flux["max"]["tps"] / base["max"]["tps"] if base["max"]["tps"] else 0.0
     print(f"switch benchmark: {args.seconds:.0f} s at max rate (50 terminals x 4 outstanding), "
           f"{args.p99_seconds:.0f} s at 2,000 TPS; issuer simulator and load generator on the "
-          f"same {os.cpu_count()} CPUs")
+          f"same {os.cpu_count()} CPUs; idle_spin_us={args.idle_spin_us}")
     print(f"{'system':<34} {'TPS':>8} {'p50 ms':>7} {'p99 ms':>7} {'x-wired':>7} {'lost':>5} "
           f"{'p99@2k':>7} {'CPU us/txn':>10} {'ratio':>6}")
     rows = [("asyncio + pyiso8583 (baseline)", base),
