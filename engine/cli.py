@@ -123,10 +123,15 @@ def stop(
 def status(
     config: Path = typer.Option(None, "--config", "-c", help="rig file (YAML)"),
     data_dir: Path = typer.Option(None, "--data-dir", help="the rack's data dir"),
-    interval: float = typer.Option(1.0, help="seconds between the two samples"),
+    interval: float = typer.Option(1.0, help="seconds between samples (the rate window)"),
     as_json: bool = typer.Option(False, "--json", help="print JSON"),
+    watch: bool = typer.Option(False, "--watch", "-w", help="keep printing until Ctrl-C"),
+    count: int = typer.Option(0, min=0, help="with --watch: stop after this many tables"),
 ) -> None:
-    """Per-process table of a running rack: pid, CPU, RSS, frames/s, errors, fill, latency."""
+    """Per-process table of a running rack: pid, CPU, RSS, frames/s, errors, fill, latency.
+
+    Rates and percentiles cover the last interval; ``--watch`` refreshes every interval.
+    """
     from engine.supervisor import running_pid
     from engine.telemetry import RackProbe, read_state, rows
 
@@ -140,28 +145,45 @@ def status(
         raise typer.Exit(1) from None
     probe = RackProbe(state)
     try:
-        first = probe.sample()
-        time.sleep(interval)  # the rate window itself
-        table = rows(first, probe.sample())
+        prev = probe.sample()
+        shown = 0
+        while True:
+            time.sleep(interval)  # the rate window itself
+            cur = probe.sample()
+            table = rows(prev, cur)
+            prev = cur
+            _print_status(state, table, as_json)
+            shown += 1
+            if not watch or (count and shown >= count):
+                break
+    except KeyboardInterrupt:
+        pass
     finally:
         probe.close()
+
+
+def _print_status(state: dict, table: list[dict], as_json: bool) -> None:
     if as_json:
         typer.echo(json.dumps({"rack": state["rack"], "pid": state["pid"],
                                "nats_url": state["nats_url"], "processes": table}, indent=1))
         return
-    typer.echo(f"rack {state['rack']}  supervisor pid {state['pid']}  nats {state['nats_url']}")
+    typer.echo(f"rack {state['rack']}  supervisor pid {state['pid']}  nats {state['nats_url']}"
+               f"  {time.strftime('%H:%M:%S')}")
     head = (f"{'process':<24} {'pid':>7} {'cpu':>3} {'cpu%':>6} {'rss MB':>7} {'in/s':>9} "
             f"{'out/s':>9} {'errors':>6} {'fill':>6} {'p50 ms':>7} {'p99 ms':>7}")
     typer.echo(head)
+
+    def ms(v):
+        return f"{v / 1e6:7.2f}" if v is not None else f"{'-':>7}"
+
     for r in table:
-        def ms(v):
-            return f"{v / 1e6:7.2f}" if v is not None else f"{'-':>7}"
         typer.echo(
             f"{r['name']:<24} {r['pid'] or '-':>7} {r['cpu'] if r['cpu'] is not None else '-':>3} "
             f"{r.get('cpu_pct', 0):6.1f} {r['rss'] / 2**20:7.1f} {r.get('in_per_s', 0):9.0f} "
             f"{r.get('out_per_s', 0):9.0f} {r.get('errors', 0):6} {r['ring_fill']:6.1%} "
             f"{ms(r.get('p50_ns'))} {ms(r.get('p99_ns'))}"
         )
+    typer.echo("")
 
 
 keys = typer.Typer(help="Vault keys (coat check): rotation.", no_args_is_help=True)

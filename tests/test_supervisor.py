@@ -135,6 +135,10 @@ def test_status_json_reports_what_the_counters_say(tmp_path):
             [sys.executable, "-m", "engine.cli", "status", "--config", str(config),
              "--interval", "0.2"], capture_output=True, text=True, timeout=60)
         assert "p.s0.1" in table.stdout and "p99 ms" in table.stdout
+        watched = subprocess.run(
+            [sys.executable, "-m", "engine.cli", "status", "--config", str(config), "--watch",
+             "--count", "3", "--interval", "0.1"], capture_output=True, text=True, timeout=60)
+        assert watched.returncode == 0 and watched.stdout.count("p99 ms") == 3
     finally:
         rack.stop()
         rack.close()
