@@ -9,6 +9,7 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import NoReturn
 
 import typer
 
@@ -21,14 +22,19 @@ app = typer.Typer(
 CONFIG = typer.Option(..., "--config", "-c", help="rig file (YAML)")
 
 
+def _fail(message: object, code: int = 2) -> NoReturn:
+    """Print ``error: message`` on stderr and exit with ``code`` (2: bad usage or input)."""
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
 def _load(config: Path):
     from engine.config import ConfigError, load_config
 
     try:
         return load_config(config)
     except ConfigError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
+        _fail(exc)
 
 
 def _setup_logging(data_dir: Path | None, verbose: bool) -> None:
@@ -77,8 +83,7 @@ def start(
     try:
         sup.start()
     except RackAlreadyRunning as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(3) from None
+        _fail(exc, 3)
     except BaseException:
         sup.cleanup()
         raise
@@ -90,8 +95,7 @@ def _data_dir(config: Path | None, data_dir: Path | None) -> Path:
         return data_dir
     if config is not None:
         return Path(_load(config).data_dir)
-    typer.echo("error: give --config or --data-dir", err=True)
-    raise typer.Exit(2)
+    _fail("give --config or --data-dir")
 
 
 @app.command()
@@ -106,8 +110,7 @@ def stop(
     d = _data_dir(config, data_dir)
     pid = running_pid(d)
     if pid is None:
-        typer.echo(f"error: no rack running: data_dir={d}", err=True)
-        raise typer.Exit(1)
+        _fail(f"no rack running: data_dir={d}", 1)
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -115,8 +118,7 @@ def stop(
             typer.echo(f"stopped: pid={pid}")
             return
         time.sleep(0.1)  # another process's exit has no event we can wait on here
-    typer.echo(f"error: rack still running after {timeout}s: pid={pid}", err=True)
-    raise typer.Exit(1)
+    _fail(f"rack still running after {timeout}s: pid={pid}", 1)
 
 
 @app.command()
@@ -141,8 +143,7 @@ def status(
             raise FileNotFoundError(d)
         state = read_state(d)
     except FileNotFoundError:
-        typer.echo(f"error: no rack running: data_dir={d}", err=True)
-        raise typer.Exit(1) from None
+        _fail(f"no rack running: data_dir={d}", 1)
     probe = RackProbe(state)
     try:
         prev = probe.sample()
@@ -205,8 +206,7 @@ def keys_rotate(
         if coat is not None:
             key_file = coat.key_file
     if os.environ.get(ENV_KEY):
-        typer.echo(f"error: the vault key comes from {ENV_KEY}; rotate it there", err=True)
-        raise typer.Exit(2)
+        _fail(f"the vault key comes from {ENV_KEY}; rotate it there")
     path = Path(cfg.data_dir) / key_file
     typer.echo(f"rotated: key_id={rotate(path)}, key_file={path}")
 
@@ -222,8 +222,7 @@ def _framing(prefix: str, header_len: int, max_frame: int):
     try:
         return FramingConfig(prefix=prefix, header_len=header_len, max_frame=max_frame)
     except ValueError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
+        _fail(exc)
 
 
 def _spec(name: str):
@@ -232,8 +231,7 @@ def _spec(name: str):
     try:
         return spec_by_name(name)
     except CodecError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
+        _fail(exc)
 
 
 @iso.command("load")
@@ -267,9 +265,7 @@ def iso_load(
                                     amount=int(parts[2]) if len(parts) > 2 else 10_000,
                                     weight=int(parts[3]) if len(parts) > 3 else 1))
         except (ValueError, IndexError):
-            typer.echo(f"error: --mix: invalid entry {m!r} (expected PAN[:MTI[:AMOUNT[:WEIGHT]]])",
-                       err=True)
-            raise typer.Exit(2) from None
+            _fail(f"--mix: invalid entry {m!r} (expected PAN[:MTI[:AMOUNT[:WEIGHT]]])")
     hdr = bytes.fromhex(header)
     gen = LoadGenerator(LoadConfig(
         host=host, port=port, spec=_spec(spec), framing=_framing(prefix, len(hdr), max_frame),
@@ -317,8 +313,7 @@ def iso_issuer(
     try:
         rules = [IssuerRule.parse(r) for r in rule]
     except ValueError as exc:
-        typer.echo(f"error: --rule: {exc}", err=True)
-        raise typer.Exit(2) from None
+        _fail(f"--rule: {exc}")
     sim = IssuerSimulator(_spec(spec), _framing(prefix, header_len, max_frame), rules,
                           delay=delay, drop_rate=drop_rate, jitter=jitter)
 
@@ -348,11 +343,9 @@ def iso_decode(
     try:
         doc = decode(bytes.fromhex(hex_message), _spec(spec))
     except ValueError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1) from None
+        _fail(exc, 1)
     except CodecError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1) from None
+        _fail(exc, 1)
     if not show_pan:
         if "2" in doc:
             doc["2"] = mask_pan(doc["2"])
@@ -374,8 +367,7 @@ def iso_encode(
         doc = json.loads(json_message)
         typer.echo(encode(doc, _spec(spec)).hex())
     except (ValueError, CodecError) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1) from None
+        _fail(exc, 1)
 
 
 @app.command()
