@@ -184,7 +184,33 @@ def _print_status(state: dict, table: list[dict], as_json: bool) -> None:
             f"{r.get('out_per_s', 0):9.0f} {r.get('errors', 0):6} {r['ring_fill']:6.1%} "
             f"{ms(r.get('p50_ns'))} {ms(r.get('p99_ns'))}"
         )
+    for gear, stats in _gear_stats(table).items():
+        typer.echo(f"{gear}:")
+        line = " "
+        for key, value in stats.items():
+            item = f" {key}={value}"
+            if len(line) + len(item) > 100:
+                typer.echo(line)
+                line = " "
+            line += item
+        if line.strip():
+            typer.echo(line)
     typer.echo("")
+
+
+def _gear_stats(table: list[dict]) -> dict[str, dict[str, int]]:
+    """Gear stats summed over the replicas of each gear (``payments.switch.0`` and ``.1``
+    -> ``payments.switch``), counters that never moved left out."""
+    out: dict[str, dict[str, int]] = {}
+    for r in table:
+        if not r.get("stats"):
+            continue
+        name = r["name"]
+        base = name.rsplit(".", 1)[0] if name.rsplit(".", 1)[-1].isdigit() else name
+        acc = out.setdefault(base, {})
+        for key, value in r["stats"].items():
+            acc[key] = acc.get(key, 0) + value
+    return out
 
 
 keys = typer.Typer(help="Vault keys (coat check): rotation.", no_args_is_help=True)
@@ -338,7 +364,7 @@ def iso_decode(
 ) -> None:
     """Hex -> JSON (DE2 masked to first 6 + last 4, DE35/45/52 hidden, unless --show-pan)."""
     from gears.iso8583.codec import CodecError, decode
-    from gears.iso8583.switch import mask_pan
+    from gears.iso8583.core import mask_pan
 
     try:
         doc = decode(bytes.fromhex(hex_message), _spec(spec))

@@ -194,6 +194,7 @@ class StreamConfig:
     storage: str = "file"
     max_age: float = 0.0  # seconds, 0 = unlimited
     duplicate_window: float = 120.0  # seconds
+    retention: str = "limits"  # or "work_queue": a message leaves when a consumer acks it
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -448,6 +449,20 @@ def parse_config(raw: Any, file: str = "<config>") -> RigConfig:
                     f"subject {subject!r} must be captured by exactly one egress stream, "
                     f"captured by {owners or 'none'}"
                 )
+
+    # streams a gear owns (its outlets, e.g. the switch's SAF queue) must not clash with the
+    # configured ones: JetStream refuses two streams capturing one subject
+    for i, p in enumerate(pipelines):
+        gear_cls = lookup_gear(p.source.gear)
+        assert gear_cls is not None
+        for o in gear_cls.outlets(p.source.settings, rack_id):
+            sat = at.index(i).key("source")
+            for st in streams:
+                if st.name == o.stream.name or any(subject_matches(pt, o.subject)
+                                                   for pt in st.subjects):
+                    raise sat.error(
+                        f"egress stream {st.name!r} clashes with the stream {o.stream.name!r} "
+                        f"({o.subject}) this gear keeps for its {o.name!r} outlet")
 
     return RigConfig(
         file=file,

@@ -18,6 +18,13 @@ Layout (segment payload, int64 slots)::
     slot 0 .. N_SCALARS-1      scalar counters: FRAMES_IN, FRAMES_OUT, ERRORS, BYTES_IN,
                                BYTES_OUT, RING_FULL_WAITS, then spares for later versions
     slot HIST_BASE ..          HIST_BUCKETS latency buckets, log-linear (see below)
+    slot N_SLOTS ..            the gear's own named stats (``StatDef``), if it declares any
+
+Gear stats: a gear declares named counters and gauges (``StatDef``: name, kind, labels,
+help), e.g. the switch's outcomes by DE39 or its issuer links up. The supervisor sizes the
+segment for them and writes their definitions into the rack's state file, so readers
+(telemetry, ``engine status``) know each slot's name without importing the gear. The gear
+increments them through ``Stats`` (a counter only grows; a gauge is set).
 
 Histogram: latencies in nanoseconds go to log-linear buckets in the manner of HdrHistogram
 with 3 sub-bucket bits: values below 16 have a bucket each; above, each power of two is cut
@@ -31,7 +38,8 @@ cheap.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -79,6 +87,90 @@ def bucket_bounds(index: int) -> tuple[int, int]:
 _UPPER = np.array([bucket_bounds(i)[1] for i in range(HIST_BUCKETS)], dtype=np.int64)
 
 
+STAT_KINDS = ("counter", "gauge")
+
+
+@dataclass(frozen=True, slots=True)
+class StatDef:
+    """One named stat slot of a gear.
+
+    Attributes:
+        name: metric name without the ``fluxrig`` prefix, dotted (``iso8583.responses``).
+        kind: ``counter`` (only grows; rates are derived) or ``gauge`` (a level, set).
+        help: one line for metric descriptions.
+        labels: fixed label pairs telling slots of the same name apart (``(("de39", "00"),)``).
+    """
+
+    name: str
+    kind: str
+    help: str
+    labels: tuple[tuple[str, str], ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.kind not in STAT_KINDS:
+            raise ValueError(f"invalid stat kind: name={self.name}, kind={self.kind!r}, "
+                             f"allowed={','.join(STAT_KINDS)}")
+
+    @property
+    def key(self) -> str:
+        """``name{k=v,...}``: unique per slot, used in snapshots and ``engine status``."""
+        if not self.labels:
+            return self.name
+        return self.name + "{" + ",".join(f"{k}={v}" for k, v in self.labels) + "}"
+
+    def to_json(self) -> list:
+        """Plain form for the state file."""
+        return [self.name, self.kind, self.help, [list(p) for p in self.labels]]
+
+    @classmethod
+    def from_json(cls, raw: Sequence) -> StatDef:
+        """Inverse of ``to_json``."""
+        return cls(raw[0], raw[1], raw[2], tuple((str(k), str(v)) for k, v in raw[3]))
+
+
+class Stats:
+    """A gear's named stat slots (owner process only writes; slots resolved once by key)."""
+
+    __slots__ = ("defs", "values", "_index")
+
+    def __init__(self, defs: Sequence[StatDef], view: memoryview):
+        self.defs = tuple(defs)
+        #: the int64 slots themselves, for hot paths: ``stats.values[i] += 1`` saves the
+        #: method call (indices from ``slot``)
+        self.values = view
+        self._index = {d.key: i for i, d in enumerate(self.defs)}
+
+    @classmethod
+    def local(cls, defs: Sequence[StatDef]) -> Stats:
+        """Stats in process memory (tests, tools): same interface, nobody else reads them."""
+        return cls(defs, memoryview(bytearray(8 * max(1, len(defs)))).cast("q"))
+
+    def slot(self, name: str, **labels: str) -> int:
+        """Index of the slot ``name`` with exactly ``labels`` (declared order).
+
+        Raises:
+            KeyError: not declared by the gear.
+        """
+        d = StatDef(name, "counter", "", tuple(labels.items()))
+        return self._index[d.key]
+
+    def add(self, index: int, amount: int = 1) -> None:
+        """Add to a counter (or move a gauge) at ``index``."""
+        self.values[index] += amount
+
+    def set(self, index: int, value: int) -> None:
+        """Set a gauge."""
+        self.values[index] = value
+
+    def value(self, index: int) -> int:
+        """Current value at ``index``."""
+        return self.values[index]
+
+    def as_dict(self) -> dict[str, int]:
+        """``{key: value}`` for every slot."""
+        return {d.key: self.values[i] for i, d in enumerate(self.defs)}
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class CountersSnapshot:
     """A copy of one process's counters, taken by any process at one moment.
@@ -91,6 +183,7 @@ class CountersSnapshot:
         bytes_out: payload bytes emitted.
         ring_full_waits: times it waited on a full output ring.
         histogram: latency bucket counts (int64 array of ``HIST_BUCKETS``).
+        stats: the gear's named stat values (int64 array, one per declared ``StatDef``).
     """
 
     frames_in: int
@@ -100,6 +193,7 @@ class CountersSnapshot:
     bytes_out: int
     ring_full_waits: int
     histogram: np.ndarray
+    stats: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
     @property
     def latency_count(self) -> int:
@@ -145,18 +239,36 @@ def percentiles(histogram: np.ndarray, qs: tuple[float, ...]) -> list[int | None
 class Counters:
     """One process's counters segment: increment in the owner, snapshot anywhere."""
 
-    __slots__ = ("segment", "_slots", "array")
+    __slots__ = ("segment", "_slots", "array", "n_stats")
 
     def __init__(self, segment: Segment):
         self.segment = segment
-        self._slots = segment.payload[:SEGMENT_SIZE].cast("q")
+        total = segment.payload.nbytes // 8
+        self.n_stats = total - N_SLOTS
+        if self.n_stats < 0:
+            raise ValueError(f"counters segment too small: name={segment.name}, "
+                             f"slots={total}, min={N_SLOTS}")
+        self._slots = segment.payload[:total * 8].cast("q")
         #: numpy view of every slot, for readers (shares memory with the segment)
-        self.array: np.ndarray = np.frombuffer(segment.payload, dtype=np.int64, count=N_SLOTS)
+        self.array: np.ndarray = np.frombuffer(segment.payload, dtype=np.int64, count=total)
 
     @classmethod
-    def create(cls, name: str) -> Counters:
-        """Create a zeroed counters segment ``name`` (replacing a stale one)."""
-        return cls(Segment.create(name, KIND_COUNTERS, SEGMENT_SIZE))
+    def create(cls, name: str, stats: int = 0) -> Counters:
+        """Create a zeroed counters segment ``name`` (replacing a stale one) with room for
+        ``stats`` named gear stats after the histogram."""
+        return cls(Segment.create(name, KIND_COUNTERS, SEGMENT_SIZE + 8 * stats))
+
+    def stats(self, defs: Sequence[StatDef]) -> Stats:
+        """The gear-stat slots of this segment, named by ``defs`` (owner process).
+
+        Raises:
+            ValueError: ``defs`` does not match the number of slots the segment was made for.
+        """
+        if len(defs) != self.n_stats:
+            raise ValueError(f"stat definitions do not match the segment: "
+                             f"name={self.segment.name}, defs={len(defs)}, "
+                             f"slots={self.n_stats}")
+        return Stats(defs, self._slots[N_SLOTS:])
 
     @classmethod
     def attach(cls, name: str) -> Counters:
@@ -189,7 +301,8 @@ class Counters:
             bytes_in=int(values[BYTES_IN]),
             bytes_out=int(values[BYTES_OUT]),
             ring_full_waits=int(values[RING_FULL_WAITS]),
-            histogram=values[HIST_BASE:],
+            histogram=values[HIST_BASE:N_SLOTS],
+            stats=values[N_SLOTS:],
         )
 
     def close(self) -> None:

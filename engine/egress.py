@@ -40,7 +40,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import nats
-from nats.js.api import StorageType
+from nats.js.api import RetentionPolicy, StorageType
+from nats.js.errors import NoStreamResponseError
 from nats.js.api import StreamConfig as JsStreamConfig
 
 from engine.config import StreamConfig
@@ -98,6 +99,8 @@ def js_stream_config(s: StreamConfig) -> JsStreamConfig:
         storage=StorageType.FILE if s.storage == "file" else StorageType.MEMORY,
         max_age=s.max_age or None,
         duplicate_window=s.duplicate_window,
+        retention=(RetentionPolicy.WORK_QUEUE if s.retention == "work_queue"
+                   else RetentionPolicy.LIMITS),
     )
 
 
@@ -208,6 +211,8 @@ class EgressProcess:
             ok = ack.seq == batch.expect and not ack.duplicate
         except Exception as exc:
             log.warning("egress ack failed, recovering: stream=%s, error=%r", batch.stream, exc)
+            if isinstance(exc, NoStreamResponseError):
+                await self._recreate_streams(batch.stream)
             ok = False
         if ok:
             self.inflight.popleft()
@@ -235,6 +240,8 @@ class EgressProcess:
                 except Exception as exc:
                     log.warning("egress republish failed, retrying: stream=%s, error=%r",
                                 batch.stream, exc)
+                    if isinstance(exc, NoStreamResponseError):
+                        await self._recreate_streams(batch.stream)
                     await asyncio.sleep(0.2)
             self._settled(batch)
         while True:
@@ -247,6 +254,16 @@ class EgressProcess:
                 log.warning("egress cannot read stream state, retrying: error=%r", exc)
                 await asyncio.sleep(0.2)
         log.info("egress recovered: batches=%d", len(pending))
+
+    async def _recreate_streams(self, stream: str) -> None:
+        """A stream we publish to is gone (deleted by hand, or a wiped store): create it again
+        from the plan and raise the alarm — frames waiting for it stay in their rings."""
+        self.counters.add(ERRORS)
+        log.error("egress stream missing, recreating it: stream=%s", stream)
+        try:
+            await ensure_streams(self.js, self.plan.streams)
+        except Exception as exc:
+            log.error("egress cannot recreate streams, retrying: error=%r", exc)
 
     async def _wait_connected(self) -> None:
         while not self.nc.is_connected:

@@ -18,6 +18,7 @@ bits that keep processes apart (``random`` is re-seeded in every forked child).
 
 from __future__ import annotations
 
+import hashlib
 import random
 import time
 from collections.abc import Mapping
@@ -99,6 +100,14 @@ def encode(frame: Frame) -> bytes:
     )
 
 
+def encode_parts(id: bytes, ts: int, src: str, kind: str, headers: Mapping[str, Any],
+                 body: Any) -> bytes:
+    """``encode(Frame(...))`` without building the Frame: for hot paths whose fields are
+    correct by construction (a 16-byte id, an int ts, str src and kind, a dict headers).
+    Same bytes as ``encode``."""
+    return dumps_ordered_map(_ORDER, (id, ts, src, body, kind, headers))
+
+
 def decode(data: bytes | memoryview, strict: bool = False) -> Frame:
     """Frame from its CBOR bytes.
 
@@ -128,6 +137,19 @@ def decode(data: bytes | memoryview, strict: bool = False) -> Frame:
         headers=obj["headers"],
         body=obj["body"],
     )
+
+
+def derive_id(parent: bytes, n: int) -> bytes:
+    """A stable 16-byte id for the ``n``-th extra frame derived from frame ``parent``.
+
+    Keeps the parent's UUIDv7 time prefix (so ids still sort by time) and replaces the rest
+    by a hash of (parent, n) with the version and variant bits set: still a UUIDv7, and the
+    same input replayed after a crash gives the same ids.
+    """
+    digest = bytearray(hashlib.blake2b(parent + n.to_bytes(4, "big"), digest_size=10).digest())
+    digest[0] = 0x70 | (digest[0] & 0x0F)  # byte 6 of the UUID: version 7
+    digest[2] = 0x80 | (digest[2] & 0x3F)  # byte 8: RFC 9562 variant 0b10
+    return parent[:6] + bytes(digest)
 
 
 # --- UUIDv7 ------------------------------------------------------------------------------

@@ -104,7 +104,15 @@ class RingError(Exception):
 
 
 class RecordTooLargeError(RingError, ValueError):
-    """A record is larger than the ring accepts; it is refused, never truncated."""
+    """A record is larger than the ring accepts; it is refused, never truncated.
+
+    Attributes:
+        index: position of the refused record in the batch (those before it are written).
+    """
+
+    def __init__(self, message: str, index: int = 0):
+        super().__init__(message)
+        self.index = index
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -354,11 +362,13 @@ class Producer:
         self._bell = ring.data_bell
         self._space = ring.space_bell
 
-    def try_write(self, payloads: Sequence[bytes], type_: int = MSG) -> int:
+    def try_write(self, payloads: Sequence[bytes], type_: int = MSG, wake: bool = True) -> int:
         """Write as many of ``payloads`` as fit now, publish them, and return how many.
 
         One tail store and at most one doorbell write cover the whole batch. A full ring is
-        the return value (fewer than ``len(payloads)``), not an exception.
+        the return value (fewer than ``len(payloads)``), not an exception. ``wake=False``
+        publishes without ringing a sleeping consumer (call ``wake`` later): a producer
+        writing a few records at a time lets its consumer sleep until a batch is worth it.
 
         Raises:
             RecordTooLargeError: a payload exceeds ``max_payload`` (records before it are
@@ -379,13 +389,14 @@ class Producer:
         if new_tail != tail:
             self._tail = new_tail
             store_release(self._slots, TAIL, new_tail)
-            fence()  # tail store before the flag load: see engine._ordering
-            self._bell.ring_if_waiting()
+            if wake:
+                fence()  # tail store before the flag load: see engine._ordering
+                self._bell.ring_if_waiting()
         if status == _TOO_LARGE:
             size = len(payloads[count])
             raise RecordTooLargeError(
                 f"record too large: index={count}, size={size}, max={self._max}, "
-                f"capacity={self._cap}"
+                f"capacity={self._cap}", count
             )
         return count
 
@@ -418,6 +429,23 @@ class Producer:
     def _free(self) -> int:
         self._head_cache = load_acquire(self._slots, HEAD)
         return self._head_cache + self._cap - self._tail
+
+    def wake(self) -> None:
+        """Ring the consumer's doorbell if it sleeps (after ``try_write(wake=False)``)."""
+        fence()  # our tail store before its flag load: see engine._ordering
+        self._bell.ring_if_waiting()
+
+    def free_bytes(self) -> int:
+        """Bytes the producer could write now (reads the consumer's head)."""
+        return self._free()
+
+    async def wait_free_async(self, nbytes: int, timeout: float) -> bool:
+        """Wait (asyncio, on the space doorbell) until ``nbytes`` are free; True if they are.
+
+        ``nbytes`` should be a record's ``record_size`` doubled, so it fits even after a
+        wrap padding.
+        """
+        return await self._space.wait_async(lambda: self._free() >= nbytes, timeout)
 
     async def write_async(self, payloads: Sequence[bytes], type_: int = MSG,
                           timeout: float = float("inf")) -> int:

@@ -46,6 +46,7 @@ HEADER_SIZE = 128  # one cache-line pair, so the payload starts 128-byte aligned
 
 KIND_RING = 1
 KIND_COUNTERS = 2
+KIND_JOURNAL = 3
 
 _HEADER = struct.Struct("<8sIIqqq")  # magic, kind, version, owner pid, owner start, payload size
 
@@ -67,7 +68,7 @@ class SegmentHeader:
     """Decoded segment header.
 
     Attributes:
-        kind: layout kind (``KIND_RING``, ``KIND_COUNTERS``).
+        kind: layout kind (``KIND_RING``, ``KIND_COUNTERS``, ``KIND_JOURNAL``).
         version: header version.
         owner_pid: pid of the creating process.
         owner_start: start time of that process in clock ticks since boot.

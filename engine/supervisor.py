@@ -39,13 +39,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engine.config import RigConfig
-from engine.counters import Counters
+from engine.config import GearConfig, RigConfig, StreamConfig
+from engine.counters import Counters, StatDef
 from engine.egress import EgressPlan, Route
+from engine.journal import Journal
 from engine.natsd import NatsServer, set_parent_death_signal
 from engine.ring import Ring
-from engine.shm import KIND_COUNTERS, KIND_RING, SegmentFormatError, _shm_unlink, owner_alive
-from engine.shm import Segment
+from engine.shm import (
+    KIND_COUNTERS,
+    KIND_JOURNAL,
+    KIND_RING,
+    Segment,
+    SegmentFormatError,
+    _shm_unlink,
+    owner_alive,
+)
 from engine.telemetry import STATE_FILE
 from engine.worker import ProcessSpec, Runtime, run_process
 from gears.base import lookup_gear
@@ -77,6 +85,7 @@ class _Plan:
     specs: list[ProcessSpec] = field(default_factory=list)
     rings: list[Ring] = field(default_factory=list)
     counters: list[Counters] = field(default_factory=list)
+    journals: list[Journal] = field(default_factory=list)
 
 
 def clean_stale_segments(rack_id: str) -> list[str]:
@@ -90,7 +99,7 @@ def clean_stale_segments(rack_id: str) -> list[str]:
     for name in names:
         if not name.startswith(prefix):
             continue
-        for kind in (KIND_RING, KIND_COUNTERS):
+        for kind in (KIND_RING, KIND_COUNTERS, KIND_JOURNAL):
             try:
                 seg = Segment.attach(name, kind)
             except SegmentFormatError:
@@ -175,10 +184,37 @@ class Supervisor:
         self.plan.rings.append(ring)
         return ring
 
-    def _counters(self, tag: str) -> Counters:
-        c = Counters.create(self._segment(f"c-{tag}"))
+    def _counters(self, tag: str, stats: tuple[StatDef, ...] = ()) -> Counters:
+        c = Counters.create(self._segment(f"c-{tag}"), len(stats))
         self.plan.counters.append(c)
         return c
+
+    def _gear_extras(self, p_name: str, gear: GearConfig, lanes: int, egress_inputs: list[Ring],
+                     routes: list[Route], streams: dict[str, StreamConfig]
+                     ) -> list[tuple[Journal | None, dict[str, Ring]]]:
+        """A source's journal and extra outlet rings per lane (outlets routed to egress)."""
+        cls = lookup_gear(gear.gear)
+        assert cls is not None
+        jspec = cls.journal_spec(gear.settings)
+        outlet_specs = cls.outlets(gear.settings, self.cfg.rack_id)
+        out = []
+        for i in range(lanes):
+            journal = None
+            if jspec is not None:
+                journal = Journal.create(self._segment(f"j.{p_name}.{gear.name}.{i}"),
+                                         jspec.slots, jspec.slot_size)
+                self.plan.journals.append(journal)
+            rings = {}
+            for o in outlet_specs:
+                ring = Ring.create(self._segment(f"o.{p_name}.{gear.name}.{o.name}.{i}"),
+                                   self.cfg.ring_capacity)
+                self.plan.rings.append(ring)
+                rings[o.name] = ring
+                egress_inputs.append(ring)
+                routes.append(Route(subject=o.subject, stream=o.stream.name))
+                streams.setdefault(o.stream.name, o.stream)
+            out.append((journal, rings))
+        return out
 
     def build_plan(self) -> None:
         """Create rings and counters and the process specs (in start order)."""
@@ -192,27 +228,42 @@ class Supervisor:
         from engine.config import subject_matches
 
         sinks_specs, stage_specs, source_specs = [], [], []
+        extra_streams: dict[str, StreamConfig] = {}
+
+        def defs_of(gear: GearConfig) -> tuple[StatDef, ...]:
+            cls = lookup_gear(gear.gear)
+            assert cls is not None
+            return tuple(cls.stat_defs(gear.settings))
+
         for p in cfg.pipelines:
             lanes_in = [self._ring(f"{p.name}-{p.source.name}-{i}") for i in range(n)]
-            if getattr(lookup_gear(p.source.gear), "replicated", False):
+            src_defs = defs_of(p.source)
+            replicated = getattr(lookup_gear(p.source.gear), "replicated", False)
+            extras = self._gear_extras(p.name, p.source, n if replicated else 1, egress_inputs,
+                                       routes, extra_streams)
+            if replicated:
                 for i in range(n):  # one source per lane, each feeding its own lane
                     source_specs.append(ProcessSpec(
                         name=f"{p.name}.{p.source.name}.{i}", role="source", pipeline=p.name,
                         gear=p.source, replica=i, replicas=n, outputs=[lanes_in[i]],
-                        counters=self._counters(f"{p.name}-{p.source.name}-{i}")))
+                        counters=self._counters(f"{p.name}-{p.source.name}-{i}", src_defs),
+                        journal=extras[i][0], outlets=extras[i][1], stat_defs=src_defs))
             else:
                 source_specs.append(ProcessSpec(
                     name=f"{p.name}.{p.source.name}", role="source", pipeline=p.name,
                     gear=p.source, replicas=n, outputs=lanes_in, key=p.key,
-                    counters=self._counters(f"{p.name}-{p.source.name}")))
+                    counters=self._counters(f"{p.name}-{p.source.name}", src_defs),
+                    journal=extras[0][0], outlets=extras[0][1], stat_defs=src_defs))
             current = lanes_in
             for stage in p.stages:
                 nxt = [self._ring(f"{p.name}-{stage.name}-{i}") for i in range(n)]
+                stage_defs = defs_of(stage)
                 for i in range(n):
                     stage_specs.append(ProcessSpec(
                         name=f"{p.name}.{stage.name}.{i}", role="stage", pipeline=p.name,
                         gear=stage, replica=i, replicas=n, inputs=[current[i]],
-                        outputs=[nxt[i]], counters=self._counters(f"{p.name}-{stage.name}-{i}")))
+                        outputs=[nxt[i]], stat_defs=stage_defs,
+                        counters=self._counters(f"{p.name}-{stage.name}-{i}", stage_defs)))
                 current = nxt
             sink = p.sinks[0]  # one per pipeline (checked by engine.config)
             if sink.gear == "egress":
@@ -223,9 +274,11 @@ class Supervisor:
                     egress_inputs.append(ring)
                     routes.append(Route(subject=subject, stream=stream))
             else:
+                sink_defs = defs_of(sink)
                 sinks_specs.append(ProcessSpec(
                     name=f"{p.name}.{sink.name}", role="sink", pipeline=p.name, gear=sink,
-                    replicas=n, inputs=current, counters=self._counters(f"{p.name}-{sink.name}")))
+                    replicas=n, inputs=current, stat_defs=sink_defs,
+                    counters=self._counters(f"{p.name}-{sink.name}", sink_defs)))
         specs: list[ProcessSpec] = []
         specs.append(ProcessSpec(
             name="telemetry", role="telemetry", counters=None,
@@ -237,7 +290,8 @@ class Supervisor:
             specs.append(ProcessSpec(
                 name="egress", role="egress", inputs=egress_inputs,
                 counters=self._counters("egress"),
-                extra=EgressPlan(routes=routes, streams=list(cfg.egress.streams),
+                extra=EgressPlan(routes=routes,
+                                 streams=list(cfg.egress.streams) + list(extra_streams.values()),
                                  batch=cfg.egress.batch, max_inflight=cfg.egress.max_inflight,
                                  ack_timeout=cfg.egress.ack_timeout)))
         specs += sinks_specs + stage_specs + source_specs
@@ -335,6 +389,8 @@ class Supervisor:
                     "restarts": c.restarts,
                     "counters": c.spec.counters.segment.name if c.spec.counters else None,
                     "inputs": [r.segment.name for r in c.spec.inputs],
+                    "stats": [d.to_json() for d in c.spec.stat_defs],
+                    "journal": c.spec.journal.segment.name if c.spec.journal else None,
                 }
                 for c in self.children
             ],
@@ -482,6 +538,8 @@ class Supervisor:
             ring.unlink()
         for c in self.plan.counters:
             c.unlink()
+        for j in self.plan.journals:
+            j.unlink()
         try:
             (self.data_dir / STATE_FILE).unlink()
         except FileNotFoundError:

@@ -35,7 +35,7 @@ from typing import Any
 import psutil
 
 from engine.cbor import dumps
-from engine.counters import Counters, CountersSnapshot, percentiles
+from engine.counters import Counters, CountersSnapshot, StatDef, percentiles
 from engine.ring import Ring
 
 log = logging.getLogger("fluxrig.telemetry")
@@ -65,6 +65,7 @@ class ProcessSample:
     ring_fill: float  # highest fill of its input rings
     cpu_times: float  # user + system seconds
     rss: int
+    stat_defs: tuple[StatDef, ...] = ()  # the gear's named stats, values in counters.stats
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -84,7 +85,9 @@ class RackProbe:
         self.state = state
         self._counters: dict[str, Counters] = {}
         self._rings: dict[str, Ring] = {}
+        self._defs: dict[str, tuple[StatDef, ...]] = {}
         for p in state["processes"]:
+            self._defs[p["name"]] = tuple(StatDef.from_json(d) for d in p.get("stats") or ())
             if p.get("counters"):
                 try:
                     self._counters[p["name"]] = Counters.attach(p["counters"])
@@ -129,6 +132,7 @@ class RackProbe:
                 name=p["name"], role=p["role"], pid=p.get("pid"), cpu=p.get("cpu"),
                 counters=c.snapshot() if c else None,
                 ring_fill=max(fills, default=0.0), cpu_times=cpu_t, rss=rss,
+                stat_defs=self._defs.get(p["name"], ()),
             ))
         return RackSample(t=time.monotonic(), processes=tuple(out),
                           host_cpu=psutil.cpu_percent(None),
@@ -169,6 +173,10 @@ def rows(prev: RackSample | None, cur: RackSample) -> list[dict[str, Any]]:
                     hist = delta
             p50, p99 = percentiles(hist, (0.5, 0.99))
             row.update(p50_ns=p50, p99_ns=p99)
+            if p.stat_defs and len(c.stats) == len(p.stat_defs):
+                # gauges always (0 links up matters), counters once they moved
+                row["stats"] = {d.key: int(v) for d, v in zip(p.stat_defs, c.stats)
+                                if v or d.kind == "gauge"}
         if b is not None and dt > 0:
             row["cpu_pct"] = round(100.0 * max(0.0, p.cpu_times - b.cpu_times) / dt, 2)
             if c is not None and b.counters is not None:
@@ -236,6 +244,35 @@ class _Otel:
         meter.create_observable_gauge("fluxrig.process.rss", [observe("rss")], "By",
                                       "resident memory of the process")
         self.provider = provider
+        self.meter = meter
+        self.defs: dict[str, tuple[StatDef, ...]] = {}  # process -> its gear's stats
+        self._instruments: set[str] = set()
+
+    def register(self, defs: dict[str, tuple[StatDef, ...]]) -> None:
+        """Make an instrument for every gear stat name not seen yet (one per name; the
+        slots of a name differ by labels)."""
+        from opentelemetry.metrics import CallbackOptions, Observation
+
+        self.defs = defs
+        for name, d in {d.name: d for ds in defs.values() for d in ds}.items():
+            if name in self._instruments:
+                continue
+            self._instruments.add(name)
+
+            def callback(options: CallbackOptions, name: str = name):
+                out = []
+                for r in self.table:
+                    for sd in self.defs.get(r["name"], ()):
+                        if sd.name == name:
+                            value = (r.get("stats") or {}).get(sd.key, 0)
+                            out.append(Observation(value, {"process": r["name"],
+                                                           "role": r["role"],
+                                                           **dict(sd.labels)}))
+                return out
+
+            make = (self.meter.create_observable_counter if d.kind == "counter"
+                    else self.meter.create_observable_gauge)
+            make(f"fluxrig.{name}", [callback], "1", d.help)
 
 
 def run_telemetry(spec: Any, rt: Any) -> None:
@@ -273,6 +310,7 @@ async def _telemetry_main(spec: Any, rt: Any) -> None:
             table = rows(prev, cur)
             prev = cur
             if otel is not None:
+                otel.register({p.name: p.stat_defs for p in cur.processes})
                 otel.table = table
             if nc is not None and nc.is_connected:
                 await nc.publish(cfg["subject"],

@@ -38,9 +38,11 @@ from typing import Any
 
 from engine.cbor import dumps
 from engine.config import GearConfig
-from engine.counters import ERRORS, Counters
+from engine.counters import ERRORS, Counters, StatDef
 from engine.frame import Frame, FrameError, decode, encode, path_get
-from engine.ring import Consumer, Ring
+from engine.journal import Journal
+from engine.outlet import MAIN, Outlet
+from engine.ring import Consumer, Producer, Ring
 from gears.base import GearContext, Sink, Source, Stage, lookup_gear
 
 log = logging.getLogger("fluxrig.worker")
@@ -65,6 +67,9 @@ class ProcessSpec:
         key: lane key path (sources only).
         cpu: CPU to pin to, or None.
         extra: role-specific data (egress routes, telemetry targets).
+        outlets: the gear's extra outlet rings by name (sources only).
+        journal: the gear's in-flight journal (sources only), or None.
+        stat_defs: the gear's named stats (slots after the histogram in ``counters``).
     """
 
     name: str
@@ -79,6 +84,9 @@ class ProcessSpec:
     key: str | None = None
     cpu: int | None = None
     extra: Any = None
+    outlets: dict[str, Ring] = field(default_factory=dict)
+    journal: Journal | None = None
+    stat_defs: tuple[StatDef, ...] = ()
 
 
 @dataclass(slots=True)
@@ -114,9 +122,17 @@ def lane_of(frame: Frame, key: str | None, lanes: int, fallback: int) -> int:
     return zlib.crc32(data) % lanes
 
 
-def make_context(spec: ProcessSpec, rt: Runtime) -> GearContext:
-    """The GearContext for a spec's gear."""
+def make_context(spec: ProcessSpec, rt: Runtime,
+                 producers: Sequence[Producer] = ()) -> GearContext:
+    """The GearContext for a spec's gear (``producers``: a source's lane producers, so the
+    outlet ``"out"`` of a replicated source shares the one producer of its lane)."""
     assert spec.gear is not None
+    outlets = {name: Outlet(name, ring.producer(), None) for name, ring in spec.outlets.items()}
+    if len(producers) == 1:  # one lane to write: the gear may write it synchronously
+        outlets[MAIN] = Outlet(MAIN, producers[0], spec.counters)
+    stats = None
+    if spec.stat_defs and spec.counters is not None:
+        stats = spec.counters.stats(spec.stat_defs)
     return GearContext(
         rack_id=rt.rack_id,
         pipeline=spec.pipeline,
@@ -127,6 +143,9 @@ def make_context(spec: ProcessSpec, rt: Runtime) -> GearContext:
         log=logging.getLogger(f"fluxrig.{spec.pipeline}.{spec.gear.name}"),
         counters=spec.counters,
         nats_url=rt.nats_url,
+        stats=stats,
+        journal=spec.journal,
+        outlets=outlets,
     )
 
 
@@ -261,8 +280,9 @@ async def run_source(spec: ProcessSpec, rt: Runtime) -> None:
 
     assert spec.gear is not None and spec.counters is not None
     cls = lookup_gear(spec.gear.gear)
-    gear: Source = cls(spec.gear.settings, make_context(spec, rt))  # type: ignore[assignment]
     producers = [ring.producer() for ring in spec.outputs]
+    gear: Source = cls(spec.gear.settings,  # type: ignore[assignment]
+                       make_context(spec, rt, producers))
     lanes = len(producers)
     counters = spec.counters
     stopping = asyncio.Event()

@@ -23,20 +23,34 @@ Life cycle (all in the gear's own process, after ``fork``):
      committed upstream when it returns, so raising means "retry later".
 
 4. ``close()`` — on a clean stop (drain), after the last batch.
+
+What a gear may ask the rack for (classmethods, answered from the settings before any
+process exists, so ``engine check`` sees them and the supervisor sizes shared memory):
+
+* ``stat_defs(settings)``: named counters and gauges (``engine.counters.StatDef``) the gear
+  keeps in its process's counters segment; they reach ``engine status``, the stats snapshots
+  and Prometheus. The gear gets them as ``ctx.stats``.
+* ``journal_spec(settings)`` (sources): an in-flight journal in shared memory
+  (``engine.journal``) that survives the process; its successor gets it as ``ctx.journal``.
+* ``outlets(settings, rack_id)`` (sources): extra outputs, each a ring per lane published by
+  egress to its own subject and stream (``engine.outlet``). A replicated source also gets
+  its own lane as the outlet ``"out"``, for gears that must write synchronously.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import importlib
 import logging
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from engine.config import At
-from engine.frame import Frame
+from engine.counters import Counters, StatDef, Stats
+from engine.frame import Frame, derive_id  # noqa: F401 - re-exported: part of the gear contract
+from engine.journal import Journal, JournalSpec
+from engine.outlet import Outlet, OutletSpec
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -54,6 +68,10 @@ class GearContext:
         counters: this process's ``engine.counters.Counters`` (a gear may record latencies
             with ``observe``; frames in/out are counted by the rack), or None in tests.
         nats_url: the rack's NATS (for gears that keep state in JetStream/KV), "" if none.
+        stats: the gear's declared stats (``stat_defs``), or None when it declares none.
+        journal: the gear's journal (``journal_spec``), or None.
+        outlets: synchronous writers by name (``outlets`` plus ``"out"`` for a replicated
+            source's own lane); empty for other gears.
     """
 
     rack_id: str
@@ -63,8 +81,11 @@ class GearContext:
     replicas: int
     data_dir: str
     log: logging.Logger
-    counters: Any = None
+    counters: Counters | None = None
     nats_url: str = ""
+    stats: Stats | None = None
+    journal: Journal | None = None
+    outlets: Mapping[str, Outlet] = field(default_factory=dict)
 
 
 class Gear:
@@ -79,6 +100,21 @@ class Gear:
 
         get_map(raw, at, set())
         return None
+
+    @classmethod
+    def stat_defs(cls, settings: Any) -> tuple[StatDef, ...]:
+        """Named stats this gear keeps (default: none)."""
+        return ()
+
+    @classmethod
+    def journal_spec(cls, settings: Any) -> JournalSpec | None:
+        """The in-flight journal this gear needs (sources only; default: none)."""
+        return None
+
+    @classmethod
+    def outlets(cls, settings: Any, rack_id: str) -> tuple[OutletSpec, ...]:
+        """Extra outputs published by egress (sources only; default: none)."""
+        return ()
 
     def __init__(self, settings: Any, ctx: GearContext):
         self.settings = settings
@@ -122,19 +158,6 @@ class Sink(Gear):
     async def write(self, frames: list[Frame]) -> None:
         """Make ``frames`` durable; returning commits them upstream."""
         raise NotImplementedError
-
-
-def derive_id(parent: bytes, n: int) -> bytes:
-    """A stable 16-byte id for the ``n``-th extra frame derived from frame ``parent``.
-
-    Keeps the parent's UUIDv7 time prefix (so ids still sort by time) and replaces the rest
-    by a hash of (parent, n) with the version and variant bits set: still a UUIDv7, and the
-    same input replayed after a crash gives the same ids.
-    """
-    digest = bytearray(hashlib.blake2b(parent + n.to_bytes(4, "big"), digest_size=10).digest())
-    digest[0] = 0x70 | (digest[0] & 0x0F)  # byte 6 of the UUID: version 7
-    digest[2] = 0x80 | (digest[2] & 0x3F)  # byte 8: RFC 9562 variant 0b10
-    return parent[:6] + bytes(digest)
 
 
 # Registered gears: name -> "module:Class". Imported on first use, so `engine check` does not

@@ -18,12 +18,10 @@ base64}}``) or come from ``FLUXRIG_VAULT_KEY`` (base64 of 32 bytes; key id ``env
 ``rotate`` adds a key and makes it current: new entries use it, entries sealed before stay
 readable with their old key until they expire.
 
-*The vault* is a NATS KV bucket on the rack's own JetStream (it works with the hub away).
-Entries expire with the bucket's TTL (transaction timeout + margin). Writes are fire-and-
-forget core publishes on ``$KV.<bucket>.<key>`` queued on the connection: they overlap the
-issuer round trip instead of adding one to the request path. The process that checked the
-values in keeps them in memory until its issuer leg claims them (``claim``), so the issuer
-leg never waits on the network; after a restart the KV copy is what remains.
+*The vault* (``Vault``) holds the clear values in the switch process's memory from check-in
+until the transaction ends; only the issuer-facing leg and the switch's own answers to the
+acquirer claim them. The key ring seals what must survive the process: reversals, in the
+in-flight journal and the SAF queue.
 
 Nothing here logs; errors carry key ids and tokens, never clear values.
 """
@@ -59,17 +57,43 @@ _TOKEN_RNG = random.Random(secrets.randbits(128))
 os.register_at_fork(after_in_child=lambda: _TOKEN_RNG.seed(secrets.randbits(128)))
 
 
+class _Nonces:
+    """Unique 96-bit AES-GCM nonces without a system call each (NIST SP 800-38D §8.2.1,
+    deterministic construction): a random 64-bit field drawn per process (again in every
+    forked child, and whenever the counter wraps) followed by a 32-bit invocation counter.
+    Two processes repeat a nonce only if they draw the same 64 random bits (~2^-64 per
+    pair); ``secrets.token_bytes`` per seal cost ~1 us, 3% of a switch process at load."""
+
+    __slots__ = ("prefix", "count")
+
+    def __init__(self) -> None:
+        self.reseed()
+
+    def reseed(self) -> None:
+        self.prefix = secrets.token_bytes(8)
+        self.count = 0
+
+    def next(self) -> bytes:
+        self.count += 1
+        if self.count >= 1 << 32:
+            self.reseed()
+            self.count = 1
+        return self.prefix + self.count.to_bytes(4, "big")
+
+
+_NONCES = _Nonces()
+os.register_at_fork(after_in_child=_NONCES.reseed)
+
+
+_DOUBLED = str.maketrans("0123456789", "0246813579")  # digit -> digit sum of its double
+
+
 def luhn_valid(digits: str) -> bool:
-    """True when ``digits`` passes the Luhn (mod 10) check."""
-    total = 0
-    for i, ch in enumerate(reversed(digits)):
-        d = ord(ch) - 48
-        if i & 1:
-            d *= 2
-            if d > 9:
-                d -= 9
-        total += d
-    return total % 10 == 0
+    """True when ``digits`` (ASCII digits) passes the Luhn (mod 10) check."""
+    rev = digits[::-1]
+    # every second digit from the right is doubled (9 -> 18 -> 9); sums of bytes are C loops
+    total = sum(rev[0::2].encode()) + sum(rev[1::2].translate(_DOUBLED).encode())
+    return (total - 48 * len(digits)) % 10 == 0
 
 
 def make_token(pan: str) -> str:
@@ -155,8 +179,9 @@ class KeyRing:
 
     def seal(self, token: str, clear: Mapping[str, str]) -> bytes:
         """Encrypt ``clear`` under the current key, bound to ``token``."""
-        nonce = secrets.token_bytes(12)
-        ct = self._aead[self.current].encrypt(nonce, dumps(dict(clear)), token.encode())
+        nonce = _NONCES.next()
+        plain = dumps(clear if type(clear) is dict else dict(clear))
+        ct = self._aead[self.current].encrypt(nonce, plain, token.encode())
         return dumps({"k": self.current, "n": nonce, "c": ct})
 
     def open(self, token: str, sealed: bytes) -> dict[str, str]:
@@ -215,34 +240,30 @@ def rotate(path: str | os.PathLike[str]) -> str:
 
 
 class Vault:
-    """The switch process's side of the vault: clear values held until the issuer leg claims
-    them, and the outbox of sealed KV writes (flushed by the asyncio shell, not awaited on
-    the request path).
+    """The switch process's side of coat check: clear values held in process memory from
+    check-in until the transaction ends, under ``<prefix>.<token>`` (the prefix keeps switch
+    replicas apart).
 
-    Entry keys are ``<prefix>.<token>`` (the prefix keeps switch replicas apart). Entries are
-    written in *pages*: each flush puts one KV value ``<prefix>.p<n>`` holding the CBOR map
-    ``{entry key: sealed entry}`` — every entry still sealed on its own, bound to its key —
-    because one JetStream message per transaction cost the nats-server more CPU than the
-    rest of coat check together (measured: 24% TPS at 60 s vs the target 15%).
+    Only the issuer-facing leg and the switch's own answers to the acquirer ``claim`` them.
+    Nothing is written anywhere else: a request still in flight when the process dies is
+    settled from the in-flight journal, which holds its reversal sealed with the key ring
+    (docs/architecture.md, "The vault's KV copy", says why the KV copy was dropped).
     """
 
-    def __init__(self, ring: KeyRing, bucket: str, prefix: str):
-        self.ring = ring
-        self.bucket = bucket
+    __slots__ = ("prefix", "local")
+
+    def __init__(self, prefix: str):
         self.prefix = prefix
         self.local: dict[str, dict[str, str]] = {}
-        self.outbox: dict[str, bytes] = {}
-        self.pages = 0
 
     def check_in(self, pan: str, clear: Mapping[str, str]) -> tuple[str, str]:
-        """Store ``clear`` under a fresh token for ``pan``; returns (token, vault key)."""
+        """Hold ``clear`` under a fresh token for ``pan``; returns (token, vault key)."""
         while True:
             token = make_token(pan or "0" * 16)
             key = f"{self.prefix}.{token}"
             if key not in self.local:  # two cards in flight with the same token: redraw
                 break
         self.local[key] = dict(clear)
-        self.outbox[key] = self.ring.seal(key, clear)
         return token, key
 
     def claim(self, key: str) -> dict[str, str] | None:
@@ -250,19 +271,5 @@ class Vault:
         return self.local.get(key)
 
     def release(self, key: str) -> None:
-        """The transaction is over: forget the clear values (the KV copy expires by TTL)."""
+        """The transaction is over: forget the clear values."""
         self.local.pop(key, None)
-
-    def take_page(self) -> tuple[str, bytes] | None:
-        """The KV subject and value of one page with every entry queued since the last
-        call, or None when nothing is queued."""
-        if not self.outbox:
-            return None
-        entries, self.outbox = self.outbox, {}
-        self.pages += 1
-        return f"$KV.{self.bucket}.{self.prefix}.p{self.pages}", dumps(entries)
-
-
-def page_entries(page: bytes) -> dict[str, bytes]:
-    """The sealed entries of a vault page (``{entry key: sealed}``), for readers."""
-    return loads(page)

@@ -1,7 +1,14 @@
-"""Switch benchmark: fluxrig's ISO 8583 switch vs a plain asyncio switch on pyiso8583.
+"""Switch benchmark: fluxrig's ISO 8583 switch vs a plain asyncio switch on pyiso8583, and
+optionally vs fluxrig at another commit (regression check), all in the same run.
 
     python perf/switch_bench.py [--seconds 60] [--p99-seconds 20] [--workers 2] [--coatcheck]
-                                [--json PATH]
+                                [--against REV] [--repeat N] [--json PATH]
+
+``--against REV`` checks out REV (``git worktree``, extensions built in place), runs its rack
+with the same config, load and issuer, and reports TPS and CPU per transaction of this tree
+relative to REV. Runs alternate (REV, this tree, REV, this tree ... ``--repeat`` times each)
+because on a shared VM whichever system runs later in a bench can be slower; the table
+reports the median of each.
 
 Same machine, same run, same issuer simulator (``engine iso issuer``, approves BIN 4) and
 same load generator (``engine iso load``, a separate process, 50 terminals):
@@ -26,6 +33,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 from pathlib import Path
@@ -62,11 +70,12 @@ def _measure(pid: int, port: int, seconds: float, p99_seconds: float) -> dict:
 
 def run_fluxrig(issuer_port: int, seconds: float, p99_seconds: float, workers: int,
                 tmp: Path, coatcheck: bool, vault_storage: str = "memory",
-                idle_spin_us: int = 0) -> dict:
+                idle_spin_us: int = 0, root: Path = ROOT) -> dict:
     port = free_port()
-    cfg = yaml.safe_load((ROOT / "configs" / "iso8583-switch.yaml").read_text())
+    cfg = yaml.safe_load((root / "configs" / "iso8583-switch.yaml").read_text())
     cfg["rack"]["id"] = "bench"
-    cfg["rack"]["data_dir"] = str(tmp / ("rack-coat" if coatcheck else "rack"))
+    data_dir = tmp / f"rack-{'coat' if coatcheck else 'plain'}-{time.monotonic_ns()}"
+    cfg["rack"]["data_dir"] = str(data_dir)
     cfg["egress"]["streams"][0]["subjects"] = ["fluxrig.bench.txn"]
     pipeline = cfg["pipelines"][0]
     pipeline["sinks"][0]["settings"]["subject"] = "fluxrig.bench.txn"
@@ -80,8 +89,9 @@ def run_fluxrig(issuer_port: int, seconds: float, p99_seconds: float, workers: i
         issuer["port"] = issuer_port
     path = tmp / "bench-switch.yaml"
     path.write_text(yaml.safe_dump(cfg))
+    env = dict(os.environ, PYTHONPATH=str(root))
     rack = subprocess.Popen([PY, "-m", "engine.cli", "start", "--config", str(path),
-                             "--workers", str(workers)], cwd=ROOT,
+                             "--workers", str(workers)], cwd=root, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_port(port)
@@ -95,7 +105,29 @@ def run_fluxrig(issuer_port: int, seconds: float, p99_seconds: float, workers: i
             rack.kill()
     result["workers"] = workers
     result["coatcheck"] = coatcheck
+    shutil.rmtree(data_dir, ignore_errors=True)
     return result
+
+
+def checkout(rev: str, tmp: Path) -> Path:
+    """REV in a worktree under ``tmp`` with its C extensions built in place."""
+    where = tmp / f"rev-{rev.replace('/', '_')}"
+    subprocess.run(["git", "worktree", "add", "--detach", "-f", str(where), rev], cwd=ROOT,
+                   check=True, capture_output=True)
+    # the extensions, built in place as setup.py would (-O2, C11) without needing its
+    # setuptools (a checkout's pyproject may want a newer one than the venv has)
+    include = sysconfig.get_paths()["include"]
+    suffix = sysconfig.get_config_var("EXT_SUFFIX")
+    for c_file in sorted((where / "engine").glob("_*.c")):
+        subprocess.run([os.environ.get("CC", "cc"), "-O2", "-std=c11", "-shared", "-fPIC",
+                        f"-I{include}", str(c_file), "-o",
+                        str(c_file.with_name(c_file.stem + suffix))], check=True)
+    return where
+
+
+def median_run(runs: list[dict]) -> dict:
+    """The run with the median TPS at max rate (its other figures come with it)."""
+    return sorted(runs, key=lambda r: r["max"]["tps"])[len(runs) // 2]
 
 
 def run_baseline(issuer_port: int, seconds: float, p99_seconds: float) -> dict:
@@ -122,6 +154,10 @@ def main() -> int:
                     help="JetStream storage of the vault KV bucket in the coat check run")
     ap.add_argument("--idle-spin-us", type=int, default=0,
                     help="switch setting idle_spin_us for the fluxrig runs")
+    ap.add_argument("--against", metavar="REV",
+                    help="also run fluxrig at git revision REV and report this tree vs REV")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="with --against: alternate runs of each this many times (median)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     issuer_port = free_port()
@@ -129,19 +165,41 @@ def main() -> int:
                                str(issuer_port), "--rule", "4=00"], cwd=ROOT,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     tmp = Path(tempfile.mkdtemp(prefix="switch-bench-"))
+    other = other_coat = None
+    worktree = None
     try:
         wait_port(issuer_port)
         base = run_baseline(issuer_port, args.seconds, args.p99_seconds)
-        # coat check first when asked: the run that goes last on this VM has measured up to
-        # 25% slower whatever it was (a long-running issuer simulator, a warm page cache of
-        # JetStream files...), and the cost must not be blamed on coat check
-        coat = (run_fluxrig(issuer_port, args.seconds, args.p99_seconds, args.workers, tmp, True,
-                            args.vault_storage, args.idle_spin_us) if args.coatcheck else None)
-        flux = run_fluxrig(issuer_port, args.seconds, args.p99_seconds, args.workers, tmp,
-                           False, idle_spin_us=args.idle_spin_us)
+        if args.against:
+            worktree = checkout(args.against, tmp)
+            mine, theirs, mine_c, theirs_c = [], [], [], []
+            for _ in range(max(1, args.repeat)):
+                for root, plain, coated in ((worktree, theirs, theirs_c), (ROOT, mine, mine_c)):
+                    if args.coatcheck:
+                        coated.append(run_fluxrig(issuer_port, args.seconds, args.p99_seconds,
+                                                  args.workers, tmp, True, args.vault_storage,
+                                                  args.idle_spin_us, root))
+                    plain.append(run_fluxrig(issuer_port, args.seconds, args.p99_seconds,
+                                             args.workers, tmp, False,
+                                             idle_spin_us=args.idle_spin_us, root=root))
+            flux, other = median_run(mine), median_run(theirs)
+            coat = median_run(mine_c) if mine_c else None
+            other_coat = median_run(theirs_c) if theirs_c else None
+        else:
+            # coat check first when asked: the run that goes last on this VM has measured up
+            # to 25% slower whatever it was (a long-running issuer simulator, a warm page
+            # cache of JetStream files...), and the cost must not be blamed on coat check
+            coat = (run_fluxrig(issuer_port, args.seconds, args.p99_seconds, args.workers, tmp,
+                                True, args.vault_storage, args.idle_spin_us)
+                    if args.coatcheck else None)
+            flux = run_fluxrig(issuer_port, args.seconds, args.p99_seconds, args.workers, tmp,
+                               False, idle_spin_us=args.idle_spin_us)
     finally:
         issuer.kill()
         issuer.wait()
+        if worktree is not None:
+            subprocess.run(["git", "worktree", "remove", "--force", str(worktree)], cwd=ROOT,
+                           capture_output=True)
         shutil.rmtree(tmp, ignore_errors=True)
     ratio = flux["max"]["tps"] / base["max"]["tps"] if base["max"]["tps"] else 0.0
     print(f"switch benchmark: {args.seconds:.0f} s at max rate (50 terminals x 4 outstanding), "
@@ -153,6 +211,10 @@ def main() -> int:
             (f"fluxrig switch --workers {flux['workers']}", flux)]
     if coat is not None:
         rows.append((f"fluxrig + coat check ({args.vault_storage}) + SAF", coat))
+    if other is not None:
+        rows.append((f"fluxrig @{args.against[:12]}", other))
+    if other_coat is not None:
+        rows.append((f"fluxrig @{args.against[:12]} + coat + SAF", other_coat))
     for name, r in rows:
         m, s = r["max"], r["at_2000"]
         print(f"{name:<34} {m['tps']:8,.0f} {m['p50_ms']:7.2f} {m['p99_ms']:7.2f} "
@@ -178,10 +240,26 @@ def main() -> int:
               f"{'PASS' if bars['coatcheck_cost_le_15pct'] else 'FAIL'}")
         print(f"bar: coat check p99 <= 5 ms at 2,000 TPS: {coat['at_2000']['p99_ms']:.2f} ms — "
               f"{'PASS' if bars['coatcheck_p99_at_2000_le_5ms'] else 'FAIL'}")
+    against = {}
+    if other is not None:
+        for label, mine_r, theirs_r in (("plain", flux, other), ("coatcheck", coat, other_coat)):
+            if mine_r is None or theirs_r is None:
+                continue
+            tps = mine_r["max"]["tps"] / theirs_r["max"]["tps"]
+            cpu = mine_r["cpu_us_per_txn"] / theirs_r["cpu_us_per_txn"]
+            against[label] = {"tps_ratio": round(tps, 4), "cpu_ratio": round(cpu, 4)}
+            bars[f"against_{label}_tps_within_5pct"] = tps >= 0.95
+            bars[f"against_{label}_cpu_within_5pct"] = cpu <= 1.05
+            print(f"vs {args.against} ({label}): TPS {mine_r['max']['tps']:,.0f} vs "
+                  f"{theirs_r['max']['tps']:,.0f} = {tps:.3f}x; CPU/txn "
+                  f"{mine_r['cpu_us_per_txn']:.1f} vs {theirs_r['cpu_us_per_txn']:.1f} us = "
+                  f"{cpu:.3f}x (bar: within 5% -> TPS >= 0.95x, CPU <= 1.05x)")
     if args.json:
         args.json.write_text(json.dumps({
             "benchmark": "switch", "seconds": args.seconds, "p99_seconds": args.p99_seconds,
             "baseline": base, "fluxrig": flux, "fluxrig_coatcheck": coat, "ratio": ratio,
+            "against": {"rev": args.against, "fluxrig": other, "fluxrig_coatcheck": other_coat,
+                        "ratios": against} if args.against else None,
             "bars": bars,
             "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0],
                         "platform": platform.platform()},

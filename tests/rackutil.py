@@ -51,14 +51,22 @@ def rig(tmp_path: Path, rack_id: str, *, count: int, rate: float, stages: int = 
 class RackProcess:
     """``engine start`` as a child process, with access to its state and counters."""
 
-    def __init__(self, config: Path, data_dir: Path, workers: int = 1):
+    def __init__(self, config: Path, data_dir: Path, workers: int = 1,
+                 nofile: int | None = None):
         self.config = config
         self.data_dir = data_dir
         self.log = open(data_dir.parent / f"engine-{os.getpid()}-{time.monotonic_ns()}.out", "wb")
+
+        def limits() -> None:  # in the child, before exec: an operator's ulimit -n
+            if nofile is not None:
+                import resource
+
+                resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "engine.cli", "start", "--config", str(config),
              "--workers", str(workers), "--drain-timeout", "30"],
-            stdout=self.log, stderr=subprocess.STDOUT,
+            stdout=self.log, stderr=subprocess.STDOUT, preexec_fn=limits,
         )
         self.state = self._wait_state(30.0)
         self._held: dict[str, Counters] = {}
@@ -160,6 +168,57 @@ def stream_contents(data_dir: Path, rack_id: str, stream: str = "EV",
         return asyncio.run(_read_stream(server.url, stream, subject or f"fluxrig.{rack_id}.>"))
     finally:
         server.stop()
+
+
+def switch_rig(tmp_path: Path, rack_id: str, port: int, issuer_port: int,
+               **settings: Any) -> Path:
+    """Write a one-pipeline switch rig (issuer ``a`` for BIN 4 and 6, ``b`` for BIN 5, both on
+    ``issuer_port``; audit to stream TXN) and return its path; ``settings`` override the
+    switch settings, ``rings``/``telemetry`` keys the rack's."""
+    rings = settings.pop("rings", {"capacity": "1MiB"})
+    telemetry = settings.pop("telemetry", {"interval": 0.5})
+    sw = {
+        "listen": {"host": "127.0.0.1", "port": port},
+        "acquirer": {"framing": {"prefix": "2B"}, "spec": "default"},
+        "timeout": 2.0,
+        "issuers": {"a": {"port": issuer_port, "connections": 2},
+                    "b": {"port": issuer_port, "connections": 1}},
+        "groups": {"visa": {"endpoints": ["a"]}, "mc": {"endpoints": ["b"]}},
+        "routes": [{"name": "visa", "bins": ["4", "6"], "group": "visa"},
+                   {"name": "mc", "bins": ["5"], "group": "mc"}],
+    }
+    sw.update(settings)
+    cfg = {
+        "rack": {"id": rack_id, "data_dir": str(tmp_path / "data")},
+        "rings": rings,
+        "telemetry": telemetry,
+        "egress": {"streams": [{"name": "TXN", "subjects": [f"fluxrig.{rack_id}.txn"]}]},
+        "pipelines": [{
+            "name": "payments",
+            "source": {"name": "switch", "gear": "iso8583", "settings": sw},
+            "sinks": [{"name": "audit", "gear": "egress",
+                       "settings": {"subject": f"fluxrig.{rack_id}.txn"}}],
+        }],
+    }
+    path = tmp_path / f"{rack_id}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def wait_switch_ready(rack: RackProcess, port: int, replicas: int = 1) -> None:
+    """Until the switch listens on ``port`` and each replica has an issuer link up."""
+    import socket
+
+    def up() -> bool:
+        if rack.output().count("issuer link up: issuer=a") < replicas:
+            return False
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return True
+        except OSError:
+            return False
+
+    rack.wait_for(up, 30, f"switch listening on {port} with issuer links")
 
 
 def check_exactly_once(messages: list[tuple[str, bytes]], count: int) -> None:

@@ -144,7 +144,9 @@ def test_yaml_spec_file_overrides_fields(tmp_path):
         ({"fields": {"200": {}}}, "<spec>: fields.200: field must be h, t, p or 1..128"),
         ({"fields": {"48": {"bogus": 1}}}, "<spec>: fields.48: expected keys among "
          "['data_enc', 'desc', 'left_pad', 'len_count', 'len_enc', 'len_type', 'max_len', "
-         "'right_pad', 'sensitive']"),
+         "'right_pad', 'sensitive', 'type']"),
+        ({"fields": {"48": {"type": "x"}}}, "<spec>: fields.48.type: expected one of n, an, "
+         "ans, z, b"),
         ({"fields": {"48": {"data_enc": "klingon"}}}, "<spec>: fields.48.data_enc: unknown encoding 'klingon'"),
         ({"fields": {"48": {"len_type": 9}}}, "<spec>: fields.48.len_type: expected 0..4"),
     ],

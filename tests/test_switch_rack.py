@@ -107,6 +107,18 @@ def test_switch_rack_answers_every_terminal_and_audits_every_transaction(tmp_pat
                 assert pan.encode() not in blob, path
 
 
+def _rack_segments(rack_id: str) -> list[tuple[str, bytes]]:
+    """Every shared-memory segment of ``rack_id``, read now."""
+    import os
+
+    out = []
+    for name in os.listdir("/dev/shm"):
+        if name.startswith(f"fx-{rack_id}-"):
+            with open(f"/dev/shm/{name}", "rb") as f:
+                out.append((f"/dev/shm/{name}", f.read()))
+    return out
+
+
 async def _collect_stats(url: str, subject: str, stop: asyncio.Event, out: list) -> None:
     import nats
 
@@ -122,8 +134,9 @@ async def _collect_stats(url: str, subject: str, stop: asyncio.Event, out: list)
 
 def test_leak_scan_ten_thousand_transactions_leave_no_card_number_anywhere(tmp_path):
     """Coat check + SAF on; 10,000 transactions over 10 known PANs (with track 2), some
-    timing out (reversals); then every file the rack wrote, every JetStream stream, the logs
-    and the telemetry snapshots are searched for each PAN as ASCII, BCD and EBCDIC."""
+    timing out (reversals); then every file the rack wrote, every JetStream stream, the logs,
+    the telemetry snapshots and — taken while it ran — every shared-memory segment of the
+    rack (journals, rings, counters) are searched for each PAN as ASCII, BCD and EBCDIC."""
     pans = [f"4{i}61739001010{i}19"[:16] for i in range(6)] + \
         [f"5{i}00000000000{i}04"[:16] for i in range(2)] + \
         [f"6011000990139{i}24"[:16] for i in range(2)]
@@ -131,7 +144,7 @@ def test_leak_scan_ten_thousand_transactions_leave_no_card_number_anywhere(tmp_p
     path = _rig(tmp_path, port, issuer_port)
     cfg = yaml.safe_load(path.read_text())
     settings = cfg["pipelines"][0]["source"]["settings"]
-    settings["coatcheck"] = {"enabled": True, "storage": "file"}  # scan it on disk
+    settings["coatcheck"] = {"enabled": True}
     settings["saf"] = {"enabled": True, "retry_interval": 0.5}
     settings["timeout"] = 0.5
     settings["routes"].append({"name": "disc", "bins": ["6"], "group": "visa"})
@@ -143,6 +156,7 @@ def test_leak_scan_ten_thousand_transactions_leave_no_card_number_anywhere(tmp_p
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     rack = RackProcess(path, tmp_path / "data", workers=2)
     snapshots: list[bytes] = []
+    segments: list[tuple[str, bytes]] = []
     try:
         _wait_listening(rack, port)
         rack.wait_for(lambda: "issuer link up: issuer=b" in rack.output(), 30, "issuer links")
@@ -156,7 +170,11 @@ def test_leak_scan_ten_thousand_transactions_leave_no_card_number_anywhere(tmp_p
                 framing=FramingConfig(prefix="2B"), connections=20, rate=2500, count=10_000,
                 duration=60, grace=5,
                 mix=tuple(MixEntry(pan=p, track2=True) for p in pans)))
-            report = (await gen.run()).summary()
+            run = asyncio.create_task(gen.run())
+            while gen.report.sent < 5_000:
+                await asyncio.sleep(0.05)
+            segments.extend(_rack_segments("t-switch"))  # mid-run: journals full of requests
+            report = (await run).summary()
             stop.set()
             await stats
             return report
@@ -179,9 +197,11 @@ def test_leak_scan_ten_thousand_transactions_leave_no_card_number_anywhere(tmp_p
     blobs = [(f"stats snapshot {i}", s) for i, s in enumerate(snapshots)]
     blobs.append(("rack output", rack.output().encode()))
     files = [p for p in (tmp_path / "data").rglob("*") if p.is_file()]
-    assert any("KV_fluxrig_vault" in str(p) for p in files)  # the vault is on disk
-    assert any("/SAF/" in str(p) for p in files)  # so is the SAF queue
+    assert not any("KV_" in str(p) for p in files)  # no vault copy is written at all
+    assert any("/SAF/" in str(p) for p in files)  # the SAF queue is on disk
+    assert any("-j." in name for name, _ in segments)  # the journals were scanned
     blobs += [(str(p), p.read_bytes()) for p in files]
+    blobs += segments
     for where, blob in blobs:
         for what, needle in needles.items():
             if needle in blob:

@@ -11,7 +11,8 @@ Specs (``spec_by_name``):
 * ``ebcdic``: ``default`` with every ASCII length and text field in EBCDIC (cp500);
 * a path to a YAML file: ``{base: <name>, fields: {"<field>": {<pyiso8583 field spec>}}}``
   overriding or adding field definitions; ``sensitive: true`` on a field sends it to the
-  coat check vault like DE2/35/45/52 (pyiso8583 ignores the key).
+  coat check vault like DE2/35/45/52, and ``type: n|an|ans|z|b`` says what the switch's edge
+  validation checks the field against (pyiso8583 ignores both keys).
 
 The switch does not need a full decode to do its job: routing reads the MTI, DE2, DE3, DE4
 and DE49; matching reads DE11/DE41/DE37; the message itself is forwarded as bytes. ``FieldIndex``
@@ -122,7 +123,8 @@ def spec_by_name(name: str, base_dir: str | Path | None = None) -> Spec:
 
 
 _FIELD_KEYS = {"data_enc", "len_enc", "len_type", "max_len", "desc", "len_count",
-               "left_pad", "right_pad", "sensitive"}
+               "left_pad", "right_pad", "sensitive", "type"}
+_FIELD_TYPES = ("n", "an", "ans", "z", "b")
 
 
 def spec_from_mapping(raw: Any, where: str = "<spec>") -> Spec:
@@ -148,6 +150,9 @@ def spec_from_mapping(raw: Any, where: str = "<spec>") -> Spec:
                 raise CodecError(f"{where}: fields.{key}.{need}: required")
         if merged["len_type"] not in (0, 1, 2, 3, 4):
             raise CodecError(f"{where}: fields.{key}.len_type: expected 0..4")
+        if merged.get("type", "n") not in _FIELD_TYPES:
+            raise CodecError(f"{where}: fields.{key}.type: expected one of "
+                             f"{', '.join(_FIELD_TYPES)}")
         if merged.get("len_count", "bytes") not in ("bytes", "nibbles"):
             raise CodecError(f"{where}: fields.{key}.len_count: expected bytes or nibbles")
         for enc in ("data_enc", "len_enc"):
@@ -193,6 +198,21 @@ _KEYS = tuple(str(n) for n in range(129))  # field number -> its key, without st
 # byte value -> the 1-based bit positions set in it, most significant first (ISO bit order)
 _BIT_POSITIONS: tuple[tuple[int, ...], ...] = tuple(
     tuple(i + 1 for i in range(8) if byte >> (7 - i) & 1) for byte in range(256))
+
+
+def _length(lraw: bytes, len_enc: str) -> int:
+    """The value of a length prefix, or -1 when it is not digits (``int`` alone would accept
+    ``+9``, `` 9`` or non-ASCII digits)."""
+    try:
+        if len_enc == "b":
+            return int.from_bytes(lraw, "big")
+        if len_enc == "bcd":
+            text = lraw.hex()
+        else:
+            text = lraw.decode(len_enc)
+    except UnicodeDecodeError:
+        return -1
+    return int(text) if text.isascii() and text.isdigit() else -1
 
 
 class FieldIndex:
@@ -262,10 +282,8 @@ class FieldIndex:
         mti, bitmap_end, out, _ = self._walk(raw, None)
         return mti, bitmap_end, out
 
-    def _walk(self, raw: bytes, values: dict[str, str] | None
-              ) -> tuple[str, int, list[tuple[int, int, int, int]], dict[str, str] | None]:
-        # One pass over the message; with ``values`` it also decodes the wanted fields
-        # (text ones inline, the hot case; binary/BCD through _value).
+    def _head(self, raw: bytes) -> tuple[str, int, int, int]:
+        """MTI, bitmap bits, bitmap width in bits and the index after the bitmap(s)."""
         tl = self._t_len
         mti_raw = raw[:tl]
         if len(mti_raw) != tl:
@@ -275,8 +293,15 @@ class FieldIndex:
         except UnicodeDecodeError:
             raise CodecError("cannot decode: invalid MTI: field=t, offset=0", "t", 0) from None
         bits, width, idx = self._bitmap(raw, tl)
+        return mti, bits, width, idx
+
+    def _walk(self, raw: bytes, values: dict[str, str] | None
+              ) -> tuple[str, int, list[tuple[int, int, int, int]], dict[str, str] | None]:
+        # One pass over the message; with ``values`` it also decodes the wanted fields
+        # (text ones inline, the hot case; binary/BCD through _value).
+        mti, bits, width, idx = self._head(raw)
         bitmap_end = idx
-        layout = raw[tl:idx]
+        layout = raw[self._t_len:idx]
         fast = self._compiled.get(layout)
         if fast is None:
             fast = self._compile(bits, width, idx)
@@ -288,6 +313,10 @@ class FieldIndex:
             if done is not None:
                 return mti, bitmap_end, done, values
         # the general walk: also the one that words every error precisely
+        return mti, bitmap_end, self._general(raw, values, bits, width, idx), values
+
+    def _general(self, raw: bytes, values: dict[str, str] | None, bits: int, width: int,
+                 idx: int) -> list[tuple[int, int, int, int]]:
         plan = self._plan
         out: list[tuple[int, int, int, int]] = []
         # walk only the set bits: a byte-wise table gives each byte's field numbers
@@ -310,16 +339,10 @@ class FieldIndex:
                 if len(lraw) != len_type:
                     raise CodecError(f"cannot decode: truncated length: field={n}, "
                                      f"offset={idx}", str(n), idx)
-                try:
-                    if len_enc == "b":
-                        length = int.from_bytes(lraw, "big")
-                    elif len_enc == "bcd":
-                        length = int(lraw.hex(), 10)
-                    else:
-                        length = int(lraw.decode(len_enc))
-                except (ValueError, UnicodeDecodeError):
+                length = _length(lraw, len_enc)
+                if length < 0:
                     raise CodecError(f"cannot decode: invalid length: field={n}, "
-                                     f"offset={idx}", str(n), idx) from None
+                                     f"offset={idx}", str(n), idx)
                 if length > max_len:
                     raise CodecError(f"cannot decode: length over max: field={n}, "
                                      f"offset={idx}, max={max_len}", str(n), idx)
@@ -345,7 +368,37 @@ class FieldIndex:
         if idx != len(raw):
             raise CodecError(f"cannot decode: extra data after last field: field=, "
                              f"offset={idx}", "", idx)
-        return mti, bitmap_end, out, values
+        return out
+
+    def salvage(self, raw: bytes) -> tuple[str | None, dict[str, str]]:
+        """What can be read of a message that does not decode: its MTI (None if even that
+        is unreadable) and the wanted fields *before* the one that failed (after it the
+        position in the message is unknown), so an error answer can still carry them."""
+        values: dict[str, str] = {}
+        try:
+            mti, bits, width, idx = self._head(raw)
+        except CodecError as exc:
+            if exc.field == "t":
+                return None, values
+            try:
+                return self._head_mti(raw), values
+            except CodecError:
+                return None, values
+        try:
+            self._general(raw, values, bits, width, idx)
+        except CodecError as exc:
+            values.pop(exc.field, None)  # half-decoded: not to be trusted
+        return mti, values
+
+    def _head_mti(self, raw: bytes) -> str:
+        tl = self._t_len
+        mti_raw = raw[:tl]
+        if len(mti_raw) != tl:
+            raise CodecError("cannot decode: truncated MTI: field=t, offset=0", "t", 0)
+        try:
+            return mti_raw.hex().upper() if self._t_enc == "b" else mti_raw.decode(self._t_enc)
+        except UnicodeDecodeError:
+            raise CodecError("cannot decode: invalid MTI: field=t, offset=0", "t", 0) from None
 
     def _compile(self, bits: int, width: int, start: int):
         """Straight-line walker for one bitmap (the fields present, in order), or False.
@@ -371,16 +424,18 @@ class FieldIndex:
             else:
                 lraw = f"raw[i:i + {len_type}]"
                 if len_enc == "b":
-                    length = f"int.from_bytes({lraw}, 'big')"
+                    lines.append(f"        L = int.from_bytes({lraw}, 'big')")
                 elif len_enc == "bcd":
-                    length = f"int({lraw}.hex(), 10)"
+                    lines.append(f"        L = int({lraw}.hex(), 10)")
                 elif len_enc == "ascii":
-                    length = f"int({lraw})"  # int() of ASCII bytes == int() of their text
+                    # int() alone would take b"+9" or b" 9": a length is digits only
+                    lines += [f"        lr = {lraw}",
+                              "        if not lr.isdigit(): return None",
+                              "        L = int(lr)"]
                 else:
-                    length = f"int({lraw}.decode({len_enc!r}))"
+                    lines += [f"        L = _length({lraw}, {len_enc!r})"]
                 size = "(L + 1) // 2" if nibbles else "L"
-                lines += [f"        L = {length}",
-                          f"        if L > {max_len} or L < 0: return None",
+                lines += [f"        if L > {max_len} or L < 0: return None",
                           f"        d = i + {len_type}; e = d + {size}"]
             lines.append(f"        out.append(({n}, i, d, e))")
             if str(n) in self.wanted:
@@ -394,7 +449,7 @@ class FieldIndex:
                   "        return out",
                   "    except Exception:",
                   "        return None"]
-        scope: dict[str, Any] = {"_value": self._value}
+        scope: dict[str, Any] = {"_value": self._value, "_length": _length}
         exec("\n".join(lines), scope)  # noqa: S102 - code built only from the spec's numbers
         return scope["walk"]
 

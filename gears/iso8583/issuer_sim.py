@@ -17,9 +17,9 @@ import logging
 import random
 from dataclasses import dataclass, field
 
-from gears.iso8583.coalesce import Coalescer
 from gears.iso8583.codec import CodecError, FieldIndex, Spec
-from gears.iso8583.framing import NEED_DATA, Framer, FramingConfig, FramingError
+from gears.iso8583.framed import FramedProtocol
+from gears.iso8583.framing import FramingConfig, FramingError
 
 log = logging.getLogger("fluxrig.iso.issuer")
 
@@ -59,7 +59,7 @@ class IssuerStats:
     dropped: int = 0
     echoes: int = 0
     malformed: int = 0
-    reversals: list = field(default_factory=list)  # (MTI, DE11, DE2) of each 0400/0401 seen
+    reversals: list = field(default_factory=list)  # (MTI, DE11, DE2, DE41) of each 0400/0401
     pans: set = field(default_factory=set)  # DE2 values received (tests: the issuer gets the PAN)
 
 
@@ -69,7 +69,7 @@ class IssuerSimulator:
     def __init__(self, spec: Spec, framing: FramingConfig, rules: list[IssuerRule],
                  delay: float = 0.0, drop_rate: float = 0.0, seed: int | None = None,
                  jitter: float = 0.0):
-        self.index = FieldIndex(spec, ("2", "4", "11"))
+        self.index = FieldIndex(spec, ("2", "4", "11", "41"))
         self.framing = framing
         self.rules = rules
         self.delay = delay
@@ -98,7 +98,8 @@ class IssuerSimulator:
         if mti in ("0400", "0401"):
             # reversals are acknowledged (0410) unless the issuer hangs: the rules model
             # authorisations
-            self.stats.reversals.append((mti, fields.get("11", ""), fields.get("2", "")))
+            self.stats.reversals.append((mti, fields.get("11", ""), fields.get("2", ""),
+                                         fields.get("41", "")))
             if self.drop_all:
                 return None, 0.0
             return self.index.respond(raw, "00"), 0.0
@@ -139,49 +140,32 @@ class IssuerSimulator:
         self.servers.clear()
 
 
-class _IssuerProtocol(asyncio.Protocol):
+class _IssuerProtocol(FramedProtocol):
     def __init__(self, sim: IssuerSimulator):
+        super().__init__(sim.framing)
         self.sim = sim
-        self.framer = Framer(sim.framing)
-        self.transport: asyncio.Transport | None = None
-        self.out = Coalescer(asyncio.get_running_loop())
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-        self.out.attach(transport)
+    def on_open(self) -> None:
         self.sim.transports.add(self.transport)  # type: ignore[arg-type]
 
-    def connection_lost(self, exc: Exception | None) -> None:
+    def on_close(self, exc: Exception | None) -> None:
         self.sim.transports.discard(self.transport)  # type: ignore[arg-type]
-        self.out.transport = None
 
-    def data_received(self, data: bytes) -> None:
-        self.framer.receive_data(data)
-        loop = asyncio.get_running_loop()
-        while True:
-            try:
-                msg = self.framer.next_message()
-            except FramingError as exc:
-                self.sim.stats.malformed += 1
-                log.warning("issuer sim closing connection: %s", exc)
-                self.transport.abort()
-                return
-            if msg is NEED_DATA or msg is None:
-                return
-            try:
-                response, delay = self.sim.handle(msg.payload)
-            except CodecError as exc:
-                self.sim.stats.malformed += 1
-                log.warning("issuer sim malformed request: %s", exc)
-                continue
-            if response is None:
-                continue
-            out = self.framer.frame(response, msg.header)
-            if delay > 0:
-                loop.call_later(delay, self._send, out)
-            else:
-                self.out.write(out)
+    def on_framing_error(self, error: FramingError) -> None:
+        self.sim.stats.malformed += 1
+        log.warning("issuer sim closing connection: %s", error)
+        self.abort()
 
-    def _send(self, data: bytes) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(data)
+    def on_message(self, header: bytes, payload: bytes) -> None:
+        try:
+            response, delay = self.sim.handle(payload)
+        except CodecError as exc:
+            self.sim.stats.malformed += 1
+            log.warning("issuer sim malformed request: %s", exc)
+            return
+        if response is None:
+            return
+        if delay > 0:
+            self.loop.call_later(delay, self.send, response, header)
+        else:
+            self.send(response, header)

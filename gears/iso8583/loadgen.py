@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from gears.iso8583.coalesce import Coalescer
 from gears.iso8583.codec import FieldIndex, Spec, encode
-from gears.iso8583.framing import NEED_DATA, Framer, FramingConfig, FramingError
+from gears.iso8583.framed import FramedProtocol
+from gears.iso8583.framing import FramingConfig
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -120,24 +120,18 @@ class _Template:
         self.mti = entry.mti
 
 
-class _Conn(asyncio.Protocol):
+class _Conn(FramedProtocol):
     def __init__(self, gen: LoadGenerator, terminal: str, templates: list[_Template]):
+        super().__init__(gen.cfg.framing)
         self.gen = gen
         self.terminal = terminal
         self.templates = templates
-        self.framer = Framer(gen.cfg.framing)
         self.outstanding: dict[str, int] = {}
         self.stan = 0
         self.next_template = 0
-        self.transport: asyncio.Transport | None = None
-        self.closed = asyncio.get_running_loop().create_future()
-        self.out = Coalescer(asyncio.get_running_loop())
+        self.closed = self.loop.create_future()
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-        self.out.attach(transport)
-
-    def connection_lost(self, exc: Exception | None) -> None:
+    def on_close(self, exc: Exception | None) -> None:
         if not self.closed.done():
             self.closed.set_result(None)
 
@@ -154,37 +148,28 @@ class _Conn(asyncio.Protocol):
         raw = t.head + _field_bytes(gen.cfg.spec, "11", stan) + t.tail
         self.outstanding[stan] = time.perf_counter_ns()
         gen.report.sent += 1
-        self.out.write(self.framer.frame(raw, gen.cfg.header))
+        self.send(raw, gen.cfg.header)
 
-    def data_received(self, data: bytes) -> None:
-        self.framer.receive_data(data)
+    def on_message(self, header: bytes, payload: bytes) -> None:
         gen = self.gen
-        while True:
-            try:
-                msg = self.framer.next_message()
-            except FramingError:
-                self.transport.abort()
-                return
-            if msg is NEED_DATA or msg is None:
-                return
-            now = time.perf_counter_ns()
-            try:
-                mti, f = gen.index.read(msg.payload)
-            except Exception:
-                gen.report.cross_wired += 1  # unreadable: cannot be ours
-                continue
-            if mti == "0810":
-                continue
-            sent = self.outstanding.pop(f.get("11", ""), None) if f.get("41") == self.terminal \
-                else None
-            if sent is None:
-                gen.report.cross_wired += 1
-                continue
-            gen.report.received += 1
-            gen.report.codes[f.get("39", "")] += 1
-            gen.report.latencies_ns.append(now - sent)
-            if gen.cfg.rate == 0 and gen.sending:
-                self.send_one()
+        now = time.perf_counter_ns()
+        try:
+            mti, f = gen.index.read(payload)
+        except Exception:
+            gen.report.cross_wired += 1  # unreadable: cannot be ours
+            return
+        if mti == "0810":
+            return
+        sent = self.outstanding.pop(f.get("11", ""), None) if f.get("41") == self.terminal \
+            else None
+        if sent is None:
+            gen.report.cross_wired += 1
+            return
+        gen.report.received += 1
+        gen.report.codes[f.get("39", "")] += 1
+        gen.report.latencies_ns.append(now - sent)
+        if gen.cfg.rate == 0 and gen.sending:
+            self.send_one()
 
 
 class LoadGenerator:

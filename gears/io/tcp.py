@@ -1,0 +1,218 @@
+"""A TCP listener with limits, for gears that accept connections (asyncio).
+
+asyncio's own server has no connection cap, and when the process runs out of file
+descriptors it logs the same accept error at every retry (megabytes a minute under a
+connection flood) while the backlog fills and every new client, good or bad, hangs. This
+listener:
+
+* accepts from a listening socket it is given (bound by whoever owns the port) through
+  ``loop.add_reader``, a bounded number per wake-up;
+* refuses at once — accepts and closes — a connection over ``max_connections`` or over
+  ``max_per_address`` for its source address, counting each;
+* when ``accept`` fails with EMFILE/ENFILE (no descriptor left), frees a reserve descriptor
+  to accept-and-close the waiting connection, so even then a client is refused at once
+  instead of hanging, and pauses accepting for a moment with back-off;
+* logs refusals and accept errors through ``RateLimitedLog``: one line per interval with
+  the count of what it held back.
+
+The effective cap never exceeds the process's open-file limit minus a reserve for the
+gear's other descriptors (issuer links, NATS, rings, logs).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+import resource
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from engine.logutil import RateLimitedLog
+
+log = logging.getLogger("fluxrig.io.tcp")
+
+FD_RESERVE = 64  # descriptors kept for everything but acquirer connections
+ACCEPTS_PER_WAKEUP = 64
+_NO_FD = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ListenLimits:
+    """Caps of one listener (per process)."""
+
+    max_connections: int
+    max_per_address: int
+
+
+def effective_cap(requested: int, reserve: int = FD_RESERVE) -> int:
+    """``requested`` clamped below this process's soft open-file limit minus ``reserve``."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return requested
+    return max(1, min(requested, soft - reserve))
+
+
+class TcpListener:
+    """Accepts connections from ``sock`` into protocols made by ``factory``, within limits.
+
+    ``on_refused(reason)`` is called for every refused connection (``max_connections``,
+    ``max_per_address``, ``no_file_descriptors``) so the owner can count it.
+    """
+
+    def __init__(self, sock: socket.socket, factory: Callable[[], asyncio.Protocol],
+                 limits: ListenLimits, on_refused: Callable[[str], None],
+                 name: str = "listener"):
+        self.sock = sock
+        self.factory = factory
+        self.cap = effective_cap(limits.max_connections)
+        if self.cap < limits.max_connections:
+            log.warning("connection cap lowered to the open-file limit: %s, requested=%d, "
+                        "cap=%d", name, limits.max_connections, self.cap)
+        self.per_address = limits.max_per_address
+        self.on_refused = on_refused
+        self.name = name
+        self.open = 0
+        self.by_address: dict[str, int] = {}
+        self.loop = asyncio.get_running_loop()
+        self.ratelog = RateLimitedLog(log)
+        self._reserve: int | None = None
+        self._backoff = 0.05
+        self._reading = False
+        self._closed = False
+        self._tasks: set[asyncio.Task[None]] = set()
+        sock.setblocking(False)
+
+    def start(self) -> None:
+        """Begin accepting."""
+        self._reserve_fd()
+        self._resume()
+
+    def _resume(self) -> None:
+        if not self._reading and not self._closed:
+            self.loop.add_reader(self.sock.fileno(), self._on_readable)
+            self._reading = True
+
+    def _pause(self) -> None:
+        if self._reading:
+            self.loop.remove_reader(self.sock.fileno())
+            self._reading = False
+
+    def _reserve_fd(self) -> None:
+        if self._reserve is None:
+            try:
+                self._reserve = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                self._reserve = None
+
+    def _on_readable(self) -> None:
+        for _ in range(ACCEPTS_PER_WAKEUP):
+            try:
+                conn, addr = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                self._backoff = 0.05
+                return
+            except OSError as exc:
+                if exc.errno in _NO_FD:
+                    self._shed(exc)
+                else:
+                    self.ratelog.error(f"accept.{exc.errno}", "accept failed: %s, error=%s",
+                                       self.name, exc)
+                self._pause()
+                self.loop.call_later(self._backoff, self._resume)
+                self._backoff = min(self._backoff * 2, 1.0)
+                return
+            host = addr[0] if isinstance(addr, tuple) else str(addr)
+            if self.open >= self.cap:
+                self._refuse(conn, "max_connections", host)
+                continue
+            if self.by_address.get(host, 0) >= self.per_address:
+                self._refuse(conn, "max_per_address", host)
+                continue
+            self._admit(conn, host)
+
+    def _refuse(self, conn: socket.socket, reason: str, host: str) -> None:
+        try:
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00"
+                                                                 b"\x00\x00")  # RST, no wait
+        except OSError:
+            pass
+        conn.close()
+        self.on_refused(reason)
+        self.ratelog.warning(f"refuse.{reason}", "connection refused: %s, reason=%s, "
+                             "address=%s, open=%d, cap=%d", self.name, reason, host, self.open,
+                             self.cap)
+
+    def _shed(self, exc: OSError) -> None:
+        """No descriptor left: use the reserve one to refuse the waiting client at once."""
+        if self._reserve is not None:
+            os.close(self._reserve)
+            self._reserve = None
+            try:
+                conn, addr = self.sock.accept()
+            except OSError:
+                pass
+            else:
+                host = addr[0] if isinstance(addr, tuple) else str(addr)
+                self._refuse(conn, "no_file_descriptors", host)
+            self._reserve_fd()
+        self.ratelog.error("accept.nofd", "accept failed, no file descriptor left: %s, "
+                           "error=%s, open=%d", self.name, exc.strerror, self.open)
+
+    def _admit(self, conn: socket.socket, host: str) -> None:
+        self.open += 1
+        self.by_address[host] = self.by_address.get(host, 0) + 1
+        conn.setblocking(False)
+        protocol = self.factory()
+        task = self.loop.create_task(self._connect(conn, protocol, host))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _connect(self, conn: socket.socket, protocol: asyncio.Protocol, host: str) -> None:
+        try:
+            await self.loop.connect_accepted_socket(lambda: protocol, conn)
+        except OSError:
+            conn.close()
+            self.release(host)
+
+    def release(self, host: str) -> None:
+        """A connection from ``host`` closed: its place is free again."""
+        self.open = max(0, self.open - 1)
+        n = self.by_address.get(host, 0) - 1
+        if n > 0:
+            self.by_address[host] = n
+        else:
+            self.by_address.pop(host, None)
+
+    def close(self) -> None:
+        """Stop accepting (open connections are the owner's to close)."""
+        self._closed = True
+        self._pause()
+        if self._reserve is not None:
+            os.close(self._reserve)
+            self._reserve = None
+
+
+def listening_socket(host: str, port: int, backlog: int = 1024,
+                     reuse_port: bool = False) -> socket.socket:
+    """A bound, listening, non-blocking TCP socket on ``host:port`` (IPv4 or IPv6).
+
+    Raises:
+        OSError: the address cannot be resolved or bound (e.g. EADDRINUSE).
+    """
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    family, type_, proto, _, sockaddr = infos[0]
+    sock = socket.socket(family, type_, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind(sockaddr)
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
