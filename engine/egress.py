@@ -41,8 +41,8 @@ from typing import Any
 
 import nats
 from nats.js.api import RetentionPolicy, StorageType
-from nats.js.errors import NoStreamResponseError
 from nats.js.api import StreamConfig as JsStreamConfig
+from nats.js.errors import NoStreamResponseError
 
 from engine.config import StreamConfig
 from engine.counters import ERRORS

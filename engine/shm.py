@@ -30,13 +30,12 @@ would pull a ring from under a restarting worker. Cleanup is ours.
 
 from __future__ import annotations
 
+import _posixshmem  # CPython's own shm_open/shm_unlink binding, used by shared_memory
 import logging
 import os
 import struct
 from dataclasses import dataclass
 from multiprocessing import resource_tracker, shared_memory
-
-import _posixshmem  # CPython's own shm_open/shm_unlink binding, used by shared_memory
 
 log = logging.getLogger(__name__)
 

@@ -168,7 +168,7 @@ _BUILTIN: Mapping[str, str] = {
     "file": "gears.io.file:FileSink",
     "stdout": "gears.io.stdout:StdoutSink",
     "egress": "gears.egress:Egress",
-    "iso8583": "gears.iso8583.switch:SwitchGear",
+    "iso8583": "gears.iso8583.gear:SwitchGear",
 }
 
 

@@ -26,7 +26,8 @@ from gears.iso8583.issuer_sim import IssuerRule, IssuerSimulator
 from gears.iso8583.loadgen import LoadConfig, LoadGenerator, MixEntry
 from gears.iso8583.saf import SafSender
 from gears.iso8583.settings import SwitchSettings, parse_switch_settings
-from gears.iso8583.switch import SwitchShell, saf_outlet
+from gears.iso8583.gear import saf_outlet
+from gears.iso8583.switch import SwitchShell
 
 PANS = {"4": "4761739001010119", "5": "5500000000000004", "6": "6011000990139424",
         "9": "9000000000000001"}

@@ -51,10 +51,17 @@ from engine.frame import derive_id, encode_parts, uuid7
 from engine.journal import DECIDED, Journal, JournalEntry, JournalFull, PayloadTooLarge
 from engine.logutil import RateLimitedLog, escape
 from gears.coatcheck import SENSITIVE_FIELDS, KeyRing, Vault
-from gears.iso8583.codec import CodecError, FieldIndex, Spec, decode, encode, spec_by_name
+from gears.iso8583.codec import (
+    CodecError,
+    FieldIndex,
+    Spec,
+    decode,
+    encode,
+    spec_by_name,
+)
 from gears.iso8583.matcher import Matcher, match_key
-from gears.iso8583.router import NoRoute, Router, Unavailable
 from gears.iso8583.reversal import REVERSAL_FIELDS
+from gears.iso8583.router import NoRoute, Router, Unavailable
 from gears.iso8583.settings import SwitchSettings
 from gears.iso8583.validate import (
     FORMAT_ERROR,

@@ -1,4 +1,4 @@
-"""The ISO 8583 switch gear: the asyncio shell around ``SwitchCore``.
+"""The ISO 8583 switch's asyncio shell around ``SwitchCore`` (the gear is ``gear.py``).
 
 Theory of operation
 -------------------
@@ -7,7 +7,7 @@ One switch process per lane (``--workers N`` runs N; they share the acquirer por
 keeps its order) runs the whole transaction path on one event loop. The decisions are the
 core's (``gears.iso8583.core``); this module only moves bytes and timers:
 
-* acquirer connections (``_Acquirer``) and issuer links (``_IssuerLink``) are
+* acquirer connections (``AcquirerConn``) and issuer links (``IssuerLink``) are
   ``FramedProtocol``s that hand whole messages to the core;
 * the core's actions are queued and carried out once per loop turn (``_flush``): first every
   ``Record`` is written to its outlet ring (the audit events to the lane ring, reversals to
@@ -33,24 +33,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
+import socket
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
 
-from engine.config import At, StreamConfig
-from engine.counters import StatDef, Stats
-from engine.frame import Frame
-from engine.journal import Journal, JournalSpec
+from engine.counters import Stats
+from engine.journal import Journal
 from engine.logutil import RateLimitedLog
-from engine.outlet import WAKE_INTERVAL, Outlet, OutletSpec
+from engine.outlet import WAKE_INTERVAL, Outlet
 from engine.ring import RecordTooLargeError
-from gears.base import Source
 from gears.coatcheck import KeyRing
 from gears.io.tcp import ListenLimits, TcpListener, listening_socket
-from gears.iso8583.codec import encode, spec_by_name
+from gears.iso8583.conns import AcquirerConn, IssuerLink
 from gears.iso8583.core import (
-    SAF,
     Action,
     Answer,
     Close,
@@ -59,121 +54,15 @@ from gears.iso8583.core import (
     Release,
     ReversalResponse,
     SwitchCore,
-    mask_pan,
-    stat_defs,
 )
-from gears.iso8583.framed import FramedProtocol
-from gears.iso8583.framing import FramingError
-from gears.iso8583.saf import SafSender, queue_subject
-from gears.iso8583.settings import IssuerSettings, SwitchSettings, parse_switch_settings
+from gears.iso8583.saf import SafSender
+from gears.iso8583.settings import SwitchSettings
 
 log = logging.getLogger("fluxrig.iso.switch")
 
 TIMER_GRANULARITY = 0.01  # deadlines fire at most this late; bounds timer wake-ups
 SWEEP_INTERVAL = 1.0
 
-__all__ = ["SwitchGear", "SwitchShell", "mask_pan", "parse_switch_settings",
-           "spin_before_sleep"]
-
-
-class _Acquirer(FramedProtocol):
-    """One acquirer connection."""
-
-    def __init__(self, shell: SwitchShell, conn_id: int):
-        super().__init__(shell.s.acquirer.framing)
-        self.shell = shell
-        self.id = conn_id
-        self.host = ""
-        self.closing = False
-
-    def on_open(self) -> None:
-        peer = self.transport.get_extra_info("peername") if self.transport else None
-        self.host = peer[0] if isinstance(peer, tuple) else str(peer)
-        self.shell.opened(self)
-
-    def on_message(self, header: bytes, payload: bytes) -> None:
-        if not self.closing:
-            shell = self.shell
-            shell.guarded(shell.core.request, self.id, header, payload, self.loop.time())
-
-    def on_framing_error(self, error: FramingError) -> None:
-        self.closing = True
-        self.shell.guarded(self.shell.core.framing_error, self.id, str(error))
-
-    def on_close(self, exc: Exception | None) -> None:
-        self.shell.closed(self)
-
-
-class _IssuerLink(FramedProtocol):
-    """One persistent connection to an issuer; reconnects while the switch runs."""
-
-    def __init__(self, shell: SwitchShell, issuer: IssuerSettings, n: int):
-        super().__init__(issuer.link.framing)
-        self.shell = shell
-        self.issuer = issuer
-        self.n = n
-        self.spec = spec_by_name(issuer.link.spec_name)
-        self.last_io = self.loop.time()
-        self.echo_stan = 0
-        self._lost: asyncio.Event | None = None
-        self._closed = False
-
-    async def run(self) -> None:
-        backoff = 0.1
-        while not self._closed:
-            self.framer.__init__(self.issuer.link.framing)  # a fresh stream
-            self._lost = asyncio.Event()
-            try:
-                await self.loop.create_connection(lambda: self, self.issuer.host,
-                                                  self.issuer.port)
-            except OSError as exc:
-                self.shell.ratelog.warning(f"link.{self.issuer.name}", "issuer link connect "
-                                           "failed: issuer=%s, link=%d, error=%s",
-                                           self.issuer.name, self.n, exc)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
-                continue
-            backoff = 0.1
-            echo = self.loop.create_task(self._echo_loop())
-            await self._lost.wait()
-            echo.cancel()
-
-    def on_open(self) -> None:
-        self.last_io = self.loop.time()
-        log.info("issuer link up: issuer=%s, link=%d", self.issuer.name, self.n)
-        self.shell.core.link_up(self.issuer.name, self.n)
-
-    def on_close(self, exc: Exception | None) -> None:
-        if not self._closed:
-            log.warning("issuer link down: issuer=%s, link=%d", self.issuer.name, self.n)
-        self.shell.core.link_down(self.issuer.name, self.n)
-        if self._lost is not None:
-            self._lost.set()
-
-    def on_message(self, header: bytes, payload: bytes) -> None:
-        self.last_io = self.last_rx
-        shell = self.shell
-        shell.guarded(shell.core.response, self.issuer.name, self.n, payload, self.loop.time())
-
-    def on_framing_error(self, error: FramingError) -> None:
-        log.error("issuer framing error, dropping link: issuer=%s, error=%s",
-                  self.issuer.name, error)
-        self.abort()
-
-    async def _echo_loop(self) -> None:
-        interval = self.issuer.echo_interval
-        while self.transport is not None:
-            await asyncio.sleep(interval / 2)
-            if self.transport is not None and self.loop.time() - self.last_io >= interval:
-                self.echo_stan = self.echo_stan % 999_999 + 1
-                doc = {"t": "0800", "7": time.strftime("%m%d%H%M%S", time.gmtime()),
-                       "11": f"{self.echo_stan:06d}", "70": "301"}
-                self.send(encode(doc, self.spec), self.issuer.link.header)
-                self.last_io = self.loop.time()
-
-    def close(self) -> None:
-        self._closed = True
-        super().close()
 
 
 class SwitchShell:
@@ -191,8 +80,8 @@ class SwitchShell:
                                replica=replica)
         self.loop = asyncio.get_running_loop()
         self.ratelog = RateLimitedLog(log)
-        self.conns: dict[int, _Acquirer] = {}
-        self.links: dict[str, list[_IssuerLink]] = {}
+        self.conns: dict[int, AcquirerConn] = {}
+        self.links: dict[str, list[IssuerLink]] = {}
         self.listener: TcpListener | None = None
         self.saf: SafSender | None = None
         self.blocked = False
@@ -219,12 +108,12 @@ class SwitchShell:
 
     # -- lifecycle --------------------------------------------------------------------------
 
-    async def start(self, sock: Any = None) -> int:
+    async def start(self, sock: socket.socket | None = None) -> int:
         """Settle the journal, connect issuer links, listen; returns the bound port."""
         self.handle(self.core.recover(self.journal.take_over()))
         await self.settled()
         for issuer in self.s.issuers:
-            self.links[issuer.name] = [_IssuerLink(self, issuer, i)
+            self.links[issuer.name] = [IssuerLink(self, issuer, i)
                                        for i in range(issuer.connections)]
             for link in self.links[issuer.name]:
                 self._tasks.append(self.loop.create_task(link.run()))
@@ -277,11 +166,11 @@ class SwitchShell:
 
     # -- connections ------------------------------------------------------------------------
 
-    def _new_conn(self) -> _Acquirer:
+    def _new_conn(self) -> AcquirerConn:
         self._next_id += 1
-        return _Acquirer(self, self._next_id)
+        return AcquirerConn(self, self._next_id)
 
-    def opened(self, conn: _Acquirer) -> None:
+    def opened(self, conn: AcquirerConn) -> None:
         """An acquirer connection is up."""
         self.conns[conn.id] = conn
         self.core.opened(conn.id)
@@ -289,7 +178,7 @@ class SwitchShell:
         if self.blocked or self.draining:
             conn.pause()
 
-    def closed(self, conn: _Acquirer) -> None:
+    def closed(self, conn: AcquirerConn) -> None:
         """An acquirer connection is gone."""
         if self.conns.pop(conn.id, None) is not None and self.listener is not None:
             self.listener.release(conn.host)
@@ -301,7 +190,7 @@ class SwitchShell:
 
     # -- actions ----------------------------------------------------------------------------
 
-    def guarded(self, fn: Callable[..., list[Action]], *args: Any) -> None:
+    def guarded(self, fn: Callable[..., list[Action]], *args: object) -> None:
         """Run a core entry point and queue its actions; an exception is contained: counted,
         logged (rate-limited, no message data) and the switch goes on."""
         try:
@@ -504,118 +393,3 @@ class SwitchShell:
         """The key ring in use (reloaded after a rotation)."""
         assert self.keyring is not None
         return self.keyring
-
-
-def spin_before_sleep(loop: asyncio.AbstractEventLoop, spin: float) -> None:
-    """Make ``loop`` poll its sockets for ``spin`` seconds before it blocks in epoll.
-
-    A process woken by the kernel pays the host's wake-up latency (p99 150-750 us on the dev
-    VM); polling a little first catches the next message while still running. It trades CPU
-    for tail latency: every time the loop would sleep it burns up to ``spin`` first, which
-    also shows on an idle rack. Uses the loop's selector (a CPython asyncio detail).
-    """
-    sel = loop._selector  # type: ignore[attr-defined]
-    blocking_select = sel.select
-    clock = time.perf_counter
-
-    def select(timeout: float | None = None):
-        if timeout is None or timeout > 0:
-            end = clock() + spin
-            while clock() < end:
-                ready = blocking_select(0)
-                if ready:
-                    return ready
-        return blocking_select(timeout)
-
-    sel.select = select
-
-
-def saf_outlet(s: SwitchSettings, rack_id: str) -> OutletSpec | None:
-    """The ``saf`` outlet (reversals -> the SAF work queue), when SAF is on."""
-    if s.saf is None:
-        return None
-    subject = queue_subject(rack_id)
-    return OutletSpec(name=SAF, subject=subject, stream=StreamConfig(
-        name=s.saf.stream, subjects=(subject,), storage="file", retention="work_queue",
-        duplicate_window=600.0))
-
-
-class SwitchGear(Source):
-    """``gear: iso8583`` — a replicated source: one switch per lane, events to its ring."""
-
-    replicated = True
-
-    @classmethod
-    def parse_settings(cls, raw: Any, at: At) -> SwitchSettings:
-        return parse_switch_settings(raw, at)
-
-    @classmethod
-    def stat_defs(cls, settings: SwitchSettings) -> tuple[StatDef, ...]:
-        return stat_defs(settings)
-
-    @classmethod
-    def journal_spec(cls, settings: SwitchSettings) -> JournalSpec:
-        return JournalSpec(slots=settings.max_inflight, slot_size=1024)
-
-    @classmethod
-    def outlets(cls, settings: SwitchSettings, rack_id: str) -> tuple[OutletSpec, ...]:
-        spec = saf_outlet(settings, rack_id)
-        return (spec,) if spec is not None else ()
-
-    async def run(self, emit: Callable[[list[Frame]], Awaitable[None]],
-                  stopping: asyncio.Event) -> None:
-        s: SwitchSettings = self.settings
-        ctx = self.ctx
-        assert ctx.journal is not None and ctx.stats is not None
-        if s.idle_spin_us:
-            spin_before_sleep(asyncio.get_running_loop(), s.idle_spin_us / 1e6)
-        keyring = None
-        if s.coatcheck is not None or s.saf is not None:
-            key_file = s.coatcheck.key_file if s.coatcheck else "vault.keys"
-            keyring = KeyRing.load_or_create(f"{ctx.data_dir}/{key_file}")
-        shell = SwitchShell(s, outlets=ctx.outlets, journal=ctx.journal, stats=ctx.stats,
-                            keyring=keyring, src=f"iso8583:{ctx.pipeline}.{ctx.replica}",
-                            replica=ctx.replica)
-        port = await shell.start()
-        ctx.log.info("switch listening: port=%d, replica=%d", port, ctx.replica)
-        nc_task = None
-        if s.saf is not None:
-            nc_task = asyncio.get_running_loop().create_task(self._saf(shell, s))
-        try:
-            await stopping.wait()
-        finally:
-            drained = await shell.drain(s.timeout + 1.0)
-            if not drained:
-                ctx.log.error("switch drain incomplete: inflight=%d, queued=%d",
-                              len(shell.core.matcher), len(shell._queue))
-            await shell.stop()
-            if nc_task is not None:
-                nc_task.cancel()
-                await asyncio.gather(nc_task, return_exceptions=True)
-
-    async def _saf(self, shell: SwitchShell, s: SwitchSettings) -> None:
-        """Connect to the rack's NATS (retrying) and run the SAF sender on it."""
-        import nats
-
-        assert s.saf is not None and shell.stats is not None
-        ctx = self.ctx
-        nc = None
-        try:
-            while nc is None:
-                try:
-                    nc = await nats.connect(ctx.nats_url, max_reconnect_attempts=-1,
-                                            reconnect_time_wait=0.5,
-                                            name=f"fluxrig-switch-{ctx.rack_id}-{ctx.replica}")
-                except (OSError, nats.errors.Error) as exc:
-                    shell.ratelog.warning("nats", "switch cannot reach nats yet: error=%r", exc)
-                    await asyncio.sleep(1.0)
-            sender = SafSender(nc.jetstream(), stream=s.saf.stream, rack_id=ctx.rack_id,
-                               retry_interval=s.saf.retry_interval,
-                               retry_limit=s.saf.retry_limit, expire_after=s.saf.expire_after,
-                               inter_delay=s.saf.inter_delay, keyring=shell.current_keyring,
-                               links=shell, stats=shell.stats, key_fields=s.match_key)
-            shell.saf = sender
-            await sender.run()
-        finally:
-            if nc is not None:
-                await nc.close()
