@@ -45,6 +45,7 @@ from engine.natsd import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
+SAF = True  # the coat check run has store-and-forward on too (--no-saf: coat check alone)
 
 
 def _load(port: int, seconds: float, rate: float) -> dict:
@@ -69,8 +70,7 @@ def _measure(pid: int, port: int, seconds: float, p99_seconds: float) -> dict:
 
 
 def run_fluxrig(issuer_port: int, seconds: float, p99_seconds: float, workers: int,
-                tmp: Path, coatcheck: bool, vault_storage: str = "memory",
-                idle_spin_us: int = 0, root: Path = ROOT) -> dict:
+                tmp: Path, coatcheck: bool, idle_spin_us: int = 0, root: Path = ROOT) -> dict:
     port = free_port()
     cfg = yaml.safe_load((root / "configs" / "iso8583-switch.yaml").read_text())
     cfg["rack"]["id"] = "bench"
@@ -82,9 +82,8 @@ def run_fluxrig(issuer_port: int, seconds: float, p99_seconds: float, workers: i
     s = pipeline["source"]["settings"]
     s["listen"]["port"] = port
     s["coatcheck"]["enabled"] = coatcheck
-    s["coatcheck"]["storage"] = vault_storage
     s["idle_spin_us"] = idle_spin_us
-    s["saf"]["enabled"] = coatcheck
+    s["saf"]["enabled"] = coatcheck and SAF
     for issuer in s["issuers"].values():
         issuer["port"] = issuer_port
     path = tmp / "bench-switch.yaml"
@@ -148,10 +147,10 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=60.0)
     ap.add_argument("--p99-seconds", type=float, default=20.0)
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--no-saf", action="store_true",
+                    help="the coat check run without store-and-forward reversals")
     ap.add_argument("--coatcheck", action="store_true",
                     help="also run fluxrig with coat check + SAF on and report the cost")
-    ap.add_argument("--vault-storage", choices=("memory", "file"), default="memory",
-                    help="JetStream storage of the vault KV bucket in the coat check run")
     ap.add_argument("--idle-spin-us", type=int, default=0,
                     help="switch setting idle_spin_us for the fluxrig runs")
     ap.add_argument("--against", metavar="REV",
@@ -160,6 +159,8 @@ def main() -> int:
                     help="with --against: alternate runs of each this many times (median)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
+    global SAF
+    SAF = not args.no_saf
     issuer_port = free_port()
     issuer = subprocess.Popen([PY, "-m", "engine.cli", "iso", "issuer", "--port",
                                str(issuer_port), "--rule", "4=00"], cwd=ROOT,
@@ -177,8 +178,8 @@ def main() -> int:
                 for root, plain, coated in ((worktree, theirs, theirs_c), (ROOT, mine, mine_c)):
                     if args.coatcheck:
                         coated.append(run_fluxrig(issuer_port, args.seconds, args.p99_seconds,
-                                                  args.workers, tmp, True, args.vault_storage,
-                                                  args.idle_spin_us, root))
+                                                  args.workers, tmp, True, args.idle_spin_us,
+                                                  root))
                     plain.append(run_fluxrig(issuer_port, args.seconds, args.p99_seconds,
                                              args.workers, tmp, False,
                                              idle_spin_us=args.idle_spin_us, root=root))
@@ -190,8 +191,7 @@ def main() -> int:
             # to 25% slower whatever it was (a long-running issuer simulator, a warm page
             # cache of JetStream files...), and the cost must not be blamed on coat check
             coat = (run_fluxrig(issuer_port, args.seconds, args.p99_seconds, args.workers, tmp,
-                                True, args.vault_storage, args.idle_spin_us)
-                    if args.coatcheck else None)
+                                True, args.idle_spin_us) if args.coatcheck else None)
             flux = run_fluxrig(issuer_port, args.seconds, args.p99_seconds, args.workers, tmp,
                                False, idle_spin_us=args.idle_spin_us)
     finally:
@@ -210,7 +210,7 @@ def main() -> int:
     rows = [("asyncio + pyiso8583 (baseline)", base),
             (f"fluxrig switch --workers {flux['workers']}", flux)]
     if coat is not None:
-        rows.append((f"fluxrig + coat check ({args.vault_storage}) + SAF", coat))
+        rows.append(("fluxrig + coat check" + (" + SAF" if SAF else ""), coat))
     if other is not None:
         rows.append((f"fluxrig @{args.against[:12]}", other))
     if other_coat is not None:

@@ -211,8 +211,9 @@ def test_timeout_with_saf_queues_the_reversal_before_anything_else(make):
     item = rev.body
     assert rev.kind == "iso8583.reversal" and item["issuer"] == "a1" and item["id"] == ev.id.hex()
     assert PAN4.encode() not in rev.body["sealed"]
-    original = core.keyring.open(item["id"], item["sealed"])
-    assert original["2"] == PAN4 and original["t"] == "0100" and original["32"] == "12345"
+    assert core.keyring.open(item["id"], item["sealed"]) == {"2": PAN4}
+    assert item["doc"]["t"] == "0100" and item["doc"]["32"] == "12345"
+    assert "2" not in item["doc"] and "35" not in item["doc"]
     assert ev.body["reversal"] is True
     assert actions[2].reverse is False  # the reversal is recorded: nothing left to undo
 

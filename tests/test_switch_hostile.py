@@ -10,10 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,7 +21,8 @@ import pytest
 
 from engine.frame import decode as decode_frame
 from engine.natsd import free_port
-from peers import Acquirer, Issuer, PeerThread, pack, read_message
+import scenarios
+from peers import Issuer, PeerThread, pack, read_message
 from rackutil import RackProcess, stream_contents, switch_rig, wait_switch_ready
 
 pytestmark = pytest.mark.slow
@@ -35,14 +33,6 @@ PAN4, PAN5, PAN6 = "4761739001010119", "5500000000000004", "6011000990139424"
 def _events(tmp_path, rack_id):
     _, messages = stream_contents(tmp_path / "data", rack_id, "TXN", f"fluxrig.{rack_id}.txn")
     return [decode_frame(data, strict=True) for _, data in messages]
-
-
-def _by_key(events, kind="iso8583.txn"):
-    return Counter((e.body["terminal"], e.body["stan"]) for e in events if e.kind == kind)
-
-
-def _pid(rack: RackProcess, name: str) -> int:
-    return rack.pid_of(name)
 
 
 async def _ask(port: int, messages: list[bytes], replies: int, timeout: float = 5.0):
@@ -153,187 +143,28 @@ def test_hostile_requests_get_their_answer_an_audit_event_and_no_log_injection(t
 def test_sigkill_of_a_replica_under_load_settles_every_request(tmp_path, peers):
     """Every request the issuer saw is answered with exactly one audit event, or reversed
     exactly once; before, the killed replica's requests in flight simply vanished."""
-    port = free_port()
-    issuer = Issuer(delay=0.2)
-    issuer_port = peers.call(issuer.start())
-    rig = switch_rig(tmp_path, "killrep", port, issuer_port, timeout=5.0,
-                     saf={"enabled": True, "retry_interval": 1.0})
-    rack = RackProcess(rig, tmp_path / "data", workers=2)
-    acq = Acquirer(port, terminals=20, rate=300)
-    try:
-        wait_switch_ready(rack, port, replicas=2)
-        victim = _pid(rack, "payments.switch.0")
-        killed = []
-
-        def tick(t: float) -> None:
-            if t > 2.0 and not killed:
-                os.kill(victim, signal.SIGKILL)
-                killed.append(t)
-
-        peers.call(acq.run(5.0, on_tick=tick), timeout=60)
-        unanswered = issuer.seen() - set(acq.answers)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if {(t, s) for _, t, s, _ in issuer.reversals} >= unanswered:
-                break
-            time.sleep(0.1)  # reversals travel ring -> egress -> SAF queue -> sender
-        time.sleep(1.0)  # and nothing more arrives
-        assert rack.stop() == 0
-    finally:
-        rack.close()
-    assert killed and unanswered  # the test means something only if requests were cut
-    reversed_ = Counter((t, s) for _, t, s, _ in issuer.reversals)
-    events = _by_key(_events(tmp_path, "killrep"))
-    for key in issuer.seen():
-        if key in acq.answers:
-            assert events[key] == 1, key
-            assert key not in reversed_, key
-        else:
-            assert reversed_[key] == 1, key
-    assert all(n == 1 for n in reversed_.values())
-    assert acq.strays == 0
-    assert {p for _, _, _, p in issuer.reversals} == {PAN4}  # the issuer gets the real PAN
+    result = scenarios.kill_replica(tmp_path, peers, tps=300, seconds=5)
+    assert result.problems == []
+    assert result.figures["cut_by_kill"] > 0
 
 
 def test_a_stalled_egress_then_a_killed_replica_leaves_no_answer_unrecorded(tmp_path, peers):
     """Before: answered events waited in a Python list while the ring was full; a SIGKILL
     lost them all."""
-    port = free_port()
-    issuer = Issuer()
-    issuer_port = peers.call(issuer.start())
-    rig = switch_rig(tmp_path, "stall", port, issuer_port, rings={"capacity": "64KiB"})
-    rack = RackProcess(rig, tmp_path / "data", workers=2)
-    acq = Acquirer(port, terminals=10, rate=400)
-    try:
-        wait_switch_ready(rack, port, replicas=2)
-        egress = _pid(rack, "egress")
-        victim = _pid(rack, "payments.switch.1")
-        steps = []
-
-        def tick(t: float) -> None:
-            if t > 0.5 and "stop" not in steps:
-                os.kill(egress, signal.SIGSTOP)
-                steps.append("stop")
-            if t > 3.0 and "kill" not in steps:
-                os.kill(victim, signal.SIGKILL)
-                steps.append("kill")
-            if t > 3.5 and "cont" not in steps:
-                os.kill(egress, signal.SIGCONT)
-                steps.append("cont")
-
-        peers.call(acq.run(5.0, on_tick=tick), timeout=60)
-        assert rack.stop() == 0
-    finally:
-        rack.close()
-    events = _by_key(_events(tmp_path, "stall"))
-    answered = set(acq.answers)
-    assert answered and len(answered) < len(acq.sent)  # backpressure held answers back
-    missing = [k for k in answered if events[k] != 1]
-    assert missing == []
+    assert scenarios.stalled_egress(tmp_path, peers).problems == []
 
 
 def test_reversals_survive_a_nats_outage_and_a_killed_switch(tmp_path, peers):
     """Before: a reversal lived in process memory until NATS took it; killed during an
     outage, it was gone. The outage is real: nats-server is killed while the supervisor is
     held (SIGSTOP), so nobody restarts it until the switch is dead too."""
-    port = free_port()
-    issuer = Issuer(drop={"6"})
-    issuer_port = peers.call(issuer.start())
-    rig = switch_rig(tmp_path, "natsdown", port, issuer_port, timeout=0.3,
-                     saf={"enabled": True, "retry_interval": 0.5})
-    rack = RackProcess(rig, tmp_path / "data", workers=1)
-    try:
-        wait_switch_ready(rack, port)
-        os.kill(rack.proc.pid, signal.SIGSTOP)
-        try:
-            os.kill(rack.state["nats_pid"], signal.SIGKILL)
-            docs = [_raw(_request(f2=PAN6, f11=f"{i:06d}")) for i in range(1, 21)]
-            replies = asyncio.run(_ask(port, docs, 20, timeout=5))
-            assert sorted(r["39"] for r in replies) == ["91"] * 20
-            time.sleep(1.0)  # a sender of reversals would be retrying against no server now
-            os.kill(_pid(rack, "payments.switch"), signal.SIGKILL)
-        finally:
-            os.kill(rack.proc.pid, signal.SIGCONT)  # it restarts nats-server and the switch
-        deadline = time.monotonic() + 40
-        while time.monotonic() < deadline and len({s for _, _, s, _ in issuer.reversals}) < 20:
-            time.sleep(0.1)
-        time.sleep(1.5)
-        assert rack.stop() == 0
-    finally:
-        rack.close()
-    stans = Counter(s for _, _, s, _ in issuer.reversals)
-    assert sorted(stans) == [f"{i:06d}" for i in range(1, 21)]
-    assert set(stans.values()) == {1}
-
-
-def _raise_nofile(n: int) -> None:
-    import resource
-
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < n:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (min(n, hard), hard))
+    result = scenarios.nats_outage(tmp_path, peers, outage=3.0)
+    assert result.problems == []
+    assert result.figures["reversed"] >= 10
 
 
 def test_a_connection_flood_under_a_1024_fd_limit_costs_nobody_else(tmp_path, peers):
-    _raise_nofile(8000)
-    port = free_port()
-    issuer = Issuer()
-    issuer_port = peers.call(issuer.start())
-    rig = switch_rig(tmp_path, "flood", port, issuer_port,
-                     listen={"host": "127.0.0.1", "port": port, "frame_timeout": 2.0})
-    rack = RackProcess(rig, tmp_path / "data", workers=2, nofile=1024)
-    acq = Acquirer(port, terminals=4, rate=200, prefix="B")
-    try:
-        wait_switch_ready(rack, port, replicas=2)
-        log_before = rack.output().count("\n")
-        flood: list[socket.socket] = []
-        slow = []
-
-        def tick(t: float) -> None:
-            if t > 1.0 and not flood:
-                for i in range(5000):
-                    s = socket.socket()
-                    s.setblocking(False)
-                    try:
-                        s.connect_ex(("127.0.0.1", port))
-                    except OSError:
-                        pass
-                    flood.append(s)
-                slow_sock = socket.create_connection(("127.0.0.1", port))
-                slow_sock.sendall(b"\x00\x40abc")  # a frame that never completes
-                slow.append((slow_sock, time.monotonic()))
-
-        peers.call(acq.run(12.0, on_tick=tick), timeout=90)
-        t0 = time.monotonic()
-        closed = 0
-        for s in flood[:400]:  # a sample: refused ones were closed by the switch at once
-            try:
-                s.setblocking(True)
-                s.settimeout(0.01)
-                if s.recv(1) == b"":
-                    closed += 1
-            except (ConnectionError, OSError):
-                closed += 1
-        sample_seconds = time.monotonic() - t0
-        slow_sock, since = slow[0]
-        slow_sock.settimeout(5)
-        try:
-            slow_closed = slow_sock.recv(1) == b""
-        except ConnectionError:
-            slow_closed = True
-        alive = rack.proc.poll() is None
-        log_lines = rack.output().count("\n") - log_before
-        for s in flood:
-            s.close()
-        assert rack.stop() == 0
-    finally:
-        rack.close()
-    assert alive
-    assert acq.sent and set(acq.sent) == set(acq.answers)  # the background load lost nothing
-    assert set(acq.answers.values()) == {"00"}
-    assert closed > 200 and sample_seconds < 10  # beyond the cap: refused, not left hanging
-    assert slow_closed
-    assert log_lines < 100, log_lines  # ~12 s of flood: rate-limited lines, not megabytes
+    assert scenarios.connection_flood(tmp_path, peers).problems == []
 
 
 def test_switch_stats_reach_engine_status_and_prometheus(tmp_path, peers):

@@ -406,12 +406,14 @@ class SwitchCore:
     def _saf_item(self, tid: bytes, issuer: str, key: str, mti: str,
                   clear_fields: Mapping[str, str], vkey: str | None) -> dict:
         assert self.keyring is not None
-        # what the reversal needs, sealed; the 0400 itself is built when it is sent
+        # what the reversal needs; only the card number is sealed (the rest is what audit
+        # events carry anyway); the 0400 itself is built when it is sent
         doc = {k: clear_fields[k] for k in REVERSAL_FIELDS if k in clear_fields}
+        pan = doc.pop("2", "")
         doc["t"] = mti
         item_id = tid.hex()
         return {"id": item_id, "issuer": issuer, "created": self.wall_ns() / 1e9, "key": key,
-                "sealed": self.keyring.seal(item_id, doc)}
+                "doc": doc, "sealed": self.keyring.seal(item_id, {"2": pan})}
 
     def _tokenise(self, raw: bytes, clear_fields: dict[str, str],
                   spans: list) -> tuple[bytes, dict[str, str], str]:

@@ -5,9 +5,10 @@ Theory of operation
 When the switch cannot prove an issuer's decision reached the acquirer — a timeout, an
 acquirer gone before the answer, a process killed with requests in flight — it owes the
 issuer a reversal (0400). The reversal is prepared when the request is forwarded: the
-request's MTI and the fields a reversal copies (``reversal.REVERSAL_FIELDS``) are sealed with
-the key ring (they carry the PAN; shared memory and JetStream never see it in clear), and
-``reversal_doc`` turns them into the 0400 (DE90 = original data elements) when it is sent. The sealed *item* waits in the in-flight journal and, once owed, becomes a
+request's MTI and the fields a reversal copies (``reversal.REVERSAL_FIELDS``), the card
+number sealed with the key ring (shared memory and JetStream never see it in clear; track
+data and PIN blocks are not kept at all), and ``reversal_doc`` turns them into the 0400
+(DE90 = original data elements) when it is sent. The sealed *item* waits in the in-flight journal and, once owed, becomes a
 frame on the switch's ``saf`` outlet ring; the rack's egress publishes it to the SAF work
 queue stream with ``Nats-Msg-Id`` = the transaction id — acked, de-duplicated, retried for as
 long as NATS is away. Nothing here publishes a reversal itself.
@@ -215,7 +216,7 @@ class SafSender:
             log.error("reversal dead-lettered: item=%s, issuer=%s, key=%s, reason=%s",
                       item["id"], item["issuer"], escape(item["key"]), why)
             return None
-        original = self.keyring().open(item["id"], item["sealed"])
+        original = {**item["doc"], **self.keyring().open(item["id"], item["sealed"])}
         doc = reversal_doc(original, original["t"])
         if attempt > 1:
             doc["t"] = doc["t"][:3] + "1"  # 0401: a repeat
