@@ -450,6 +450,13 @@ def parse_config(raw: Any, file: str = "<config>") -> RigConfig:
                     f"captured by {owners or 'none'}"
                 )
 
+    for i, p in enumerate(pipelines):
+        for g in (p.source, *p.stages, *p.sinks):
+            need = lookup_gear(g.gear).min_ring_capacity(g.settings)  # type: ignore[union-attr]
+            if capacity < need:
+                raise top.key("rings").key("capacity").error(
+                    f"must be >= {need} for gear {g.gear!r} at {g.at}, got {capacity}")
+
     # streams a gear owns (its outlets, e.g. the switch's SAF queue) must not clash with the
     # configured ones: JetStream refuses two streams capturing one subject
     for i, p in enumerate(pipelines):

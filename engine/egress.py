@@ -44,6 +44,7 @@ from nats.js.api import RetentionPolicy, StorageType
 from nats.js.api import StreamConfig as JsStreamConfig
 from nats.js.errors import NoStreamResponseError
 
+from engine.bus import close_quietly
 from engine.config import StreamConfig
 from engine.counters import ERRORS
 from engine.frame import frame_id_of, frame_ts_of
@@ -161,10 +162,7 @@ class EgressProcess:
         log.debug("nats client error: %r", exc)
 
     async def _close_quietly(self) -> None:
-        try:
-            await self.nc.close()
-        except Exception:
-            pass
+        await close_quietly(self.nc)
         self.nc = None
 
     def _send(self, lane: int, views: list[memoryview]) -> _Batch:

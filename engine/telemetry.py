@@ -34,6 +34,7 @@ from typing import Any
 
 import psutil
 
+from engine.bus import close_quietly
 from engine.cbor import dumps
 from engine.counters import Counters, CountersSnapshot, StatDef, percentiles
 from engine.ring import Ring
@@ -321,10 +322,6 @@ async def _telemetry_main(spec: Any, rt: Any) -> None:
             await asyncio.wait_for(stopping.wait(), cfg["interval"])
         except TimeoutError:
             pass
-    if nc is not None:
-        try:
-            await nc.close()
-        except Exception:
-            pass
+    await close_quietly(nc)
     if probe is not None:
         probe.close()

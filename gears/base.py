@@ -107,6 +107,11 @@ class Gear:
         return ()
 
     @classmethod
+    def min_ring_capacity(cls, settings: Any) -> int:
+        """The smallest ``rings.capacity`` this gear works with (a record may take 1/8)."""
+        return 0
+
+    @classmethod
     def journal_spec(cls, settings: Any) -> JournalSpec | None:
         """The in-flight journal this gear needs (sources only; default: none)."""
         return None

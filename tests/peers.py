@@ -29,6 +29,20 @@ from iso8583.specs import default as DEFAULT_SPEC
 SPEC = copy.deepcopy(DEFAULT_SPEC)
 
 
+def request_doc(pan: str = "4761739001010119", **fields: str | None) -> dict:
+    """A 0100 document with the usual fields; ``f11="000002"`` sets DE11, ``f41=None``
+    removes DE41, ``t="0200"`` sets the MTI."""
+    doc = {"t": "0100", "2": pan, "3": "000000", "4": "000000001000", "7": "1127153000",
+           "11": "000001", "41": "TERM0001", "49": "840"}
+    for k, v in fields.items():
+        key = k.lstrip("f")
+        if v is None:
+            doc.pop(key, None)
+        else:
+            doc[key] = v
+    return doc
+
+
 def pack(doc: dict) -> bytes:
     """2-byte big-endian length + the message (pyiso8583)."""
     raw, _ = iso8583.encode(dict(doc), SPEC)
@@ -133,6 +147,7 @@ class Acquirer:
     sent: set[tuple[str, str]] = field(default_factory=set)
     strays: int = 0  # answers matching nothing we sent
     refused: int = 0  # connections that failed or were closed on us
+    gone: set[str] = field(default_factory=set)  # terminals whose connection closed
     running: bool = True
 
     async def run(self, seconds: float, on_tick: Callable[[float], None] | None = None) -> None:
@@ -153,6 +168,9 @@ class Acquirer:
             due = int((time.monotonic() - t0) * self.rate) - n
             for _ in range(max(0, due)):
                 term, _, writer = conns[n % len(conns)]
+                if writer.is_closing() or term in self.gone:
+                    n += 1  # that terminal's connection was closed on it: skip its turn
+                    continue
                 stan = stan % 999_999 + 1
                 key = (term, f"{stan:06d}")
                 self.sent.add(key)
@@ -176,4 +194,5 @@ class Acquirer:
                 self.strays += 1
                 continue
             self.answers[key] = doc.get("39", "")
+        self.gone.add(term)
         self.refused += 1

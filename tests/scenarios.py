@@ -17,10 +17,11 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from engine.frame import decode as decode_frame
-from engine.natsd import free_port
 from peers import Acquirer, Issuer, PeerThread
 from rackutil import RackProcess, stream_contents, switch_rig, wait_switch_ready
+
+from engine.frame import decode as decode_frame
+from engine.natsd import free_port
 
 PAN4, PAN6 = "4761739001010119", "6011000990139424"
 

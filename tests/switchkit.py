@@ -9,6 +9,8 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
+from peers import request_doc
+
 from engine.config import At, StreamConfig
 from engine.counters import Counters
 from engine.egress import EgressPlan, EgressProcess, Route
@@ -22,11 +24,11 @@ from gears.coatcheck import KeyRing
 from gears.iso8583.codec import decode, encode, spec_by_name
 from gears.iso8583.core import SAF, stat_defs
 from gears.iso8583.framing import NEED_DATA, Framer, FramingConfig
+from gears.iso8583.gear import saf_outlet
 from gears.iso8583.issuer_sim import IssuerRule, IssuerSimulator
 from gears.iso8583.loadgen import LoadConfig, LoadGenerator, MixEntry
 from gears.iso8583.saf import SafSender
 from gears.iso8583.settings import SwitchSettings, parse_switch_settings
-from gears.iso8583.gear import saf_outlet
 from gears.iso8583.switch import SwitchShell
 
 PANS = {"4": "4761739001010119", "5": "5500000000000004", "6": "6011000990139424",
@@ -259,15 +261,7 @@ def frame(doc: dict) -> bytes:
 
 def request(**fields) -> dict:
     """A 0100 document with the usual fields (``None`` removes one)."""
-    doc = {"t": "0100", "2": PANS["4"], "3": "000000", "4": "000000001000", "7": "1127153000",
-           "11": "000001", "41": "TERM0001", "49": "840"}
-    for k, v in fields.items():
-        key = k.lstrip("f")
-        if v is None:
-            doc.pop(key, None)
-        else:
-            doc[key] = v
-    return doc
+    return request_doc(PANS["4"], **fields)
 
 
 logging.getLogger("nats").setLevel(logging.CRITICAL)

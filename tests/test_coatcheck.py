@@ -114,3 +114,41 @@ def test_replicas_starting_together_agree_on_one_key_file(tmp_path):
     assert all(p.exitcode == 0 for p in procs)
     assert all(k == keys[0] for k in keys)  # nobody generated a key of its own
     assert sorted(x.name for x in tmp_path.iterdir()) == ["vault.keys"]  # no temp files left
+
+
+def _luhn_textbook(digits: str) -> bool:
+    total = 0
+    for i, ch in enumerate(reversed(digits)):
+        d = int(ch)
+        if i % 2:
+            d = d * 2 - 9 if d * 2 > 9 else d * 2
+        total += d
+    return total % 10 == 0
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.text(alphabet="0123456789", min_size=1, max_size=24))
+def test_luhn_agrees_with_the_textbook_loop(digits):
+    assert luhn_valid(digits) == _luhn_textbook(digits)
+
+
+def test_nonces_never_repeat_within_a_process_or_across_forks(tmp_path):
+    from conftest import FORK
+    from engine.cbor import loads
+
+    ring = KeyRing.load_or_create(tmp_path / "keys")
+    mine = {loads(ring.seal("t", {"2": "1"}))["n"] for _ in range(1000)}
+    assert len(mine) == 1000
+    reader, writer = os.pipe()
+
+    def child():
+        os.write(writer, loads(ring.seal("t", {"2": "1"}))["n"])
+        os._exit(0)
+
+    procs = [FORK.Process(target=child) for _ in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    theirs = {os.read(reader, 12) for _ in procs}
+    assert len(theirs) == 4 and not theirs & mine  # each child drew its own nonce field

@@ -424,3 +424,32 @@ def test_cli_check_refuses_a_bad_config_with_exit_2(tmp_path):
         f"error: {path}: pipelines[0].stages[0].gear: unknown gear 'iso8538' "
         "(known: egress, file, generator, iso8583, mapping, stdout)\n"
     )
+
+
+SWITCH_SOURCE = {"gear": "iso8583", "settings": {
+    "issuers": {"a": {"port": 9001}}, "groups": {"A": {"endpoints": ["a"]}},
+    "routes": [{"bins": ["4"], "group": "A"}], "saf": {"enabled": True}}}
+
+
+def test_a_switch_needs_rings_that_hold_its_records():
+    cfg = _changed({"pipelines.0.source": SWITCH_SOURCE, "pipelines.0.stages": [],
+                    "rings": {"capacity": "4KiB"}})
+    with pytest.raises(ConfigError) as exc:
+        parse_config(cfg, FILE)
+    assert str(exc.value) == ("rig.yaml: rings.capacity: must be >= 16384 for gear 'iso8583' "
+                              "at pipelines[0].source, got 4096")
+
+
+def test_a_gear_owned_stream_may_not_clash_with_a_configured_one():
+    cfg = _changed({"pipelines.0.source": SWITCH_SOURCE, "pipelines.0.stages": [],
+                    "egress.streams.1": {"name": "SAF", "subjects": ["other.>"]}})
+    with pytest.raises(ConfigError) as exc:
+        parse_config(cfg, FILE)
+    assert str(exc.value) == (
+        "rig.yaml: pipelines[0].source: egress stream 'SAF' clashes with the stream 'SAF' "
+        "(fluxrig.r1.saf.q) this gear keeps for its 'saf' outlet")
+    cfg = _changed({"pipelines.0.source": SWITCH_SOURCE, "pipelines.0.stages": [],
+                    "egress.streams.1": {"name": "ALL", "subjects": ["fluxrig.>"]}})
+    with pytest.raises(ConfigError) as exc:
+        parse_config(cfg, FILE)
+    assert "egress stream 'ALL' clashes" in str(exc.value)

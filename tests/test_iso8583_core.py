@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from peers import request_doc
 
 from engine.config import At
 from engine.counters import Stats
@@ -77,15 +78,7 @@ def make(shm_name, tmp_path):
 
 
 def req(mti="0100", **fields) -> bytes:
-    doc = {"t": mti, "2": PAN4, "3": "000000", "4": "000000001000", "7": "1127153000",
-           "11": "000001", "41": "TERM0001", "49": "840"}
-    for k, v in fields.items():
-        key = k.lstrip("f")
-        if v is None:
-            doc.pop(key, None)
-        else:
-            doc[key] = v
-    return encode(doc, SPEC)
+    return encode(request_doc(PAN4, t=mti, **fields), SPEC)
 
 
 def answered(actions) -> dict:

@@ -7,6 +7,7 @@ import asyncio
 
 import nats
 import pytest
+from switchkit import Kit, exchange, frame, issuers, request, settings
 
 from engine.frame import decode as decode_frame
 from gears.coatcheck import luhn_valid, rotate
@@ -14,7 +15,6 @@ from gears.iso8583.codec import spec_by_name
 from gears.iso8583.framing import FramingConfig
 from gears.iso8583.issuer_sim import IssuerRule, IssuerSimulator
 from gears.iso8583.loadgen import LoadConfig, LoadGenerator, MixEntry
-from switchkit import Kit, exchange, frame, issuers, request, settings
 
 PAN4, PAN6 = "4761739001010119", "6011000990139424"
 TRACK2 = PAN4 + "=27121011234567890"

@@ -7,13 +7,6 @@ import asyncio
 import logging
 
 import pytest
-
-from gears.iso8583.codec import FieldIndex, decode, encode, spec_by_name
-from gears.iso8583.core import mask_pan
-from gears.iso8583.framing import NEED_DATA, Framer, FramingConfig
-from gears.iso8583.issuer_sim import IssuerRule, IssuerSimulator
-from gears.iso8583.loadgen import LoadConfig, LoadGenerator, MixEntry
-from gears.iso8583.settings import parse_switch_settings
 from switchkit import (
     PANS,
     SPEC,
@@ -25,6 +18,13 @@ from switchkit import (
     request,
     settings,
 )
+
+from gears.iso8583.codec import FieldIndex, decode, encode, spec_by_name
+from gears.iso8583.core import mask_pan
+from gears.iso8583.framing import NEED_DATA, Framer, FramingConfig
+from gears.iso8583.issuer_sim import IssuerRule, IssuerSimulator
+from gears.iso8583.loadgen import LoadConfig, LoadGenerator, MixEntry
+from gears.iso8583.settings import parse_switch_settings
 
 
 @pytest.fixture

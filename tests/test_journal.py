@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 
 import pytest
-
 from conftest import FORK
+
 from engine.journal import (
     DECIDED,
     OPEN,

@@ -18,12 +18,12 @@ import urllib.request
 from collections import Counter
 
 import pytest
+import scenarios
+from peers import Issuer, PeerThread, pack, read_message, request_doc
+from rackutil import RackProcess, stream_contents, switch_rig, wait_switch_ready
 
 from engine.frame import decode as decode_frame
 from engine.natsd import free_port
-import scenarios
-from peers import Issuer, PeerThread, pack, read_message
-from rackutil import RackProcess, stream_contents, switch_rig, wait_switch_ready
 
 pytestmark = pytest.mark.slow
 
@@ -53,15 +53,7 @@ async def _ask(port: int, messages: list[bytes], replies: int, timeout: float = 
 
 
 def _request(**fields) -> dict:
-    doc = {"t": "0100", "2": PAN4, "3": "000000", "4": "000000001000", "7": "1127153000",
-           "11": "000001", "41": "TERM0001", "49": "840"}
-    for k, v in fields.items():
-        key = k.lstrip("f")
-        if v is None:
-            doc.pop(key, None)
-        else:
-            doc[key] = v
-    return doc
+    return request_doc(PAN4, **fields)
 
 
 def _raw(doc: dict, patch: tuple[bytes, bytes] | None = None) -> bytes:

@@ -9,13 +9,13 @@ import sys
 
 import pytest
 import yaml
+from rackutil import RackProcess, stream_contents, wait_switch_ready
 
 from engine.frame import decode
 from engine.natsd import free_port
 from gears.iso8583.codec import spec_by_name
 from gears.iso8583.framing import FramingConfig
 from gears.iso8583.loadgen import LoadConfig, LoadGenerator, MixEntry
-from rackutil import RackProcess, stream_contents
 
 pytestmark = pytest.mark.slow
 
@@ -48,19 +48,6 @@ def _rig(tmp_path, port: int, issuer_port: int):
     return path
 
 
-def _wait_listening(rack: RackProcess, port: int) -> None:
-    import socket
-
-    def up() -> bool:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return True
-        except OSError:
-            return False
-
-    rack.wait_for(up, 30, f"switch listening on {port}")
-
-
 def test_switch_rack_answers_every_terminal_and_audits_every_transaction(tmp_path):
     port, issuer_port = free_port(), free_port()
     issuer = subprocess.Popen([sys.executable, "-m", "engine.cli", "iso", "issuer", "--port",
@@ -70,7 +57,7 @@ def test_switch_rack_answers_every_terminal_and_audits_every_transaction(tmp_pat
     try:
         names = [p["name"] for p in rack.state["processes"]]
         assert "payments.switch.0" in names and "payments.switch.1" in names
-        _wait_listening(rack, port)
+        wait_switch_ready(rack, port, replicas=2)
         rack.wait_for(lambda: "issuer link up: issuer=b" in rack.output(), 30, "issuer links")
         gen = LoadGenerator(LoadConfig(
             host="127.0.0.1", port=port, spec=spec_by_name("default"),
@@ -158,7 +145,7 @@ def test_leak_scan_ten_thousand_transactions_leave_no_card_number_anywhere(tmp_p
     snapshots: list[bytes] = []
     segments: list[tuple[str, bytes]] = []
     try:
-        _wait_listening(rack, port)
+        wait_switch_ready(rack, port, replicas=2)
         rack.wait_for(lambda: "issuer link up: issuer=b" in rack.output(), 30, "issuer links")
 
         async def run():

@@ -132,7 +132,13 @@ class IssuerLink(FramedProtocol):
                 self.echo_stan = self.echo_stan % 999_999 + 1
                 doc = {"t": "0800", "7": time.strftime("%m%d%H%M%S", time.gmtime()),
                        "11": f"{self.echo_stan:06d}", "70": "301"}
-                self.send(encode(doc, self.spec), self.issuer.link.header)
+                try:
+                    self.send(encode(doc, self.spec), self.issuer.link.header)
+                except Exception as exc:  # a timer must not die: contain, count, log
+                    self.shell.core.contained_error()
+                    self.shell.ratelog.error(f"echo.{self.issuer.name}", "issuer echo "
+                                             "failed: issuer=%s, error=%r", self.issuer.name,
+                                             exc)
                 self.last_io = self.loop.time()
 
     def close(self) -> None:

@@ -13,6 +13,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from engine.bus import close_quietly
 from engine.config import At, StreamConfig
 from engine.counters import StatDef
 from engine.frame import Frame
@@ -78,6 +79,10 @@ class SwitchGear(Source):
         return stat_defs(settings)
 
     @classmethod
+    def min_ring_capacity(cls, settings: SwitchSettings) -> int:
+        return 16 << 10  # records up to 2 KiB: an audit event or a reversal is well under
+
+    @classmethod
     def journal_spec(cls, settings: SwitchSettings) -> JournalSpec:
         return JournalSpec(slots=settings.max_inflight, slot_size=JOURNAL_SLOT)
 
@@ -141,5 +146,4 @@ class SwitchGear(Source):
             shell.saf = sender
             await sender.run()
         finally:
-            if nc is not None:
-                await nc.close()
+            await close_quietly(nc)

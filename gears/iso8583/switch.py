@@ -236,7 +236,7 @@ class SwitchShell:
                 r.done = True
         # 2. everything up to the first record that is not written yet
         journal = self.journal
-        out_conns: dict[int, list[bytes]] = {}
+        out_conns: dict[int, list[Answer]] = {}
         out_links: dict[tuple[str, int], list[bytes]] = {}
         releases: list[int] = []
         closes: list[Close] = []
@@ -252,12 +252,9 @@ class SwitchShell:
                 if conn is None or conn.transport is None:
                     undelivered.append(a)
                 else:
-                    if a.slot >= 0:
-                        if a.reverse:  # an approval whose delivery is now pending
-                            journal.decide(a.slot, True)
-                        releases.append(a.slot)
-                    out_conns.setdefault(a.conn, []).append(
-                        conn.framer.frame(a.data, a.header))
+                    if a.reverse:  # an approval whose delivery is now pending
+                        journal.decide(a.slot, True)
+                    out_conns.setdefault(a.conn, []).append(a)
             elif t is Forward:
                 out_links.setdefault((a.issuer, a.link), []).append(a.data)
             elif t is Release:
@@ -272,8 +269,13 @@ class SwitchShell:
         for _ in range(cut):
             q.popleft()
         # 3. the bytes leave, then the slots close (delivery handed to the kernel)
-        for conn_id, parts in out_conns.items():
-            self.conns[conn_id].write_now(parts[0] if len(parts) == 1 else b"".join(parts))
+        for conn_id, answers in out_conns.items():
+            conn = self.conns[conn_id]
+            frame = conn.framer.frame
+            if conn.write_now(b"".join([frame(a.data, a.header) for a in answers])):
+                releases += [a.slot for a in answers if a.slot >= 0]
+            else:  # closing under us: nothing of it reached the kernel
+                undelivered += answers
         for (issuer, n), parts in out_links.items():
             link = self.links[issuer][n]
             header = link.issuer.link.header
