@@ -46,12 +46,20 @@ from nats.js.errors import NoStreamResponseError
 
 from engine.bus import close_quietly
 from engine.config import StreamConfig
-from engine.counters import ERRORS
+from engine.counters import ERRORS, StatDef, Stats
+from engine.logutil import RateLimitedLog
 from engine.frame import frame_id_of, frame_ts_of
 from engine.ring import Consumer
 from engine.worker import ProcessSpec, Runtime, wait_any
 
 log = logging.getLogger("fluxrig.egress")
+
+STAT_DEFS = (
+    StatDef("egress.waiting", "gauge", "frames taken from rings, waiting for NATS to store "
+            "them (recovery)"),
+    StatDef("egress.retries", "counter", "publish attempts that failed and were retried"),
+    StatDef("egress.streams_recreated", "counter", "streams found missing and created again"),
+)
 
 
 def hpub(subject: bytes, msg_id: bytes, payload: bytes | memoryview) -> bytes:
@@ -135,6 +143,11 @@ class EgressProcess:
         self.nc: Any = None
         self.js: Any = None
         self._subjects = [r.subject.encode() for r in self.plan.routes]
+        # the stats live in shared memory when the supervisor sized the segment for them
+        self.stats = (spec.counters.stats(spec.stat_defs) if spec.stat_defs
+                      else Stats.local(STAT_DEFS))
+        self._st_waiting, self._st_retries, self._st_recreated = range(3)
+        self.ratelog = RateLimitedLog(log)
 
     async def connect(self) -> None:
         """Connect to the rack's NATS (retrying until it answers or the rack stops)."""
@@ -152,8 +165,8 @@ class EgressProcess:
                          ",".join(self.tail_seq))
                 return
             except Exception as exc:
-                log.warning("egress cannot reach nats yet: url=%s, error=%r",
-                            self.rt.nats_url, exc)
+                self.ratelog.warning("connect", "egress cannot reach nats yet: url=%s, "
+                                     "error=%r", self.rt.nats_url, exc)
                 if self.nc is not None:
                     await self._close_quietly()
                 await asyncio.sleep(0.5)
@@ -219,9 +232,12 @@ class EgressProcess:
             await self._recover()
 
     async def _recover(self) -> None:
-        """Republish every in-flight frame with acked publishes until all are stored."""
+        """Republish every in-flight frame with acked publishes until all are stored; for as
+        long as it takes (NATS away for hours is a wait, not a loss), counted and logged at
+        most once per 10 s."""
         self.counters.add(ERRORS)
         pending = list(self.inflight)
+        self.stats.set(self._st_waiting, sum(len(b.messages) for b in pending))
         self.inflight.clear()
         for batch in pending:
             if batch.ack is not None and not batch.ack.done():
@@ -236,12 +252,14 @@ class EgressProcess:
                                            self.plan.ack_timeout * 2)
                     break
                 except Exception as exc:
-                    log.warning("egress republish failed, retrying: stream=%s, error=%r",
-                                batch.stream, exc)
+                    self.stats.add(self._st_retries)
+                    self.ratelog.warning("republish", "egress republish failed, retrying: "
+                                         "stream=%s, error=%r", batch.stream, exc)
                     if isinstance(exc, NoStreamResponseError):
                         await self._recreate_streams(batch.stream)
                     await asyncio.sleep(0.2)
             self._settled(batch)
+            self.stats.add(self._st_waiting, -len(batch.messages))
         while True:
             try:
                 await self._wait_connected()
@@ -249,19 +267,23 @@ class EgressProcess:
                     self.tail_seq[s.name] = (await self.js.stream_info(s.name)).state.last_seq
                 break
             except Exception as exc:
-                log.warning("egress cannot read stream state, retrying: error=%r", exc)
+                self.ratelog.warning("state", "egress cannot read stream state, retrying: "
+                                     "error=%r", exc)
                 await asyncio.sleep(0.2)
+        self.stats.set(self._st_waiting, 0)
         log.info("egress recovered: batches=%d", len(pending))
 
     async def _recreate_streams(self, stream: str) -> None:
         """A stream we publish to is gone (deleted by hand, or a wiped store): create it again
         from the plan and raise the alarm — frames waiting for it stay in their rings."""
         self.counters.add(ERRORS)
+        self.stats.add(self._st_recreated)
         log.error("egress stream missing, recreating it: stream=%s", stream)
         try:
             await ensure_streams(self.js, self.plan.streams)
         except Exception as exc:
-            log.error("egress cannot recreate streams, retrying: error=%r", exc)
+            self.ratelog.error("recreate", "egress cannot recreate streams, retrying: "
+                               "error=%r", exc)
 
     async def _wait_connected(self) -> None:
         while not self.nc.is_connected:

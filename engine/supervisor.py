@@ -41,6 +41,7 @@ from typing import Any
 
 from engine.config import GearConfig, RigConfig, StreamConfig
 from engine.counters import Counters, StatDef
+from engine.egress import STAT_DEFS as EGRESS_STATS
 from engine.egress import EgressPlan, Route
 from engine.journal import Journal
 from engine.natsd import NatsServer, set_parent_death_signal
@@ -289,7 +290,7 @@ class Supervisor:
         if egress_inputs:
             specs.append(ProcessSpec(
                 name="egress", role="egress", inputs=egress_inputs,
-                counters=self._counters("egress"),
+                counters=self._counters("egress", EGRESS_STATS), stat_defs=EGRESS_STATS,
                 extra=EgressPlan(routes=routes,
                                  streams=list(cfg.egress.streams) + list(extra_streams.values()),
                                  batch=cfg.egress.batch, max_inflight=cfg.egress.max_inflight,

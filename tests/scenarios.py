@@ -20,6 +20,7 @@ from pathlib import Path
 from peers import Acquirer, Issuer, PeerThread
 from rackutil import RackProcess, stream_contents, switch_rig, wait_switch_ready
 
+from engine.egress import STAT_DEFS as EGRESS_STATS
 from engine.frame import decode as decode_frame
 from engine.natsd import free_port
 
@@ -46,6 +47,12 @@ def events_by_key(workdir: Path, rack_id: str, kind: str = "iso8583.txn") -> Cou
     return Counter((f.body["terminal"], f.body["stan"]) for f in frames if f.kind == kind)
 
 
+def _rack_id(name: str) -> str:
+    """A rack id of this run only: racks of one id share shared-memory names, so a test
+    and a full-size run (or two test sessions) must not meet."""
+    return f"{name}-{os.getpid()}"
+
+
 def _settle_reversals(issuer: Issuer, owed: set, seconds: float) -> None:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
@@ -63,7 +70,8 @@ def kill_replica(workdir: Path, peers: PeerThread, *, tps: float = 300, seconds:
     port = free_port()
     issuer = Issuer(delay=issuer_delay)
     issuer_port = peers.call(issuer.start())
-    rig = switch_rig(workdir, "killrep", port, issuer_port, timeout=5.0,
+    rid = _rack_id("killrep")
+    rig = switch_rig(workdir, rid, port, issuer_port, timeout=5.0,
                      saf={"enabled": True, "retry_interval": 1.0})
     rack = RackProcess(rig, workdir / "data", workers=2)
     acq = Acquirer(port, terminals=20, rate=tps)
@@ -84,7 +92,7 @@ def kill_replica(workdir: Path, peers: PeerThread, *, tps: float = 300, seconds:
     finally:
         rack.close()
     reversed_ = Counter((t, s) for _, t, s, _ in issuer.reversals)
-    events = events_by_key(workdir, "killrep")
+    events = events_by_key(workdir, rid)
     r.figures = {"sent": len(acq.sent), "issuer_saw": len(issuer.seen()),
                  "answered": len(acq.answers), "cut_by_kill": len(unanswered),
                  "reversed": len(reversed_)}
@@ -109,7 +117,8 @@ def stalled_egress(workdir: Path, peers: PeerThread, *, tps: float = 400, second
     port = free_port()
     issuer = Issuer()
     issuer_port = peers.call(issuer.start())
-    rig = switch_rig(workdir, "stall", port, issuer_port, rings={"capacity": ring})
+    rid = _rack_id("stall")
+    rig = switch_rig(workdir, rid, port, issuer_port, rings={"capacity": ring})
     rack = RackProcess(rig, workdir / "data", workers=2)
     acq = Acquirer(port, terminals=10, rate=tps)
     try:
@@ -133,7 +142,7 @@ def stalled_egress(workdir: Path, peers: PeerThread, *, tps: float = 400, second
         r.check(rack.stop() == 0, "rack did not drain cleanly")
     finally:
         rack.close()
-    events = events_by_key(workdir, "stall")
+    events = events_by_key(workdir, rid)
     answered = set(acq.answers)
     missing = [k for k in answered if events[k] != 1]
     r.figures = {"sent": len(acq.sent), "answered": len(answered),
@@ -154,7 +163,8 @@ def nats_outage(workdir: Path, peers: PeerThread, *, outage: float = 3.0,
     port = free_port()
     issuer = Issuer(drop={"6"})
     issuer_port = peers.call(issuer.start())
-    rig = switch_rig(workdir, "natsdown", port, issuer_port, timeout=0.3,
+    rid = _rack_id("natsdown")
+    rig = switch_rig(workdir, rid, port, issuer_port, timeout=0.3,
                      saf={"enabled": True, "retry_interval": 0.5})
     rack = RackProcess(rig, workdir / "data", workers=1)
     acq = Acquirer(port, terminals=4, rate=timeouts_per_s, pan=PAN6)
@@ -164,6 +174,8 @@ def nats_outage(workdir: Path, peers: PeerThread, *, outage: float = 3.0,
         try:
             os.kill(rack.state["nats_pid"], signal.SIGKILL)
             peers.call(acq.run(outage), timeout=outage + 60)
+            waiting = dict(zip([d.key for d in EGRESS_STATS],
+                               rack.counters("egress").snapshot().stats.tolist()))
             if kill_switch:
                 os.kill(rack.pid_of("payments.switch"), signal.SIGKILL)
         finally:
@@ -175,7 +187,10 @@ def nats_outage(workdir: Path, peers: PeerThread, *, outage: float = 3.0,
         rack.close()
     reversed_ = Counter((t, s) for _, t, s, _ in issuer.reversals)
     r.figures = {"outage_s": outage, "timeouts_answered_91": sum(
-        1 for c in acq.answers.values() if c == "91"), "reversed": len(reversed_)}
+        1 for c in acq.answers.values() if c == "91"), "reversed": len(reversed_),
+        "egress_during_outage": waiting}
+    if outage > 10:  # past egress's ack timeout (5 s) it is recovering, and says so
+        r.check(waiting["egress.waiting"] > 0, "egress did not show frames waiting for NATS")
     r.check(set(acq.answers.values()) <= {"91"}, "an answer other than 91 during the outage")
     r.check(bool(acq.answers), "no timeout happened (meaningless run)")
     lost = set(acq.answers) - set(reversed_)
@@ -203,7 +218,8 @@ def connection_flood(workdir: Path, peers: PeerThread, *, connections: int = 500
     port = free_port()
     issuer = Issuer()
     issuer_port = peers.call(issuer.start())
-    rig = switch_rig(workdir, "flood", port, issuer_port,
+    rid = _rack_id("flood")
+    rig = switch_rig(workdir, rid, port, issuer_port,
                      listen={"host": "127.0.0.1", "port": port, "frame_timeout": 2.0})
     rack = RackProcess(rig, workdir / "data", workers=2, nofile=nofile)
     acq = Acquirer(port, terminals=4, rate=tps, prefix="B")

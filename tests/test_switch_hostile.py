@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import subprocess
 import sys
@@ -78,7 +79,7 @@ def test_hostile_requests_get_their_answer_an_audit_event_and_no_log_injection(t
     port = free_port()
     issuer = Issuer(drop={"6"})
     issuer_port = peers.call(issuer.start())
-    rig = switch_rig(tmp_path, "hostile", port, issuer_port, timeout=0.5,
+    rig = switch_rig(tmp_path, f"hostile-{os.getpid()}", port, issuer_port, timeout=0.5,
                      coatcheck={"enabled": True}, on_malformed="keep")
     rack = RackProcess(rig, tmp_path / "data", workers=1)
     try:
@@ -120,7 +121,7 @@ def test_hostile_requests_get_their_answer_an_audit_event_and_no_log_injection(t
     assert {"000001", "000002", "000010"}.isdisjoint(by_stan)  # unanswerable MTIs
     assert issuer.seen() == {("TERM0001", "000012"), ("TERM0001", "000013"),
                              ("TERM0001", "000014")}
-    events = _events(tmp_path, "hostile")
+    events = _events(tmp_path, f"hostile-{os.getpid()}")
     rejected = [e for e in events if e.kind == "iso8583.rejected"]
     assert len(rejected) == 11
     assert Counter(e.headers["reason"] for e in rejected) == {
@@ -163,7 +164,7 @@ def test_switch_stats_reach_engine_status_and_prometheus(tmp_path, peers):
     port, prom = free_port(), free_port()
     issuer = Issuer(codes={"5": "05"})
     issuer_port = peers.call(issuer.start())
-    rig = switch_rig(tmp_path, "stats", port, issuer_port,
+    rig = switch_rig(tmp_path, f"stats-{os.getpid()}", port, issuer_port,
                      telemetry={"interval": 0.2, "prometheus": {"port": prom}})
     rack = RackProcess(rig, tmp_path / "data", workers=1)
     try:
@@ -196,5 +197,6 @@ def test_switch_stats_reach_engine_status_and_prometheus(tmp_path, peers):
     assert stats["iso8583.rejected{reason=format}"] == 1
     assert stats["iso8583.links_up{issuer=a}"] == 2
     assert "iso8583.answers{de39=00}=5" in text
+    assert rows["egress"]["stats"]["egress.waiting"] == 0  # a gauge, shown at 0 too
     assert re.search(r'fluxrig_iso8583_answers_total\{[^}]*de39="05"[^}]*\} 3\.0', metrics)
     assert re.search(r'fluxrig_iso8583_links_up\{[^}]*issuer="a"[^}]*\} 2\.0', metrics)
