@@ -17,7 +17,7 @@ from engine.logutil import RateLimitedLog
 from gears.iso8583.codec import encode, spec_by_name
 from gears.iso8583.core import Action, SwitchCore
 from gears.iso8583.framed import FramedProtocol
-from gears.iso8583.framing import FramingError
+from gears.iso8583.framing import Framer, FramingError
 from gears.iso8583.settings import IssuerSettings, SwitchSettings
 
 log = logging.getLogger("fluxrig.iso.switch")
@@ -85,7 +85,7 @@ class IssuerLink(FramedProtocol):
     async def run(self) -> None:
         backoff = 0.1
         while not self._closed:
-            self.framer.__init__(self.issuer.link.framing)  # a fresh stream
+            self.framer = Framer(self.issuer.link.framing)  # a fresh stream
             self._lost = asyncio.Event()
             try:
                 await self.loop.create_connection(lambda: self, self.issuer.host,

@@ -377,7 +377,7 @@ class SwitchCore:
         base = self._base(mti, fields, decision.rule, issuer)
         item = None
         if self.saf_on and mti[1] in "12":
-            item = self._saf_item(tid, issuer, key, mti, clear_fields, vkey)
+            item = self._saf_item(tid, issuer, key, mti, clear_fields)
         try:
             slot = self.journal.open(dumps({"id": tid, "ev": base, "saf": item}))
         except (JournalFull, PayloadTooLarge) as exc:
@@ -404,7 +404,7 @@ class SwitchCore:
         return base
 
     def _saf_item(self, tid: bytes, issuer: str, key: str, mti: str,
-                  clear_fields: Mapping[str, str], vkey: str | None) -> dict:
+                  clear_fields: Mapping[str, str]) -> dict:
         assert self.keyring is not None
         # what the reversal needs; only the card number is sealed (the rest is what audit
         # events carry anyway); the 0400 itself is built when it is sent
@@ -482,13 +482,13 @@ class SwitchCore:
                              "mti=%s, key=%s", problem.field, problem.reason, escape(mti),
                              escape(match_key(fields, self.s.match_key)))
         good = self.validator.echoable(fields)
-        can_answer = problem.code is not None and mti_problem(mti) is None
+        code = problem.code if mti_problem(mti) is None else None
         record = Record(EVENTS, self._rejected_event(
-            mti if mti_problem(mti) is None else "", good, problem, can_answer))
-        if not can_answer:
+            mti if mti_problem(mti) is None else "", good, problem, code is not None))
+        if code is None:
             return self._no_answer(conn, record)
-        self._count(problem.code, "rejected")  # type: ignore[arg-type]
-        return [record, Answer(conn, header, self.acq_index.respond(raw, problem.code))]
+        self._count(code, "rejected")
+        return [record, Answer(conn, header, self.acq_index.respond(raw, code))]
 
     def _undecodable(self, conn: int, header: bytes, raw: bytes, exc: CodecError,
                      now: float) -> list[Action]:
@@ -510,8 +510,8 @@ class SwitchCore:
                 answer = encode(doc, self.acq_spec)
             except CodecError:
                 answer = None
-        record = Record(EVENTS, self._rejected_event(mti if valid_mti else "", good, problem,
-                                                     answer is not None))
+        record = Record(EVENTS, self._rejected_event((mti or "") if valid_mti else "", good,
+                                                     problem, answer is not None))
         if answer is None:
             return self._no_answer(conn, record)
         self._count(FORMAT_ERROR, "rejected")
@@ -683,8 +683,8 @@ class SwitchCore:
                 continue
             tid, base, item = doc["id"], doc.get("ev") or {}, doc.get("saf")
             wall = self.wall_ns()
-            reverse = item is not None and (e.state != DECIDED or e.reverse)
-            if reverse:
+            reverse = isinstance(item, dict) and (e.state != DECIDED or e.reverse)
+            if isinstance(item, dict) and reverse:
                 out.append(Record(SAF, self._saf_frame(tid, item)))
                 self.stats.add(self._st_saf_recovered)
             if e.state != DECIDED:

@@ -222,7 +222,7 @@ class SwitchShell:
         # 1. records, one ring write per outlet (each outlet writes a prefix of its list)
         batches: dict[str, list[Record]] = {}
         for a in q:
-            if type(a) is Record and not a.done:
+            if isinstance(a, Record) and not a.done:
                 batches.setdefault(a.outlet, []).append(a)
         for name, recs in batches.items():
             try:
@@ -243,11 +243,10 @@ class SwitchShell:
         undelivered: list[Answer] = []
         cut = 0
         for a in q:
-            t = type(a)
-            if t is Record:
+            if isinstance(a, Record):
                 if not a.done:
                     break
-            elif t is Answer:
+            elif isinstance(a, Answer):
                 conn = self.conns.get(a.conn)
                 if conn is None or conn.transport is None:
                     undelivered.append(a)
@@ -255,13 +254,13 @@ class SwitchShell:
                     if a.reverse:  # an approval whose delivery is now pending
                         journal.decide(a.slot, True)
                     out_conns.setdefault(a.conn, []).append(a)
-            elif t is Forward:
+            elif isinstance(a, Forward):
                 out_links.setdefault((a.issuer, a.link), []).append(a.data)
-            elif t is Release:
+            elif isinstance(a, Release):
                 releases.append(a.slot)
-            elif t is Close:
+            elif isinstance(a, Close):
                 closes.append(a)
-            elif t is ReversalResponse:
+            elif isinstance(a, ReversalResponse):
                 if self.saf is None or not self.saf.on_response(a.key, a.de39):
                     self.ratelog.warning("revresp", "unexpected reversal response: issuer=%s",
                                          a.issuer)
@@ -327,7 +326,8 @@ class SwitchShell:
 
     async def _wait_space(self) -> None:
         while self._queue:
-            first = next((a for a in self._queue if type(a) is Record and not a.done), None)
+            first = next((a for a in self._queue if isinstance(a, Record) and not a.done),
+                         None)
             if first is not None:
                 await self.outlets[first.outlet].wait_space(len(first.frame), 1.0)
             self._flush()
