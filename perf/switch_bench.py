@@ -214,7 +214,8 @@ def main() -> int:
     if other is not None:
         rows.append((f"fluxrig @{args.against[:12]}", other))
     if other_coat is not None:
-        rows.append((f"fluxrig @{args.against[:12]} + coat + SAF", other_coat))
+        rows.append((f"fluxrig @{args.against[:12]} + coat check" + (" + SAF" if SAF else ""),
+                     other_coat))
     for name, r in rows:
         m, s = r["max"], r["at_2000"]
         print(f"{name:<34} {m['tps']:8,.0f} {m['p50_ms']:7.2f} {m['p99_ms']:7.2f} "
