@@ -32,133 +32,33 @@ from typing import Any
 
 import yaml
 
-_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
-_SUBJECT_RE = re.compile(r"^[^\s.*>]+(\.[^\s.*>]+)*$")
-_SUBJECT_PATTERN_RE = re.compile(r"^([^\s.*>]+|\*)(\.([^\s.*>]+|\*))*(\.>)?$|^>$")
-_SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMG]i?B?)?\s*$", re.IGNORECASE)
-_SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+from engine.schema import (  # noqa: F401 - ConfigError and At are part of this module's API
+    NAME_RE,
+    SUBJECT_PATTERN_RE,
+    SUBJECT_RE,
+    At,
+    ConfigError,
+    _type_name,
+    get_float,
+    get_int,
+    get_list,
+    get_map,
+    get_size,
+    get_str,
+)
+from engine.streams import StreamConfig, subject_matches  # noqa: F401 - part of the API
+from gears.base import known_gears, lookup_gear
+
+MAX_RING = 1 << 30  # bytes: no ring needs more, and a typo (2^80) must not reach shm_open
 
 
-class ConfigError(ValueError):
-    """A rig file that cannot run; the message says file, key path and what was expected."""
-
-
-@dataclass(frozen=True, slots=True)
-class At:
-    """Where a value sits in the rig file, for error messages: ``file`` + key ``path``."""
-
-    file: str
-    path: str = ""
-
-    def key(self, name: str) -> At:
-        """The location of ``name`` inside this mapping."""
-        return At(self.file, f"{self.path}.{name}" if self.path else name)
-
-    def index(self, i: int) -> At:
-        """The location of item ``i`` of this list."""
-        return At(self.file, f"{self.path}[{i}]")
-
-    def error(self, message: str) -> ConfigError:
-        """A ConfigError located here."""
-        where = self.path or "(top level)"
-        return ConfigError(f"{self.file}: {where}: {message}")
-
-
-def _type_name(value: Any) -> str:
-    return "null" if value is None else type(value).__name__
-
-
-def get_map(raw: Any, at: At, allowed: set[str] | None = None) -> Mapping[str, Any]:
-    """``raw`` as a mapping with string keys (None counts as empty); unknown keys refused."""
-    if raw is None:
-        return {}
-    if not isinstance(raw, Mapping):
-        raise at.error(f"expected a mapping, got {_type_name(raw)}")
-    for k in raw:
-        if not isinstance(k, str):
-            raise at.error(f"keys must be strings, got {k!r}")
-        if allowed is not None and k not in allowed:
-            choices = ", ".join(sorted(allowed))
-            raise at.key(k).error(f"unknown key (allowed: {choices})" if allowed
-                                  else "unknown key (none allowed)")
-    return raw
-
-
-def get_str(m: Mapping[str, Any], key: str, at: At, default: str | None = None,
-            pattern: re.Pattern[str] | None = None, rule: str = "") -> str:
-    """String ``m[key]`` (required when ``default`` is None), optionally matching ``pattern``."""
-    if key not in m or m[key] is None:
-        if default is None:
-            raise at.key(key).error("required key missing")
-        return default
-    value = m[key]
-    if not isinstance(value, str):
-        raise at.key(key).error(f"expected a string, got {_type_name(value)}")
-    if pattern is not None and not pattern.match(value):
-        raise at.key(key).error(f"invalid value {value!r} (expected {rule})")
-    return value
-
-
-def get_int(m: Mapping[str, Any], key: str, at: At, default: int, minimum: int | None = None,
-            maximum: int | None = None) -> int:
-    """Integer ``m[key]`` within [minimum, maximum]."""
-    value = m.get(key, default)
-    if value is None:
-        value = default
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise at.key(key).error(f"expected an integer, got {_type_name(value)}")
-    if minimum is not None and value < minimum:
-        raise at.key(key).error(f"must be >= {minimum}, got {value}")
-    if maximum is not None and value > maximum:
-        raise at.key(key).error(f"must be <= {maximum}, got {value}")
-    return value
-
-
-def get_float(m: Mapping[str, Any], key: str, at: At, default: float, minimum: float = 0.0,
-              exclusive: bool = True) -> float:
-    """Number ``m[key]`` greater than (or equal to) ``minimum``."""
-    value = m.get(key, default)
-    if value is None:
-        value = default
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise at.key(key).error(f"expected a number, got {_type_name(value)}")
-    if value < minimum or (exclusive and value == minimum):
-        raise at.key(key).error(f"must be {'>' if exclusive else '>='} {minimum}, got {value}")
-    return float(value)
-
-
-def get_bool(m: Mapping[str, Any], key: str, at: At, default: bool) -> bool:
-    """Boolean ``m[key]``."""
-    value = m.get(key, default)
-    if not isinstance(value, bool):
-        raise at.key(key).error(f"expected true or false, got {_type_name(value)}")
-    return value
-
-
-def get_size(m: Mapping[str, Any], key: str, at: At, default: int) -> int:
-    """A byte size: an integer or a string like ``4MiB`` / ``512K``."""
-    value = m.get(key, default)
-    if value is None:
-        value = default
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if isinstance(value, str) and (match := _SIZE_RE.match(value)):
-        unit = (match.group(2) or "")[:1].upper()
-        return int(match.group(1)) * _SIZE_UNITS[unit]
-    raise at.key(key).error(f"expected a size like 4194304 or '4MiB', got {value!r}")
-
-
-def get_list(m: Mapping[str, Any], key: str, at: At, required: bool = False) -> list[Any]:
-    """List ``m[key]`` (empty when absent and not required)."""
-    value = m.get(key)
-    if value is None:
-        if required:
-            raise at.key(key).error("required key missing")
-        return []
-    if not isinstance(value, list):
-        raise at.key(key).error(f"expected a list, got {_type_name(value)}")
-    return value
-
+def shm_size() -> int:
+    """Bytes /dev/shm can hold in all (its filesystem size)."""
+    try:
+        st = os.statvfs("/dev/shm")
+    except OSError:
+        return MAX_RING
+    return st.f_blocks * st.f_frsize
 
 # --- typed configuration -------------------------------------------------------------------
 
@@ -183,18 +83,6 @@ class PipelineConfig:
     source: GearConfig
     stages: tuple[GearConfig, ...]
     sinks: tuple[GearConfig, ...]
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class StreamConfig:
-    """A JetStream stream the egress creates or checks at start."""
-
-    name: str
-    subjects: tuple[str, ...]
-    storage: str = "file"
-    max_age: float = 0.0  # seconds, 0 = unlimited
-    duplicate_window: float = 120.0  # seconds
-    retention: str = "limits"  # or "work_queue": a message leaves when a consumer acks it
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -272,7 +160,6 @@ def load_config(path: str | os.PathLike[str]) -> RigConfig:
 
 def parse_config(raw: Any, file: str = "<config>") -> RigConfig:
     """Validate an already-parsed rig mapping (see module docstring for the shape)."""
-    from gears.base import known_gears, lookup_gear  # gears import config helpers
 
     top = At(file)
     root = get_map(raw, top, {"rack", "nats", "rings", "cpu", "telemetry", "egress", "pipelines"})
@@ -281,7 +168,7 @@ def parse_config(raw: Any, file: str = "<config>") -> RigConfig:
 
     at = top.key("rack")
     rack = get_map(root.get("rack"), at, {"id", "labels", "data_dir"})
-    rack_id = get_str(rack, "id", at, pattern=_NAME_RE,
+    rack_id = get_str(rack, "id", at, pattern=NAME_RE,
                       rule="lowercase letters, digits, '-' or '_', at most 32 characters")
     labels_raw = get_map(rack.get("labels"), at.key("labels"))
     for k, v in labels_raw.items():
@@ -305,6 +192,11 @@ def parse_config(raw: Any, file: str = "<config>") -> RigConfig:
     capacity = get_size(rings, "capacity", at, 4 << 20)
     if capacity < 1024 or capacity & (capacity - 1):
         raise at.key("capacity").error(f"must be a power of two >= 1024, got {capacity}")
+    shm_total = shm_size()
+    if capacity > min(MAX_RING, shm_total):
+        raise at.key("capacity").error(
+            f"must be <= {min(MAX_RING, shm_total)} (1 GiB, and what /dev/shm holds: "
+            f"{shm_total}), got {capacity}")
     batch = get_int(rings, "batch", at, 256, 1, 65536)
 
     at = top.key("cpu")
@@ -335,11 +227,11 @@ def parse_config(raw: Any, file: str = "<config>") -> RigConfig:
         prom_host = get_str(pm, "host", at.key("prometheus"), default="127.0.0.1")
         prom_port = get_int(pm, "port", at.key("prometheus"), 9464, 0, 65535)
     telemetry = TelemetryConfig(
-        interval=get_float(tel, "interval", at, 1.0),
+        interval=get_float(tel, "interval", at, 1.0, maximum=3600.0),
         prometheus_host=prom_host,
         prometheus_port=prom_port,
         subject=get_str(tel, "subject", at, default=f"fluxrig.stats.{rack_id}",
-                        pattern=_SUBJECT_RE, rule="a NATS subject without wildcards"),
+                        pattern=SUBJECT_RE, rule="a NATS subject without wildcards"),
     )
 
     at = top.key("egress")
@@ -352,7 +244,7 @@ def parse_config(raw: Any, file: str = "<config>") -> RigConfig:
         if not subjects:
             raise sat.key("subjects").error("at least one subject is required")
         for j, subj in enumerate(subjects):
-            if not isinstance(subj, str) or not _SUBJECT_PATTERN_RE.match(subj):
+            if not isinstance(subj, str) or not SUBJECT_PATTERN_RE.match(subj):
                 raise sat.key("subjects").index(j).error(f"invalid subject pattern {subj!r}")
         storage = get_str(s, "storage", sat, default="file")
         if storage not in ("file", "memory"):
@@ -363,7 +255,7 @@ def parse_config(raw: Any, file: str = "<config>") -> RigConfig:
             subjects=tuple(subjects),
             storage=storage,
             max_age=get_float(s, "max_age", sat, 0.0, exclusive=False),
-            duplicate_window=get_float(s, "duplicate_window", sat, 120.0),
+            duplicate_window=get_float(s, "duplicate_window", sat, 120.0, maximum=86_400.0),
         ))
     names = [s.name for s in streams]
     if len(set(names)) != len(names):
@@ -372,7 +264,7 @@ def parse_config(raw: Any, file: str = "<config>") -> RigConfig:
         streams=tuple(streams),
         batch=get_int(eg, "batch", at, 1000, 1, 100_000),
         max_inflight=get_int(eg, "max_inflight", at, 8, 1, 1024),
-        ack_timeout=get_float(eg, "ack_timeout", at, 5.0),
+        ack_timeout=get_float(eg, "ack_timeout", at, 5.0, maximum=600.0),
     )
 
     at = top.key("pipelines")
@@ -380,7 +272,7 @@ def parse_config(raw: Any, file: str = "<config>") -> RigConfig:
     for i, p_raw in enumerate(get_list(root, "pipelines", top, required=True)):
         pat = at.index(i)
         p = get_map(p_raw, pat, {"name", "key", "source", "stages", "sinks"})
-        name = get_str(p, "name", pat, pattern=_NAME_RE,
+        name = get_str(p, "name", pat, pattern=NAME_RE,
                        rule="lowercase letters, digits, '-' or '_', at most 32 characters")
         key = p.get("key")
         if key is not None and (not isinstance(key, str) or not key.startswith(("headers.", "body."))):
@@ -397,7 +289,7 @@ def parse_config(raw: Any, file: str = "<config>") -> RigConfig:
             if cls.role != role:
                 raise gat.key("gear").error(f"gear {gname!r} is a {cls.role}, expected a {role}")
             return GearConfig(
-                name=get_str(g, "name", gat, default=default_name, pattern=_NAME_RE,
+                name=get_str(g, "name", gat, default=default_name, pattern=NAME_RE,
                              rule="lowercase letters, digits, '-' or '_', at most 32 characters"),
                 gear=gname,
                 role=role,
@@ -439,7 +331,7 @@ def parse_config(raw: Any, file: str = "<config>") -> RigConfig:
     for i, p in enumerate(pipelines):
         for j, s in enumerate(p.sinks):
             subject = getattr(s.settings, "subject", None)
-            if s.gear != "egress" or subject is None:
+            if not getattr(lookup_gear(s.gear), "to_jetstream", False) or subject is None:
                 continue
             owners = [st.name for st in streams if any(subject_matches(pt, subject)
                                                        for pt in st.subjects)]
@@ -484,18 +376,3 @@ def parse_config(raw: Any, file: str = "<config>") -> RigConfig:
         egress=egress,
         pipelines=tuple(pipelines),
     )
-
-
-def subject_matches(pattern: str, subject: str) -> bool:
-    """NATS subject matching: ``*`` one token, ``>`` one or more trailing tokens."""
-    pt, st = pattern.split("."), subject.split(".")
-    for i, token in enumerate(pt):
-        if token == ">":
-            return len(st) > i
-        if i >= len(st) or (token != "*" and token != st[i]):
-            return False
-    return len(pt) == len(st)
-
-
-SUBJECT_RE = _SUBJECT_RE
-NAME_RE = _NAME_RE

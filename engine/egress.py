@@ -40,17 +40,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import nats
-from nats.js.api import RetentionPolicy, StorageType
-from nats.js.api import StreamConfig as JsStreamConfig
 from nats.js.errors import NoStreamResponseError
 
 from engine.bus import close_quietly
-from engine.config import StreamConfig
 from engine.counters import ERRORS, StatDef, Stats
-from engine.logutil import RateLimitedLog
 from engine.frame import frame_id_of, frame_ts_of
-from engine.ring import Consumer
-from engine.worker import ProcessSpec, Runtime, wait_any
+from engine.logutil import RateLimitedLog
+from engine.plan import EgressPlan, ProcessSpec, Runtime
+from engine.ring import Consumer, wait_any
+from engine.streams import ensure_streams
 
 log = logging.getLogger("fluxrig.egress")
 
@@ -69,25 +67,6 @@ def hpub(subject: bytes, msg_id: bytes, payload: bytes | memoryview) -> bytes:
         subject, len(header), len(header) + len(payload), header, payload)
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Route:
-    """Where the frames of one input ring go."""
-
-    subject: str
-    stream: str
-
-
-@dataclass(slots=True, kw_only=True)
-class EgressPlan:
-    """The egress process's part of the rig: routes parallel to ``spec.inputs``."""
-
-    routes: list[Route]
-    streams: list[StreamConfig]
-    batch: int
-    max_inflight: int
-    ack_timeout: float
-
-
 @dataclass(slots=True)
 class _Batch:
     lane: int
@@ -100,40 +79,13 @@ class _Batch:
     ack: asyncio.Future[Any] = field(default=None)  # type: ignore[assignment]
 
 
-def js_stream_config(s: StreamConfig) -> JsStreamConfig:
-    """nats-py StreamConfig for one configured stream."""
-    return JsStreamConfig(
-        name=s.name,
-        subjects=list(s.subjects),
-        storage=StorageType.FILE if s.storage == "file" else StorageType.MEMORY,
-        max_age=s.max_age or None,
-        duplicate_window=s.duplicate_window,
-        retention=(RetentionPolicy.WORK_QUEUE if s.retention == "work_queue"
-                   else RetentionPolicy.LIMITS),
-    )
-
-
-async def ensure_streams(js: Any, streams: list[StreamConfig]) -> dict[str, int]:
-    """Create missing streams, update changed subjects; return each stream's last sequence."""
-    last: dict[str, int] = {}
-    for s in streams:
-        cfg = js_stream_config(s)
-        try:
-            info = await js.stream_info(s.name)
-            if sorted(info.config.subjects or []) != sorted(s.subjects):
-                info = await js.update_stream(cfg)
-        except nats.js.errors.NotFoundError:
-            info = await js.add_stream(cfg)
-        last[s.name] = info.state.last_seq
-    return last
-
-
 class EgressProcess:
     """The egress loop (one per rack)."""
 
     def __init__(self, spec: ProcessSpec, rt: Runtime):
         self.spec = spec
         self.rt = rt
+        assert isinstance(spec.extra, EgressPlan)
         self.plan: EgressPlan = spec.extra
         self.consumers: list[Consumer] = [r.consumer() for r in spec.inputs]
         self.counters = spec.counters

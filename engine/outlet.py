@@ -18,9 +18,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from engine.config import StreamConfig
 from engine.counters import Counters
 from engine.ring import Producer, record_size
+from engine.streams import StreamConfig
 
 MAIN = "out"  # the outlet name of a replicated source's own lane
 WAKE_INTERVAL = 0.02  # seconds: the longest a published record waits for its consumer

@@ -541,3 +541,34 @@ class Consumer:
     def committed(self) -> int:
         """Byte position published to the producer as consumed."""
         return load_acquire(self._slots, HEAD)
+
+
+async def wait_any(consumers: Sequence[Consumer], rings: Sequence[Ring], timeout: float) -> bool:
+    """Wait until any of ``consumers`` has records (asyncio; one eventfd reader per ring).
+
+    For processes that consume several rings on one event loop (sinks, egress): the data
+    doorbell of each ring is armed and watched with ``loop.add_reader``.
+    """
+    import asyncio  # only io processes call this; stage workers never import asyncio
+
+    if any(c.available() for c in consumers):
+        return True
+    loop = asyncio.get_running_loop()
+    woken = asyncio.Event()
+    bells = [r.data_bell for r in rings]
+    for bell in bells:
+        loop.add_reader(bell.fd, woken.set)
+        bell.arm()
+    try:
+        if any(c.available() for c in consumers):
+            return True
+        try:
+            await asyncio.wait_for(woken.wait(), timeout)
+        except TimeoutError:
+            pass
+        return any(c.available() for c in consumers)
+    finally:
+        for bell in bells:
+            bell.disarm()
+            bell.drain()
+            loop.remove_reader(bell.fd)

@@ -42,9 +42,9 @@ from typing import Any
 from engine.config import GearConfig, RigConfig, StreamConfig
 from engine.counters import Counters, StatDef
 from engine.egress import STAT_DEFS as EGRESS_STATS
-from engine.egress import EgressPlan, Route
 from engine.journal import Journal
 from engine.natsd import NatsServer, set_parent_death_signal
+from engine.plan import EgressPlan, ProcessSpec, Route, Runtime, TelemetryPlan
 from engine.ring import Ring
 from engine.shm import (
     KIND_COUNTERS,
@@ -56,7 +56,7 @@ from engine.shm import (
     owner_alive,
 )
 from engine.telemetry import STATE_FILE
-from engine.worker import ProcessSpec, Runtime, run_process
+from engine.worker import run_process
 from gears.base import lookup_gear
 
 log = logging.getLogger("fluxrig.supervisor")
@@ -226,7 +226,7 @@ class Supervisor:
         for s in cfg.egress.streams:
             for subj in s.subjects:
                 stream_of[subj] = s.name
-        from engine.config import subject_matches
+        from engine.streams import subject_matches
 
         sinks_specs, stage_specs, source_specs = [], [], []
         extra_streams: dict[str, StreamConfig] = {}
@@ -267,7 +267,7 @@ class Supervisor:
                         counters=self._counters(f"{p.name}-{stage.name}-{i}", stage_defs)))
                 current = nxt
             sink = p.sinks[0]  # one per pipeline (checked by engine.config)
-            if sink.gear == "egress":
+            if getattr(lookup_gear(sink.gear), "to_jetstream", False):
                 subject = sink.settings.subject
                 stream = next(s.name for s in cfg.egress.streams
                               if any(subject_matches(pt, subject) for pt in s.subjects))
@@ -283,10 +283,10 @@ class Supervisor:
         specs: list[ProcessSpec] = []
         specs.append(ProcessSpec(
             name="telemetry", role="telemetry", counters=None,
-            extra={"interval": cfg.telemetry.interval,
-                   "prometheus_host": cfg.telemetry.prometheus_host,
-                   "prometheus_port": cfg.telemetry.prometheus_port,
-                   "subject": cfg.telemetry.subject, "labels": dict(cfg.labels)}))
+            extra=TelemetryPlan(interval=cfg.telemetry.interval,
+                                prometheus_host=cfg.telemetry.prometheus_host,
+                                prometheus_port=cfg.telemetry.prometheus_port,
+                                subject=cfg.telemetry.subject, labels=dict(cfg.labels))))
         if egress_inputs:
             specs.append(ProcessSpec(
                 name="egress", role="egress", inputs=egress_inputs,

@@ -37,6 +37,7 @@ import psutil
 from engine.bus import close_quietly
 from engine.cbor import dumps
 from engine.counters import Counters, CountersSnapshot, StatDef, percentiles
+from engine.plan import ProcessSpec, Runtime, TelemetryPlan
 from engine.ring import Ring
 
 log = logging.getLogger("fluxrig.telemetry")
@@ -276,21 +277,22 @@ class _Otel:
             make(f"fluxrig.{name}", [callback], "1", d.help)
 
 
-def run_telemetry(spec: Any, rt: Any) -> None:
+def run_telemetry(spec: ProcessSpec, rt: Runtime) -> None:
     """Process body of the telemetry process."""
     asyncio.run(_telemetry_main(spec, rt))
 
 
-async def _telemetry_main(spec: Any, rt: Any) -> None:
+async def _telemetry_main(spec: ProcessSpec, rt: Runtime) -> None:
     import nats
 
-    cfg = spec.extra  # engine.config.TelemetryConfig plus labels
+    cfg = spec.extra
+    assert isinstance(cfg, TelemetryPlan)
     stopping = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stopping.set)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     otel = None
-    if cfg["prometheus_port"] is not None:
-        otel = _Otel(cfg["prometheus_host"], cfg["prometheus_port"], rt.rack_id)
+    if cfg.prometheus_port is not None:
+        otel = _Otel(cfg.prometheus_host, cfg.prometheus_port, rt.rack_id)
     nc = None
     try:
         nc = await nats.connect(rt.nats_url, name=f"fluxrig-telemetry-{rt.rack_id}",
@@ -314,12 +316,12 @@ async def _telemetry_main(spec: Any, rt: Any) -> None:
                 otel.register({p.name: p.stat_defs for p in cur.processes})
                 otel.table = table
             if nc is not None and nc.is_connected:
-                await nc.publish(cfg["subject"],
-                                 snapshot_message(rt.rack_id, cfg["labels"], cur, table))
+                await nc.publish(cfg.subject,
+                                 snapshot_message(rt.rack_id, cfg.labels, cur, table))
         except Exception as exc:
             log.warning("telemetry sample failed: error=%r", exc)
         try:
-            await asyncio.wait_for(stopping.wait(), cfg["interval"])
+            await asyncio.wait_for(stopping.wait(), cfg.interval)
         except TimeoutError:
             pass
     await close_quietly(nc)

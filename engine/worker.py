@@ -33,70 +33,19 @@ import signal
 import time
 import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 from engine.cbor import dumps
-from engine.config import GearConfig
-from engine.counters import ERRORS, Counters, StatDef
+from engine.counters import ERRORS, Counters
 from engine.frame import Frame, FrameError, decode, encode, path_get
-from engine.journal import Journal
 from engine.outlet import MAIN, Outlet
-from engine.ring import Consumer, Producer, Ring
+from engine.plan import ProcessSpec, Runtime
+from engine.ring import Producer, wait_any
 from gears.base import GearContext, Sink, Source, Stage, lookup_gear
 
 log = logging.getLogger("fluxrig.worker")
 
 POLL_WAIT = 0.5  # seconds an idle loop sleeps on its doorbell before re-checking its flags
-
-
-@dataclass(slots=True, kw_only=True)
-class ProcessSpec:
-    """Everything a forked rack process needs; built by the supervisor before forking.
-
-    Attributes:
-        name: unique process name, e.g. ``demo.map.1`` (used for logs, counters, placement).
-        role: ``source``, ``stage``, ``sink``, ``egress`` or ``telemetry``.
-        pipeline: pipeline name ("" for rack-wide processes).
-        gear: the gear configuration (None for egress/telemetry).
-        replica: lane index for stages, 0 otherwise.
-        replicas: number of lanes.
-        inputs: rings this process consumes.
-        outputs: rings this process produces into (a source: one per lane).
-        counters: this process's counters segment.
-        key: lane key path (sources only).
-        cpu: CPU to pin to, or None.
-        extra: role-specific data (egress routes, telemetry targets).
-        outlets: the gear's extra outlet rings by name (sources only).
-        journal: the gear's in-flight journal (sources only), or None.
-        stat_defs: the gear's named stats (slots after the histogram in ``counters``).
-    """
-
-    name: str
-    role: str
-    pipeline: str = ""
-    gear: GearConfig | None = None
-    replica: int = 0
-    replicas: int = 1
-    inputs: list[Ring] = field(default_factory=list)
-    outputs: list[Ring] = field(default_factory=list)
-    counters: Counters | None = None
-    key: str | None = None
-    cpu: int | None = None
-    extra: Any = None
-    outlets: dict[str, Ring] = field(default_factory=dict)
-    journal: Journal | None = None
-    stat_defs: tuple[StatDef, ...] = ()
-
-
-@dataclass(slots=True)
-class Runtime:
-    """Rack-wide facts for process bodies (identical in every child)."""
-
-    rack_id: str
-    data_dir: str
-    nats_url: str
-    batch: int
 
 
 class _Stop:
@@ -309,33 +258,6 @@ async def run_source(spec: ProcessSpec, rt: Runtime) -> None:
         await stopping.wait()  # a finite source idles until the rack stops
     finally:
         gear.close()
-
-
-async def wait_any(consumers: Sequence[Consumer], rings: Sequence[Ring], timeout: float) -> bool:
-    """Wait until any of ``consumers`` has records (asyncio; one eventfd reader per ring)."""
-    import asyncio
-
-    if any(c.available() for c in consumers):
-        return True
-    loop = asyncio.get_running_loop()
-    woken = asyncio.Event()
-    bells = [r.data_bell for r in rings]
-    for bell in bells:
-        loop.add_reader(bell.fd, woken.set)
-        bell.arm()
-    try:
-        if any(c.available() for c in consumers):
-            return True
-        try:
-            await asyncio.wait_for(woken.wait(), timeout)
-        except TimeoutError:
-            pass
-        return any(c.available() for c in consumers)
-    finally:
-        for bell in bells:
-            bell.disarm()
-            bell.drain()
-            loop.remove_reader(bell.fd)
 
 
 async def run_sink(spec: ProcessSpec, rt: Runtime) -> None:

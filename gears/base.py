@@ -46,11 +46,11 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from engine.config import At
 from engine.counters import Counters, StatDef, Stats
 from engine.frame import Frame, derive_id  # noqa: F401 - re-exported: part of the gear contract
 from engine.journal import Journal, JournalSpec
 from engine.outlet import Outlet, OutletSpec
+from engine.schema import At
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -96,7 +96,7 @@ class Gear:
     @classmethod
     def parse_settings(cls, raw: Any, at: At) -> Any:
         """Validate the ``settings`` mapping of this gear; default: none allowed."""
-        from engine.config import get_map
+        from engine.schema import get_map
 
         get_map(raw, at, set())
         return None
@@ -156,9 +156,14 @@ class Stage(Gear):
 
 
 class Sink(Gear):
-    """A gear that takes frames out of the rack (runs in an asyncio io process)."""
+    """A gear that takes frames out of the rack (runs in an asyncio io process).
+
+    ``to_jetstream = True`` marks a sink whose frames the rack's egress process publishes
+    (its settings then have a ``subject``); such a sink gets no process of its own.
+    """
 
     role = "sink"
+    to_jetstream: ClassVar[bool] = False
 
     async def write(self, frames: list[Frame]) -> None:
         """Make ``frames`` durable; returning commits them upstream."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from engine.config import SUBJECT_RE, At, get_map, get_str
+from engine.schema import SUBJECT_RE, At, get_map, get_str
 from gears.base import Sink
 
 
@@ -23,6 +23,8 @@ class EgressSettings:
 
 class Egress(Sink):
     """Marker gear: frames routed here are published by the egress process."""
+
+    to_jetstream = True
 
     @classmethod
     def parse_settings(cls, raw: Any, at: At) -> EgressSettings:

@@ -25,8 +25,8 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from engine.config import At, get_float, get_int, get_map, get_str
 from engine.frame import Frame, new_frame
+from engine.schema import At, get_float, get_int, get_map, get_str
 from gears.base import Source
 
 

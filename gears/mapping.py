@@ -18,8 +18,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-from engine.config import At, get_list, get_map
 from engine.frame import Frame, path_get
+from engine.schema import At, get_list, get_map
 from gears.base import Stage
 
 _MISSING = object()

@@ -28,13 +28,13 @@ from pathlib import Path
 
 import nats
 
-from engine.config import StreamConfig
 from engine.counters import Counters
-from engine.egress import EgressPlan, Route, js_stream_config
 from engine.frame import encode, frame_id_of, new_frame
 from engine.natsd import NatsServer
+from engine.plan import EgressPlan, ProcessSpec, Route, Runtime
 from engine.ring import Ring
-from engine.worker import ProcessSpec, Runtime, run_process
+from engine.streams import StreamConfig, js_stream_config
+from engine.worker import run_process
 
 FORK = multiprocessing.get_context("fork")
 

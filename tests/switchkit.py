@@ -11,15 +11,16 @@ from pathlib import Path
 
 from peers import request_doc
 
-from engine.config import At, StreamConfig
 from engine.counters import Counters
-from engine.egress import EgressPlan, EgressProcess, Route
+from engine.egress import EgressProcess
 from engine.frame import Frame
 from engine.frame import decode as decode_frame
 from engine.journal import Journal
 from engine.outlet import MAIN, Outlet
+from engine.plan import EgressPlan, ProcessSpec, Route, Runtime
 from engine.ring import Ring
-from engine.worker import ProcessSpec, Runtime
+from engine.schema import At
+from engine.streams import StreamConfig
 from gears.coatcheck import KeyRing
 from gears.iso8583.codec import decode, encode, spec_by_name
 from gears.iso8583.core import SAF, stat_defs

@@ -145,6 +145,11 @@ def test_valid_variations(changes, check):
 
 RACK_RULE = "lowercase letters, digits, '-' or '_', at most 32 characters"
 
+def _shm() -> int:
+    st = os.statvfs("/dev/shm")
+    return st.f_blocks * st.f_frsize
+
+
 BAD = [
     # top level and rack
     ("rack-not-map", {"rack": [1]}, "rack: expected a mapping, got list"),
@@ -170,6 +175,15 @@ BAD = [
      "rings.capacity: must be a power of two >= 1024, got 512"),
     ("capacity-bad-size", {"rings.capacity": "4 parsecs"},
      "rings.capacity: expected a size like 4194304 or '4MiB', got '4 parsecs'"),
+    ("capacity-absurd", {"rings.capacity": 2**80},
+     f"rings.capacity: must be <= {min(1 << 30, _shm())} (1 GiB, and what /dev/shm holds: "
+     f"{_shm()}), got {2**80}"),
+    ("interval-nan", {"telemetry.interval": float("nan")},
+     "telemetry.interval: expected a finite number <= 3600, got nan"),
+    ("interval-inf", {"telemetry.interval": float("inf")},
+     "telemetry.interval: expected a finite number <= 3600, got inf"),
+    ("ack-timeout-absurd", {"egress.ack_timeout": 1e308},
+     "egress.ack_timeout: expected a finite number <= 600, got 1e+308"),
     ("batch-str", {"rings.batch": "256"}, "rings.batch: expected an integer, got str"),
     ("batch-bool", {"rings.batch": True}, "rings.batch: expected an integer, got bool"),
     ("batch-zero", {"rings.batch": 0}, "rings.batch: must be >= 1, got 0"),

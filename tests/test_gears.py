@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from engine.config import At
+from engine.schema import At
 from engine.frame import Frame
 from gears.base import Gear, GearContext, derive_id, known_gears, lookup_gear
 from gears.generator import Generator

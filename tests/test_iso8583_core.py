@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from peers import request_doc
 
-from engine.config import At
+from engine.schema import At
 from engine.counters import Stats
 from engine.frame import decode as decode_frame
 from engine.frame import derive_id

@@ -12,8 +12,8 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from engine.config import At, get_bool, get_map, get_str
 from engine.frame import Frame
+from engine.schema import At, get_bool, get_map, get_str
 from gears.base import GearContext, Sink
 from gears.io.jsonl import frame_json
 

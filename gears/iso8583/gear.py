@@ -14,11 +14,12 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from engine.bus import close_quietly
-from engine.config import At, StreamConfig
 from engine.counters import StatDef
 from engine.frame import Frame
 from engine.journal import JournalSpec
 from engine.outlet import OutletSpec
+from engine.schema import At
+from engine.streams import StreamConfig
 from gears.base import Source
 from gears.coatcheck import KeyRing
 from gears.iso8583.core import SAF, stat_defs

@@ -17,13 +17,12 @@ Errors name the file and key path (``engine.config.At``).
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from engine.config import At, get_float, get_int, get_list, get_map, get_str
+from engine.schema import At, get_float, get_int, get_list, get_map, get_str
 from gears.coatcheck import SENSITIVE_FIELDS
 from gears.iso8583.codec import CodecError, spec_by_name
 from gears.iso8583.framing import FramingConfig
@@ -119,11 +118,7 @@ class SwitchSettings:
 def _seconds(m: Mapping[str, Any], key: str, at: At, default: float, *, minimum: float = 0.0,
              exclusive: bool = True, maximum: float = 86_400.0 * 30) -> float:
     """A finite duration in seconds within (minimum, maximum]: NaN and infinities refused."""
-    value = get_float(m, key, at, default, minimum, exclusive)
-    if not math.isfinite(value) or value > maximum:
-        raise at.key(key).error(f"expected a finite number of seconds <= {maximum:g}, "
-                                f"got {m.get(key)!r}")
-    return value
+    return get_float(m, key, at, default, minimum, exclusive, maximum)
 
 
 def _link(raw: Any, at: At, with_header: bool) -> LinkSettings:

@@ -1,0 +1,94 @@
+"""What the supervisor hands each forked process: typed plans per role, built before the fork.
+
+Nothing here does anything; the supervisor fills these in (``engine.supervisor``) and the
+process bodies read them (``engine.worker``, ``engine.egress``, ``engine.telemetry``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from engine.config import GearConfig
+from engine.counters import Counters, StatDef
+from engine.journal import Journal
+from engine.ring import Ring
+from engine.streams import StreamConfig
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Route:
+    """Where the frames of one input ring go."""
+
+    subject: str
+    stream: str
+
+
+@dataclass(slots=True, kw_only=True)
+class EgressPlan:
+    """The egress process's part of the rig: routes parallel to ``spec.inputs``."""
+
+    routes: list[Route]
+    streams: list[StreamConfig]
+    batch: int
+    max_inflight: int
+    ack_timeout: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TelemetryPlan:
+    """The telemetry process's part of the rig."""
+
+    interval: float
+    prometheus_host: str
+    prometheus_port: int | None
+    subject: str
+    labels: dict[str, str]
+
+
+@dataclass(slots=True, kw_only=True)
+class ProcessSpec:
+    """Everything a forked rack process needs; built by the supervisor before forking.
+
+    Attributes:
+        name: unique process name, e.g. ``demo.map.1`` (used for logs, counters, placement).
+        role: ``source``, ``stage``, ``sink``, ``egress`` or ``telemetry``.
+        pipeline: pipeline name ("" for rack-wide processes).
+        gear: the gear configuration (None for egress/telemetry).
+        replica: lane index for stages, 0 otherwise.
+        replicas: number of lanes.
+        inputs: rings this process consumes.
+        outputs: rings this process produces into (a source: one per lane).
+        counters: this process's counters segment.
+        key: lane key path (sources only).
+        cpu: CPU to pin to, or None.
+        extra: role-specific data (egress routes, telemetry targets).
+        outlets: the gear's extra outlet rings by name (sources only).
+        journal: the gear's in-flight journal (sources only), or None.
+        stat_defs: the gear's named stats (slots after the histogram in ``counters``).
+    """
+
+    name: str
+    role: str
+    pipeline: str = ""
+    gear: GearConfig | None = None
+    replica: int = 0
+    replicas: int = 1
+    inputs: list[Ring] = field(default_factory=list)
+    outputs: list[Ring] = field(default_factory=list)
+    counters: Counters | None = None
+    key: str | None = None
+    cpu: int | None = None
+    extra: EgressPlan | TelemetryPlan | None = None
+    outlets: dict[str, Ring] = field(default_factory=dict)
+    journal: Journal | None = None
+    stat_defs: tuple[StatDef, ...] = ()
+
+
+@dataclass(slots=True)
+class Runtime:
+    """Rack-wide facts for process bodies (identical in every child)."""
+
+    rack_id: str
+    data_dir: str
+    nats_url: str
+    batch: int
