@@ -61,10 +61,21 @@ def version() -> None:
 @app.command()
 def check(config: Path = typer.Argument(..., help="rig file (YAML)")) -> None:
     """Validate a rig file without starting anything."""
+    from gears.base import lookup_gear
+
     cfg = _load(config)
     stages = sum(len(p.stages) for p in cfg.pipelines)
     typer.echo(f"ok: {config}: rack={cfg.rack_id}, pipelines={len(cfg.pipelines)}, "
                f"stages={stages}")
+    typer.echo(f"  data_dir: {cfg.data_dir}")
+    nats = cfg.nats
+    typer.echo(f"  nats: {nats.url}" if nats.url else
+               f"  nats: embedded, nats://{nats.host}:"
+               f"{nats.port or '<free port chosen at start>'}")
+    for p in cfg.pipelines:
+        for g in (p.source, *p.stages, *p.sinks):
+            for host, port in lookup_gear(g.gear).listeners(g.settings):  # type: ignore[union-attr]
+                typer.echo(f"  listens: {p.name}.{g.name} on {host}:{port}")
 
 
 @app.command()
@@ -75,7 +86,8 @@ def start(
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Run a rack in the foreground until SIGTERM/SIGINT (then drain and stop)."""
-    from engine.supervisor import RackAlreadyRunning, Supervisor
+    from engine.natsd import NatsServerError
+    from engine.supervisor import RackAlreadyRunning, RackStartError, Supervisor
 
     cfg = _load(config)
     _setup_logging(Path(cfg.data_dir), verbose)
@@ -84,6 +96,9 @@ def start(
         sup.start()
     except RackAlreadyRunning as exc:
         _fail(exc, 3)
+    except (RackStartError, NatsServerError) as exc:
+        sup.cleanup()
+        _fail(exc, 1)
     except BaseException:
         sup.cleanup()
         raise
@@ -166,10 +181,15 @@ def status(
 def _print_status(state: dict, table: list[dict], as_json: bool) -> None:
     if as_json:
         typer.echo(json.dumps({"rack": state["rack"], "pid": state["pid"],
-                               "nats_url": state["nats_url"], "processes": table}, indent=1))
+                               "nats_url": state["nats_url"],
+                               "status": state.get("status", "running"),
+                               "reason": state.get("reason", ""), "processes": table},
+                              indent=1))
         return
-    typer.echo(f"rack {state['rack']}  supervisor pid {state['pid']}  nats {state['nats_url']}"
-               f"  {time.strftime('%H:%M:%S')}")
+    typer.echo(f"rack {state['rack']}  {state.get('status', 'running')}  supervisor pid "
+               f"{state['pid']}  nats {state['nats_url']}  {time.strftime('%H:%M:%S')}")
+    if state.get("reason"):
+        typer.echo(f"  {state['reason']}")
     head = (f"{'process':<24} {'pid':>7} {'cpu':>3} {'cpu%':>6} {'rss MB':>7} {'in/s':>9} "
             f"{'out/s':>9} {'errors':>6} {'fill':>6} {'p50 ms':>7} {'p99 ms':>7}")
     typer.echo(head)

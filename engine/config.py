@@ -10,7 +10,7 @@ checked by each gear's own ``parse_settings`` (``gears.base``) with the same pat
 
 Shape of a rig file (all keys but ``rack.id`` and ``pipelines`` have defaults)::
 
-    rack:      {id, labels, data_dir}
+    rack:      {id, labels, data_dir}         # data_dir: relative to the rig file's folder
     nats:      {url | host, port}             # no url: the rack runs its own nats-server
     rings:     {capacity, batch}
     cpu:       {placement: auto | none | {process-name: cpu}}
@@ -155,11 +155,16 @@ def load_config(path: str | os.PathLike[str]) -> RigConfig:
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         problem = getattr(exc, "problem", None) or str(exc)
         raise ConfigError(f"{file}: {where}invalid YAML: {problem}") from exc
-    return parse_config(raw, file)
+    return parse_config(raw, file, base_dir=Path(path).resolve().parent)
 
 
-def parse_config(raw: Any, file: str = "<config>") -> RigConfig:
-    """Validate an already-parsed rig mapping (see module docstring for the shape)."""
+def parse_config(raw: Any, file: str = "<config>", base_dir: Path | None = None) -> RigConfig:
+    """Validate an already-parsed rig mapping (see module docstring for the shape).
+
+    A relative ``rack.data_dir`` is taken relative to ``base_dir`` (the rig file's folder,
+    so the rack is the same whatever directory ``engine`` runs from), else to the current
+    directory; the result is absolute.
+    """
 
     top = At(file)
     root = get_map(raw, top, {"rack", "nats", "rings", "cpu", "telemetry", "egress", "pipelines"})
@@ -175,6 +180,9 @@ def parse_config(raw: Any, file: str = "<config>") -> RigConfig:
         if not isinstance(v, str):
             raise at.key("labels").key(k).error(f"expected a string, got {_type_name(v)}")
     data_dir = Path(get_str(rack, "data_dir", at, default=f"var/{rack_id}"))
+    if not data_dir.is_absolute():
+        data_dir = (base_dir or Path.cwd()) / data_dir
+    data_dir = Path(os.path.normpath(data_dir))
 
     at = top.key("nats")
     nats_raw = get_map(root.get("nats"), at, {"url", "host", "port"})

@@ -6,6 +6,7 @@ process bodies read them (``engine.worker``, ``engine.egress``, ``engine.telemet
 
 from __future__ import annotations
 
+import socket
 from dataclasses import dataclass, field
 
 from engine.config import GearConfig
@@ -65,6 +66,7 @@ class ProcessSpec:
         outlets: the gear's extra outlet rings by name (sources only).
         journal: the gear's in-flight journal (sources only), or None.
         stat_defs: the gear's named stats (slots after the histogram in ``counters``).
+        listeners: sockets the supervisor bound for the gear (``Gear.listeners`` order).
     """
 
     name: str
@@ -80,6 +82,7 @@ class ProcessSpec:
     cpu: int | None = None
     extra: EgressPlan | TelemetryPlan | None = None
     outlets: dict[str, Ring] = field(default_factory=dict)
+    listeners: list[socket.socket] = field(default_factory=list)
     journal: Journal | None = None
     stat_defs: tuple[StatDef, ...] = ()
 

@@ -34,6 +34,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +44,7 @@ from engine.config import GearConfig, RigConfig, StreamConfig
 from engine.counters import Counters, StatDef
 from engine.egress import STAT_DEFS as EGRESS_STATS
 from engine.journal import Journal
+from engine.listeners import ListenerError, bind
 from engine.natsd import NatsServer, set_parent_death_signal
 from engine.plan import EgressPlan, ProcessSpec, Route, Runtime, TelemetryPlan
 from engine.ring import Ring
@@ -64,10 +66,18 @@ log = logging.getLogger("fluxrig.supervisor")
 BACKOFF_MIN = 0.1
 BACKOFF_MAX = 5.0
 HEALTHY_AFTER = 10.0
+CRASH_WINDOW = 60.0  # seconds over which a process's deaths are counted
+DEGRADED_AFTER = 3  # deaths in the window: the rack is "degraded" (engine status says why)
+GIVE_UP_AFTER = 5  # deaths in the window: the rack stops, exit code 1, with the last error
+CRASH_DIR = "crash"  # <data_dir>/crash/<process>.last: the last error of each process
 
 
 class RackAlreadyRunning(RuntimeError):
     """Another supervisor holds this data dir."""
+
+
+class RackStartError(RuntimeError):
+    """The rack cannot work (a listener cannot be bound, ...): nothing was started."""
 
 
 @dataclass(slots=True)
@@ -79,6 +89,8 @@ class _Child:
     backoff: float = BACKOFF_MIN
     restart_at: float | None = None
     stopped: bool = False  # deliberately stopped (drain): do not restart
+    deaths: list[float] = field(default_factory=list)  # unexpected exits in CRASH_WINDOW
+    last_error: str = ""
 
 
 @dataclass(slots=True)
@@ -158,6 +170,9 @@ class Supervisor:
         self._wake_r, self._wake_w = -1, -1
         self._stop_requested = False
         self.nats_url = cfg.nats.url or ""
+        self.listeners: dict[tuple[str, str], list[socket.socket]] = {}
+        self.degraded = ""  # why the rack is degraded (a process crash-looping), or ""
+        self.failed = ""  # why the rack gave up (stops with exit code 1), or ""
 
     # --- start ----------------------------------------------------------------------------
 
@@ -217,6 +232,27 @@ class Supervisor:
             out.append((journal, rings))
         return out
 
+    def bind_listeners(self) -> None:
+        """Bind every gear's listeners before anything is forked (``engine.listeners``).
+
+        Raises:
+            RackStartError: a host does not resolve or a port cannot be bound.
+        """
+        for p in self.cfg.pipelines:
+            for g in (p.source, *p.stages, *p.sinks):
+                cls = lookup_gear(g.gear)
+                assert cls is not None
+                socks = []
+                for host, port in cls.listeners(g.settings):
+                    try:
+                        socks.append(bind(host, port))
+                    except ListenerError as exc:
+                        raise RackStartError(f"{exc} (pipeline {p.name}, gear {g.name}: "
+                                             f"{self.cfg.file}: {g.at}.settings)") from None
+                    log.info("listening: pipeline=%s, gear=%s, address=%s:%d", p.name, g.name,
+                             host, socks[-1].getsockname()[1])
+                self.listeners[(p.name, g.name)] = socks
+
     def build_plan(self) -> None:
         """Create rings and counters and the process specs (in start order)."""
         cfg, n = self.cfg, self.workers
@@ -248,13 +284,15 @@ class Supervisor:
                         name=f"{p.name}.{p.source.name}.{i}", role="source", pipeline=p.name,
                         gear=p.source, replica=i, replicas=n, outputs=[lanes_in[i]],
                         counters=self._counters(f"{p.name}-{p.source.name}-{i}", src_defs),
-                        journal=extras[i][0], outlets=extras[i][1], stat_defs=src_defs))
+                        journal=extras[i][0], outlets=extras[i][1], stat_defs=src_defs,
+                        listeners=self.listeners.get((p.name, p.source.name), [])))
             else:
                 source_specs.append(ProcessSpec(
                     name=f"{p.name}.{p.source.name}", role="source", pipeline=p.name,
                     gear=p.source, replicas=n, outputs=lanes_in, key=p.key,
                     counters=self._counters(f"{p.name}-{p.source.name}", src_defs),
-                    journal=extras[0][0], outlets=extras[0][1], stat_defs=src_defs))
+                    journal=extras[0][0], outlets=extras[0][1], stat_defs=src_defs,
+                    listeners=self.listeners.get((p.name, p.source.name), [])))
             current = lanes_in
             for stage in p.stages:
                 nxt = [self._ring(f"{p.name}-{stage.name}-{i}") for i in range(n)]
@@ -317,8 +355,15 @@ class Supervisor:
                 stage_no += 1
 
     def start(self) -> None:
-        """Lock, clean, start NATS, create segments and fork every process."""
+        """Lock, bind listeners, clean, start NATS, create segments and fork every process.
+
+        Raises:
+            RackAlreadyRunning: another supervisor holds the data dir.
+            RackStartError: the rack cannot work (say why; nothing is left running).
+        """
         self._lock()
+        self.bind_listeners()
+        (self.data_dir / CRASH_DIR).mkdir(exist_ok=True)
         clean_stale_segments(self.cfg.rack_id)
         if self.cfg.nats.embedded:
             self.nats = NatsServer(rack_id=self.cfg.rack_id, data_dir=self.data_dir,
@@ -362,9 +407,10 @@ class Supervisor:
                 run_process(child.spec, self.runtime)
             except SystemExit as exc:
                 code = exc.code if isinstance(exc.code, int) else 1
-            except BaseException:
+            except BaseException as exc:
                 log.exception("process crashed: process=%s", child.spec.name)
                 code = 1
+                self._record_error(child.spec.name, f"{type(exc).__name__}: {exc}")
             finally:
                 os._exit(code)
         child.pid = pid
@@ -372,6 +418,22 @@ class Supervisor:
         child.restart_at = None
         log.info("process started: process=%s, pid=%d, cpu=%s", child.spec.name, pid,
                  child.spec.cpu)
+
+    def _record_error(self, name: str, text: str) -> None:
+        """(In a dying child) leave the last error where the supervisor reads it."""
+        try:
+            path = self.data_dir / CRASH_DIR / f"{name}.last"
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(text[:2000])
+        except OSError:
+            pass
+
+    def _last_error(self, name: str) -> str:
+        try:
+            return (self.data_dir / CRASH_DIR / f"{name}.last").read_text()[:2000]
+        except OSError:
+            return ""
 
     def _write_state(self) -> None:
         state = {
@@ -381,6 +443,8 @@ class Supervisor:
             "workers": self.workers,
             "nats_url": self.nats_url,
             "nats_pid": self.nats.pid if self.nats else None,
+            "status": "failed" if self.failed else "degraded" if self.degraded else "running",
+            "reason": self.failed or self.degraded,
             "processes": [
                 {
                     "name": c.spec.name,
@@ -388,6 +452,7 @@ class Supervisor:
                     "pid": c.pid,
                     "cpu": c.spec.cpu,
                     "restarts": c.restarts,
+                    "last_error": c.last_error,
                     "counters": c.spec.counters.segment.name if c.spec.counters else None,
                     "inputs": [r.segment.name for r in c.spec.inputs],
                     "stats": [d.to_json() for d in c.spec.stat_defs],
@@ -420,14 +485,32 @@ class Supervisor:
                     if child.stopped:
                         log.info("process stopped: process=%s, code=%s", child.spec.name, code)
                     else:
-                        now = time.monotonic()
-                        if now - child.started > HEALTHY_AFTER:
-                            child.backoff = BACKOFF_MIN
-                        child.restart_at = now + child.backoff
-                        log.error("process died, restarting: process=%s, code=%s, in=%.1fs",
-                                  child.spec.name, code, child.backoff)
-                        child.backoff = min(child.backoff * 2, BACKOFF_MAX)
+                        self._died(child, code)
                     break
+
+    def _died(self, child: _Child, code: int) -> None:
+        """An unexpected exit: restart with back-off; count it; degrade or give up."""
+        now = time.monotonic()
+        if now - child.started > HEALTHY_AFTER:
+            child.backoff = BACKOFF_MIN
+        child.restart_at = now + child.backoff
+        child.deaths = [t for t in child.deaths if now - t < CRASH_WINDOW] + [now]
+        child.last_error = self._last_error(child.spec.name) or f"exit code {code}"
+        log.error("process died, restarting: process=%s, code=%s, in=%.1fs, error=%s",
+                  child.spec.name, code, child.backoff, child.last_error.splitlines()[-1])
+        child.backoff = min(child.backoff * 2, BACKOFF_MAX)
+        n = len(child.deaths)
+        reason = (f"process {child.spec.name} died {n} times in {CRASH_WINDOW:.0f} s; last "
+                  f"error: {child.last_error.splitlines()[-1]}")
+        if n >= GIVE_UP_AFTER:
+            self.failed = reason
+            child.restart_at = None
+            log.error("rack giving up: %s", reason)
+            self._stop_requested = True
+        elif n >= DEGRADED_AFTER and not self.degraded:
+            self.degraded = reason
+            log.error("rack degraded: %s", reason)
+        self._write_state()
 
     def _restart_due(self) -> float:
         """Restart children whose backoff elapsed; return seconds to the next one (or 1)."""
@@ -450,6 +533,11 @@ class Supervisor:
             except Exception as exc:
                 log.error("nats-server restart failed: error=%s", exc)
                 next_in = min(next_in, 1.0)
+        if self.degraded and all(len([t for t in c.deaths if now - t < CRASH_WINDOW])
+                                 < DEGRADED_AFTER for c in self.children):
+            log.info("rack no longer degraded: %s", self.degraded)
+            self.degraded = ""
+            changed = True
         if changed:
             self._write_state()
         return next_in
@@ -530,6 +618,10 @@ class Supervisor:
         if left:
             log.error("drain timed out: bytes_left_in_rings=%d", left)
             return 1
+        if self.failed or self.degraded:
+            log.error("rack stopped, not cleanly: rack=%s, reason=%s", self.cfg.rack_id,
+                      self.failed or self.degraded)
+            return 1
         log.info("rack stopped cleanly: rack=%s", self.cfg.rack_id)
         return 0
 
@@ -546,6 +638,10 @@ class Supervisor:
         except FileNotFoundError:
             pass
         signal.set_wakeup_fd(-1)
+        for socks in self.listeners.values():
+            for sock in socks:
+                sock.close()
+        self.listeners.clear()
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None

@@ -95,6 +95,7 @@ def make_context(spec: ProcessSpec, rt: Runtime,
         stats=stats,
         journal=spec.journal,
         outlets=outlets,
+        listeners=tuple(spec.listeners),
     )
 
 

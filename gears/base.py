@@ -42,7 +42,8 @@ from __future__ import annotations
 import asyncio
 import importlib
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+import socket
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -72,6 +73,7 @@ class GearContext:
         journal: the gear's journal (``journal_spec``), or None.
         outlets: synchronous writers by name (``outlets`` plus ``"out"`` for a replicated
             source's own lane); empty for other gears.
+        listeners: the bound listening sockets of ``listeners(settings)``, in that order.
     """
 
     rack_id: str
@@ -86,6 +88,7 @@ class GearContext:
     stats: Stats | None = None
     journal: Journal | None = None
     outlets: Mapping[str, Outlet] = field(default_factory=dict)
+    listeners: Sequence[socket.socket] = ()
 
 
 class Gear:
@@ -104,6 +107,12 @@ class Gear:
     @classmethod
     def stat_defs(cls, settings: Any) -> tuple[StatDef, ...]:
         """Named stats this gear keeps (default: none)."""
+        return ()
+
+    @classmethod
+    def listeners(cls, settings: Any) -> tuple[tuple[str, int], ...]:
+        """(host, port) of each TCP listener the gear serves; the supervisor binds them
+        before forking and hands the sockets to the gear's processes (``ctx.listeners``)."""
         return ()
 
     @classmethod

@@ -65,7 +65,7 @@ def test_demo_config_loads_with_the_values_of_the_yaml():
     assert cfg.file == str(DEMO)
     assert cfg.rack_id == "demo"
     assert cfg.labels == {"site": "lab", "owner": "quickstart"}
-    assert cfg.data_dir == Path("var/demo")
+    assert cfg.data_dir == ROOT / "var" / "demo"  # ../var/demo from configs/
     assert cfg.nats.embedded and cfg.nats.url is None
     assert (cfg.nats.host, cfg.nats.port) == ("127.0.0.1", 0)
     assert cfg.ring_capacity == 4 * 1024 * 1024
@@ -100,7 +100,7 @@ def test_minimal_config_gets_the_documented_defaults():
 
     assert cfg.file == FILE
     assert cfg.labels == {}
-    assert cfg.data_dir == Path("var/r1")
+    assert cfg.data_dir == Path.cwd() / "var" / "r1"
     assert cfg.nats.embedded
     assert (cfg.ring_capacity, cfg.ring_batch) == (4 << 20, 256)
     assert cfg.placement == "auto"
@@ -418,7 +418,15 @@ def _engine(*args: str) -> subprocess.CompletedProcess[str]:
 def test_cli_check_accepts_the_demo_config():
     result = _engine("check", str(DEMO))
     assert result.returncode == 0, result.stderr
-    assert result.stdout == f"ok: {DEMO}: rack=demo, pipelines=1, stages=1\n"
+    assert result.stdout == (f"ok: {DEMO}: rack=demo, pipelines=1, stages=1\n"
+                             f"  data_dir: {ROOT / 'var' / 'demo'}\n"
+                             f"  nats: embedded, nats://127.0.0.1:<free port chosen at start>\n")
+
+
+def test_cli_check_names_the_listeners():
+    result = _engine("check", str(ROOT / "configs" / "iso8583-switch.yaml"))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.endswith("  listens: payments.switch on 127.0.0.1:8583\n")
 
 
 def test_cli_check_refuses_a_bad_config_with_exit_2(tmp_path):
@@ -467,3 +475,15 @@ def test_a_gear_owned_stream_may_not_clash_with_a_configured_one():
     with pytest.raises(ConfigError) as exc:
         parse_config(cfg, FILE)
     assert "egress stream 'ALL' clashes" in str(exc.value)
+
+
+def test_data_dir_is_relative_to_the_rig_file_not_the_working_directory(tmp_path):
+    rig = tmp_path / "rigs" / "r.yaml"
+    rig.parent.mkdir()
+    rig.write_text(DEMO.read_text().replace("../var/demo", "state/here"))
+    elsewhere = subprocess.run(
+        [sys.executable, "-c", f"from engine.config import load_config; "
+                               f"print(load_config({str(rig)!r}).data_dir)"],
+        cwd="/", capture_output=True, text=True, check=True)
+    assert elsewhere.stdout.strip() == str(tmp_path / "rigs" / "state" / "here")
+    assert load_config(rig).data_dir == tmp_path / "rigs" / "state" / "here"

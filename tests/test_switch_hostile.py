@@ -12,6 +12,7 @@ import asyncio
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -200,3 +201,69 @@ def test_switch_stats_reach_engine_status_and_prometheus(tmp_path, peers):
     assert rows["egress"]["stats"]["egress.waiting"] == 0  # a gauge, shown at 0 too
     assert re.search(r'fluxrig_iso8583_answers_total\{[^}]*de39="05"[^}]*\} 3\.0', metrics)
     assert re.search(r'fluxrig_iso8583_links_up\{[^}]*issuer="a"[^}]*\} 2\.0', metrics)
+
+
+def _start(rig, timeout=30):
+    return subprocess.run([sys.executable, "-m", "engine.cli", "start", "--config", str(rig)],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_a_busy_port_or_unresolvable_host_stops_the_start_with_a_clear_message(tmp_path):
+    """Before: the rack said "rack started" while its switch crash-looped; with SO_REUSEPORT
+    a second rack even shared the port silently."""
+    blocker = socket.socket()
+    blocker.bind(("127.0.0.1", 0))
+    blocker.listen()
+    port = blocker.getsockname()[1]
+    try:
+        busy = _start(switch_rig(tmp_path, "busy", port, free_port()))
+    finally:
+        blocker.close()
+    assert busy.returncode == 1
+    assert (f"error: cannot listen: host=127.0.0.1, port={port}, error=Address already in "
+            f"use (pipeline payments, gear switch: ") in busy.stderr
+    assert "Traceback" not in busy.stderr
+    rig = switch_rig(tmp_path, "nohost", free_port(), free_port(),
+                     listen={"host": "no-such-host.invalid", "port": 1})
+    nohost = _start(rig)
+    assert nohost.returncode == 1 and "cannot resolve listen host: host='no-such-host.invalid'" \
+        in nohost.stderr
+    assert not list((tmp_path / "data").glob("jetstream"))  # nothing was started
+
+
+def test_nobody_else_can_listen_on_the_racks_port(tmp_path, peers):
+    port = free_port()
+    issuer = Issuer()
+    issuer_port = peers.call(issuer.start())
+    rig = switch_rig(tmp_path, f"own-{os.getpid()}", port, issuer_port)
+    rack = RackProcess(rig, tmp_path / "data", workers=2)
+    try:
+        wait_switch_ready(rack, port, replicas=2)
+        rogue = socket.socket()
+        rogue.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        with pytest.raises(OSError) as exc:
+            rogue.bind(("127.0.0.1", port))  # a stranger wanting a share of the acquirers
+        rogue.close()
+        (tmp_path / "b").mkdir()
+        other = _start(switch_rig(tmp_path / "b", "other", port, issuer_port))
+        replies = asyncio.run(_ask(port, [_raw(_request(f11=f"{i:06d}")) for i in range(5)], 5))
+        assert rack.stop() == 0
+    finally:
+        rack.close()
+    assert exc.value.errno == 98  # EADDRINUSE
+    assert other.returncode == 1 and "Address already in use" in other.stderr
+    assert [r["39"] for r in replies] == ["00"] * 5
+
+
+def test_a_crash_looping_process_degrades_then_stops_the_rack_with_its_error(tmp_path):
+    rig = switch_rig(tmp_path, f"loop-{os.getpid()}", free_port(), free_port(),
+                     coatcheck={"enabled": True})
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "vault.keys").write_text("{not json")
+    result = _start(rig, timeout=90)
+    assert result.returncode == 1
+    assert "rack degraded: process payments.switch.0 died 3 times" in result.stderr
+    assert ("rack giving up: process payments.switch.0 died 5 times in 60 s; last error: "
+            "VaultError: bad vault key file: path=") in result.stderr
+    assert "rack stopped, not cleanly" in result.stderr
+    assert "rack stopped cleanly" not in result.stderr

@@ -193,26 +193,3 @@ class TcpListener:
         if self._reserve is not None:
             os.close(self._reserve)
             self._reserve = None
-
-
-def listening_socket(host: str, port: int, backlog: int = 1024,
-                     reuse_port: bool = False) -> socket.socket:
-    """A bound, listening, non-blocking TCP socket on ``host:port`` (IPv4 or IPv6).
-
-    Raises:
-        OSError: the address cannot be resolved or bound (e.g. EADDRINUSE).
-    """
-    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    family, type_, proto, _, sockaddr = infos[0]
-    sock = socket.socket(family, type_, proto)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if reuse_port:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind(sockaddr)
-        sock.listen(backlog)
-        sock.setblocking(False)
-    except BaseException:
-        sock.close()
-        raise
-    return sock

@@ -80,6 +80,10 @@ class SwitchGear(Source):
         return stat_defs(settings)
 
     @classmethod
+    def listeners(cls, settings: SwitchSettings) -> tuple[tuple[str, int], ...]:
+        return ((settings.listen.host, settings.listen.port),)
+
+    @classmethod
     def min_ring_capacity(cls, settings: SwitchSettings) -> int:
         return 16 << 10  # records up to 2 KiB: an audit event or a reversal is well under
 
@@ -106,7 +110,7 @@ class SwitchGear(Source):
         shell = SwitchShell(s, outlets=ctx.outlets, journal=ctx.journal, stats=ctx.stats,
                             keyring=keyring, src=f"iso8583:{ctx.pipeline}.{ctx.replica}",
                             replica=ctx.replica)
-        port = await shell.start()
+        port = await shell.start(ctx.listeners[0] if ctx.listeners else None)
         ctx.log.info("switch listening: port=%d, replica=%d", port, ctx.replica)
         nc_task = None
         if s.saf is not None:

@@ -39,11 +39,12 @@ import nats.errors
 import nats.js.errors
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig, StorageType, StreamConfig
+from nats.js.api import AckPolicy, ConsumerConfig
 
 from engine.counters import Stats
 from engine.frame import FrameError, decode
 from engine.logutil import RateLimitedLog, escape
+from engine.streams import StreamConfig, ensure_stream
 from gears.coatcheck import KeyRing, VaultError
 from gears.iso8583.codec import CodecError
 from gears.iso8583.matcher import DEFAULT_KEY, match_key
@@ -54,10 +55,9 @@ log = logging.getLogger("fluxrig.iso.saf")
 CONSUMER_CHECK = 5.0  # seconds of an empty queue between checks that the consumer exists
 WINDOW = 32  # reversals out at once per sender
 
-def saf_stream(name: str, rack_id: str) -> StreamConfig:
-    """The nats-py config of the dead-letter stream next to work queue ``name``."""
-    return StreamConfig(name=f"{name}_DEAD", subjects=[f"fluxrig.{rack_id}.saf.dead"],
-                        storage=StorageType.FILE)
+def dead_letter_stream(name: str, rack_id: str) -> StreamConfig:
+    """The dead-letter stream next to work queue ``name`` (its sender creates it)."""
+    return StreamConfig(name=f"{name}_DEAD", subjects=(f"fluxrig.{rack_id}.saf.dead",))
 
 
 def queue_subject(rack_id: str) -> str:
@@ -106,10 +106,7 @@ class SafSender:
         """The durable pull consumer, created once the stream exists (egress creates it)."""
         while True:
             try:
-                try:
-                    await self.js.stream_info(f"{self.stream}_DEAD")
-                except nats.js.errors.NotFoundError:
-                    await self.js.add_stream(saf_stream(self.stream, self.rack_id))
+                await ensure_stream(self.js, dead_letter_stream(self.stream, self.rack_id))
                 return await self.js.pull_subscribe(
                     queue_subject(self.rack_id), durable="saf", stream=self.stream,
                     config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT,

@@ -2,9 +2,9 @@
 
 Theory of operation
 -------------------
-One switch process per lane (``--workers N`` runs N; they share the acquirer port with
-``SO_REUSEPORT``, the kernel spreads connections, a connection stays in one process and so
-keeps its order) runs the whole transaction path on one event loop. The decisions are the
+One switch process per lane (``--workers N`` runs N; they all accept on the one listening
+socket the supervisor bound before forking, so a connection stays in one process and keeps
+its order) runs the whole transaction path on one event loop. The decisions are the
 core's (``gears.iso8583.core``); this module only moves bytes and timers:
 
 * acquirer connections (``AcquirerConn``) and issuer links (``IssuerLink``) are
@@ -39,11 +39,12 @@ from collections.abc import Callable, Mapping
 
 from engine.counters import Stats
 from engine.journal import Journal
+from engine.listeners import bind
 from engine.logutil import RateLimitedLog
 from engine.outlet import WAKE_INTERVAL, Outlet
 from engine.ring import RecordTooLargeError
 from gears.coatcheck import KeyRing
-from gears.io.tcp import ListenLimits, TcpListener, listening_socket
+from gears.io.tcp import ListenLimits, TcpListener
 from gears.iso8583.conns import AcquirerConn, IssuerLink
 from gears.iso8583.core import (
     Action,
@@ -118,8 +119,8 @@ class SwitchShell:
             for link in self.links[issuer.name]:
                 self._tasks.append(self.loop.create_task(link.run()))
         lst = self.s.listen
-        if sock is None:
-            sock = listening_socket(lst.host, lst.port, reuse_port=True)
+        if sock is None:  # a rack hands its replicas the socket its supervisor bound
+            sock = bind(lst.host, lst.port)
         self.listener = TcpListener(
             sock, self._new_conn, ListenLimits(max_connections=lst.max_connections,
                                                max_per_address=lst.max_per_address),
