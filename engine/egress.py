@@ -196,6 +196,13 @@ class EgressProcess:
                 batch.ack.cancel()
         for batch in pending:
             while True:
+                if self.stopping.is_set():
+                    # told to stop while NATS is away: what is not stored stays in the rings,
+                    # uncommitted, for the next start (egress de-duplicates by frame id)
+                    log.error("egress stopping with frames not stored: frames=%d",
+                              sum(len(b.messages) for b in pending))
+                    self.stats.set(self._st_waiting, 0)
+                    return
                 try:
                     await self._wait_connected()
                     futures = [await self.js.publish_async(s, p, headers={"Nats-Msg-Id": m})
@@ -212,7 +219,7 @@ class EgressProcess:
                     await asyncio.sleep(0.2)
             self._settled(batch)
             self.stats.add(self._st_waiting, -len(batch.messages))
-        while True:
+        while not self.stopping.is_set():
             try:
                 await self._wait_connected()
                 for s in self.plan.streams:
@@ -238,8 +245,10 @@ class EgressProcess:
                                "error=%r", exc)
 
     async def _wait_connected(self) -> None:
-        while not self.nc.is_connected:
+        while not self.nc.is_connected and not self.stopping.is_set():
             await asyncio.sleep(0.05)  # nats-py offers no awaitable "reconnected" state
+        if not self.nc.is_connected:
+            raise ConnectionError("stopping while disconnected")
 
     async def run(self) -> None:
         """Serve until SIGTERM, then settle what is in flight and return."""
@@ -276,7 +285,7 @@ class EgressProcess:
                     await wait_any(self.consumers, self.spec.inputs, 0.2)
                 else:
                     await asyncio.sleep(0.05)  # reconnecting: nats-py offers no event for it
-        while self.inflight:
+        while self.inflight:  # bounded: _recover gives up once stopping is set
             await self._settle_oldest()
         await self._close_quietly()
 

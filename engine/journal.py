@@ -142,6 +142,11 @@ class Journal:
     def _header_index(self, slot: int) -> int:
         return (CONTROL_SIZE + slot * self.slot_size) // 8
 
+    def pending(self) -> list[int]:
+        """Slots not free (read by anyone, e.g. a supervisor at shutdown; owns nothing)."""
+        return [slot for slot in range(self.slots)
+                if load_acquire(self._q, self._header_index(slot)) & 0xFF != FREE]
+
     def take_over(self) -> list[JournalEntry]:
         """Become the owner: return the slots a predecessor left open or decided (to settle,
         then ``close``) and make every free slot available to ``open``."""

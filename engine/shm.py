@@ -19,9 +19,13 @@ hold a header written once by the owner before anyone else can see the segment:
   recycled pid is not mistaken for a live owner.
 
 Ownership and cleanup: the owner unlinks the segment when it is done (``unlink()``). If the
-owner was killed, the segment outlives it; the next ``create`` of the same name finds it,
-sees the owner is gone and replaces it (``stale segment replaced`` in the log). A segment whose
-owner is still alive is refused with ``SegmentInUseError``.
+owner was killed, the segment outlives it, *with its contents*: a restarted supervisor
+``adopt``s it (rings keep their unconsumed records, journals their open slots) or, when it
+is verifiably empty, removes it (``engine.supervisor``). Before anything is mapped, the file
+is ``inspect``ed without mapping: our uid, mode 0600, a whole fluxrig header — anything else
+is a ``ForeignSegmentError`` naming the segment. ``create`` is exclusive (``O_EXCL``, mode
+0600); over a dead owner's leftover it replaces it (tests, tools); a live owner's is refused
+with ``SegmentInUseError``.
 
 We unregister every segment from ``multiprocessing.resource_tracker``: on Python < 3.13 the
 tracker unlinks segments when *any* process that attached them exits (CPython gh-82300), which
@@ -60,6 +64,11 @@ class SegmentInUseError(ShmError):
 
 class SegmentFormatError(ShmError):
     """The segment exists but its header is not the one expected."""
+
+
+class ForeignSegmentError(SegmentFormatError):
+    """A segment under one of our names that we must not use: another user's, open to other
+    users, or not a fluxrig segment at all. The message names it; it is never mapped."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -179,25 +188,45 @@ class Segment:
 
     @staticmethod
     def _replace_stale(name: str) -> None:
+        try:
+            header = inspect(name)
+        except FileNotFoundError:
+            return
+        if header is not None and owner_alive(header.owner_pid, header.owner_start):
+            raise SegmentInUseError(f"segment in use: name={name}, owner_pid={header.owner_pid}")
+        if header is None:
+            log.warning("stale segment replaced: name=%s, reason=empty", name)
+        else:
+            log.warning("stale segment replaced: name=%s, dead_owner_pid=%d", name,
+                        header.owner_pid)
+        _shm_unlink(name)
+
+    @classmethod
+    def adopt(cls, name: str, kind: int, payload_size: int) -> Segment:
+        """Take over segment ``name`` left by a dead owner, contents kept (a restarted
+        supervisor adopting the rings and journals of the one that was killed).
+
+        Raises:
+            ForeignSegmentError: see ``inspect``.
+            SegmentFormatError: another kind or size than asked for.
+            SegmentInUseError: its owner is alive.
+        """
+        header = inspect(name)
+        if header is None or header.kind != kind or header.payload_size != payload_size:
+            raise SegmentFormatError(
+                f"segment does not fit: name={name}, kind={header and header.kind}, "
+                f"payload_size={header and header.payload_size}, expected_kind={kind}, "
+                f"expected_payload_size={payload_size}")
+        if owner_alive(header.owner_pid, header.owner_start):
+            raise SegmentInUseError(f"segment in use: name={name}, owner_pid={header.owner_pid}")
         shm = shared_memory.SharedMemory(name=name, create=False)
         _untrack(shm)
-        try:
-            try:
-                header = _read_header(shm, name)
-            except SegmentFormatError as exc:
-                # Not ours or half-written by an owner killed during create: both unusable.
-                log.warning("stale segment replaced: name=%s, reason=%s", name, exc)
-            else:
-                if owner_alive(header.owner_pid, header.owner_start):
-                    raise SegmentInUseError(
-                        f"segment in use: name={name}, owner_pid={header.owner_pid}"
-                    )
-                log.warning(
-                    "stale segment replaced: name=%s, dead_owner_pid=%d", name, header.owner_pid
-                )
-        finally:
-            shm.close()
-        _shm_unlink(name)
+        pid = os.getpid()
+        start = process_start_ticks(pid) or 0
+        _HEADER.pack_into(shm.buf, 0, MAGIC, kind, VERSION, pid, start, payload_size)
+        return cls(shm, SegmentHeader(kind=kind, version=VERSION, owner_pid=pid,
+                                      owner_start=start, payload_size=payload_size),
+                   owner=True)
 
     @property
     def is_owner(self) -> bool:
@@ -220,6 +249,71 @@ class Segment:
 
 def _leave_open() -> None:
     pass
+
+
+SHM_DIR = "/dev/shm"
+
+
+def inspect(name: str) -> SegmentHeader | None:
+    """The header of segment ``name`` read from its file, without mapping it; None for an
+    empty file of ours (a creator killed before it sized the segment).
+
+    Raises:
+        FileNotFoundError: no such segment.
+        ForeignSegmentError: owned by another user, open to group/others, shorter than a
+            header, or not a fluxrig header (``/dev/shm`` is world-writable: a stranger may
+            plant a file under our name; it is reported, never mapped).
+    """
+    fd = os.open(os.path.join(SHM_DIR, name), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if st.st_uid != os.getuid():
+            raise ForeignSegmentError(f"segment not ours: name={name}, uid={st.st_uid}, "
+                                      f"our_uid={os.getuid()}")
+        if st.st_mode & 0o077:
+            raise ForeignSegmentError(f"segment open to other users: name={name}, "
+                                      f"mode={oct(st.st_mode & 0o777)}")
+        if st.st_size == 0:
+            return None
+        if st.st_size < HEADER_SIZE:
+            raise ForeignSegmentError(f"segment too small: name={name}, size={st.st_size}")
+        magic, kind, version, pid, start, payload_size = _HEADER.unpack(
+            os.pread(fd, _HEADER.size, 0))
+    finally:
+        os.close(fd)
+    if magic != MAGIC:
+        raise ForeignSegmentError(f"not a fluxrig segment: name={name}, magic={magic.hex()}")
+    if version != VERSION or HEADER_SIZE + payload_size > st.st_size:
+        raise ForeignSegmentError(f"segment of another version or cut short: name={name}, "
+                                  f"version={version}, size={st.st_size}, "
+                                  f"payload_size={payload_size}")
+    return SegmentHeader(kind=kind, version=version, owner_pid=pid, owner_start=start,
+                         payload_size=payload_size)
+
+
+def segment_names(prefix: str) -> list[str]:
+    """Names of the segments in ``/dev/shm`` starting with ``prefix``, sorted."""
+    try:
+        return sorted(n for n in os.listdir(SHM_DIR) if n.startswith(prefix))
+    except FileNotFoundError:
+        return []
+
+
+def mapping_pids(prefix: str) -> list[int]:
+    """Processes (other than this one) that have a segment starting with ``prefix`` mapped:
+    the survivors of a killed supervisor still using a rack's rings."""
+    needle = f"{SHM_DIR}/{prefix}"
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/maps", encoding="utf-8", errors="replace") as f:
+                if any(needle in line for line in f):
+                    out.append(int(entry))
+        except OSError:
+            continue  # gone, or not ours to read
+    return out
 
 
 def _read_header(shm: shared_memory.SharedMemory, name: str) -> SegmentHeader:

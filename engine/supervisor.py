@@ -44,18 +44,26 @@ from engine.config import GearConfig, RigConfig, StreamConfig
 from engine.counters import Counters, StatDef
 from engine.egress import STAT_DEFS as EGRESS_STATS
 from engine.journal import Journal
+from engine.journal import segment_size as journal_segment_size
 from engine.listeners import ListenerError, bind
 from engine.natsd import NatsServer, set_parent_death_signal
 from engine.plan import EgressPlan, ProcessSpec, Route, Runtime, TelemetryPlan
 from engine.ring import Ring
+from engine.ring import segment_size as ring_segment_size
 from engine.shm import (
     KIND_COUNTERS,
     KIND_JOURNAL,
     KIND_RING,
+    SHM_DIR,
+    ForeignSegmentError,
     Segment,
-    SegmentFormatError,
+    SegmentHeader,
     _shm_unlink,
+    inspect,
+    mapping_pids,
     owner_alive,
+    process_start_ticks,
+    segment_names,
 )
 from engine.telemetry import STATE_FILE
 from engine.worker import run_process
@@ -101,33 +109,111 @@ class _Plan:
     journals: list[Journal] = field(default_factory=list)
 
 
-def clean_stale_segments(rack_id: str) -> list[str]:
-    """Unlink this rack's segments whose owner process is gone; return their names."""
-    prefix = f"fx-{rack_id}-"
-    removed = []
-    try:
-        names = os.listdir("/dev/shm")
-    except FileNotFoundError:
-        return removed
-    for name in names:
-        if not name.startswith(prefix):
-            continue
-        for kind in (KIND_RING, KIND_COUNTERS, KIND_JOURNAL):
+class Leftovers:
+    """A killed supervisor's segments, found at start: adopted into the new plan where they
+    fit (rings keep their unconsumed records, journals their open slots), removed only when
+    verifiably empty, kept (and reported) otherwise.
+
+    The processes of the previous run still alive (they got SIGTERM when their supervisor
+    died and may still be draining) are stopped first, so nobody else touches a segment the
+    new plan adopts.
+    """
+
+    def __init__(self, rack_id: str, data_dir: Path):
+        self.prefix = f"fx-{rack_id}-"
+        self.rack_id = rack_id
+        self.data_dir = data_dir
+        self.found: dict[str, SegmentHeader] = {}
+        self.adopted: list[str] = []
+
+    def scan(self) -> None:
+        """Find the previous run's segments and stop its surviving processes.
+
+        Raises:
+            RackStartError: a segment is not ours to touch, or its owner is alive (the same
+                rack id running from another data dir).
+        """
+        self._stop_survivors()
+        for name in segment_names(self.prefix):
             try:
-                seg = Segment.attach(name, kind)
-            except SegmentFormatError:
-                continue
+                header = inspect(name)
             except FileNotFoundError:
-                break
-            header = seg.header
-            seg.close()
-            if not owner_alive(header.owner_pid, header.owner_start):
+                continue
+            except ForeignSegmentError as exc:
+                raise RackStartError(f"{exc}: remove it once you know who made it "
+                                     f"(rm {SHM_DIR}/{name})") from None
+            if header is None:  # our own, never sized: a creator killed mid-way
+                log.warning("empty segment removed: name=%s", name)
                 _shm_unlink(name)
-                removed.append(name)
-            break
-    if removed:
-        log.warning("stale segments removed: rack=%s, count=%d", rack_id, len(removed))
-    return removed
+                continue
+            if owner_alive(header.owner_pid, header.owner_start):
+                raise RackStartError(
+                    f"rack {self.rack_id!r} is running already: its segment {name} belongs "
+                    f"to live pid {header.owner_pid} (the same rack id from another data dir?)")
+            self.found[name] = header
+
+    def _stop_survivors(self) -> None:
+        pids = set(mapping_pids(self.prefix))
+        try:  # the previous run's nats-server (it maps no segment)
+            old = json.loads((self.data_dir / STATE_FILE).read_text()).get("nats_pid")
+            with open(f"/proc/{old}/cmdline", "rb") as f:
+                if str(self.data_dir).encode() in f.read():
+                    pids.add(int(old))
+        except (OSError, ValueError, TypeError):
+            pass
+        if not pids:
+            return
+        log.warning("stopping processes of the previous run: rack=%s, pids=%s", self.rack_id,
+                    sorted(pids))
+        for sig, wait in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
+            for pid in pids:
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+            deadline = time.monotonic() + wait
+            while time.monotonic() < deadline:
+                pids = {p for p in pids if process_start_ticks(p) is not None}
+                if not pids:
+                    return
+                time.sleep(0.05)  # other processes' exits have no event to wait on here
+
+    def take(self, name: str, kind: int, payload_size: int) -> Segment | None:
+        """The leftover ``name`` adopted as it is, or None (create a new one)."""
+        header = self.found.pop(name, None)
+        if header is None:
+            return None
+        if kind == KIND_COUNTERS or header.kind != kind or header.payload_size != payload_size:
+            self.found[name] = header  # settled with the other leftovers
+            return None
+        self.adopted.append(name)
+        return Segment.adopt(name, kind, payload_size)
+
+    def settle(self) -> None:
+        """Remove what is left and empty; keep and report what still holds work."""
+        kept = []
+        for name, header in sorted(self.found.items()):
+            pending = 0
+            if header.kind == KIND_RING:
+                ring = Ring.attach(name)
+                pending = ring.statistics().used
+                ring.close()
+            elif header.kind == KIND_JOURNAL:
+                journal = Journal.attach(name)
+                pending = len(journal.pending())
+                journal.close_mapping()
+            unit = "bytes" if header.kind == KIND_RING else "slots"
+            if pending:
+                kept.append(f"{name} ({pending} {unit})")
+            else:
+                _shm_unlink(name)
+        if self.adopted:
+            log.warning("segments of the previous run adopted: rack=%s, count=%d", self.rack_id,
+                        len(self.adopted))
+        if kept:
+            log.error("segments of the previous run kept, they still hold work no process of "
+                      "this plan takes (start the rack with the plan that made them to drain "
+                      "them): %s", ", ".join(kept))
 
 
 def running_pid(data_dir: str | os.PathLike[str]) -> int | None:
@@ -171,6 +257,7 @@ class Supervisor:
         self._stop_requested = False
         self.nats_url = cfg.nats.url or ""
         self.listeners: dict[tuple[str, str], list[socket.socket]] = {}
+        self.leftovers = Leftovers(cfg.rack_id, self.data_dir)
         self.degraded = ""  # why the rack is degraded (a process crash-looping), or ""
         self.failed = ""  # why the rack gave up (stops with exit code 1), or ""
 
@@ -196,12 +283,24 @@ class Supervisor:
         return f"fx-{self.cfg.rack_id}-{tag}"
 
     def _ring(self, tag: str) -> Ring:
-        ring = Ring.create(self._segment(tag), self.cfg.ring_capacity)
+        name = self._segment(tag)
+        adopted = self.leftovers.take(name, KIND_RING, ring_segment_size(self.cfg.ring_capacity))
+        ring = Ring(adopted) if adopted is not None else Ring.create(name, self.cfg.ring_capacity)
         self.plan.rings.append(ring)
         return ring
 
+    def _journal(self, tag: str, slots: int, slot_size: int) -> Journal:
+        name = self._segment(tag)
+        adopted = self.leftovers.take(name, KIND_JOURNAL, journal_segment_size(slots, slot_size))
+        journal = Journal(adopted) if adopted is not None else Journal.create(name, slots,
+                                                                            slot_size)
+        self.plan.journals.append(journal)
+        return journal
+
     def _counters(self, tag: str, stats: tuple[StatDef, ...] = ()) -> Counters:
-        c = Counters.create(self._segment(f"c-{tag}"), len(stats))
+        name = self._segment(f"c-{tag}")
+        self.leftovers.take(name, KIND_COUNTERS, 0)  # counters start again at zero
+        c = Counters.create(name, len(stats))
         self.plan.counters.append(c)
         return c
 
@@ -217,14 +316,11 @@ class Supervisor:
         for i in range(lanes):
             journal = None
             if jspec is not None:
-                journal = Journal.create(self._segment(f"j.{p_name}.{gear.name}.{i}"),
-                                         jspec.slots, jspec.slot_size)
-                self.plan.journals.append(journal)
+                journal = self._journal(f"j.{p_name}.{gear.name}.{i}", jspec.slots,
+                                        jspec.slot_size)
             rings = {}
             for o in outlet_specs:
-                ring = Ring.create(self._segment(f"o.{p_name}.{gear.name}.{o.name}.{i}"),
-                                   self.cfg.ring_capacity)
-                self.plan.rings.append(ring)
+                ring = self._ring(f"o.{p_name}.{gear.name}.{o.name}.{i}")
                 rings[o.name] = ring
                 egress_inputs.append(ring)
                 routes.append(Route(subject=o.subject, stream=o.stream.name))
@@ -362,9 +458,9 @@ class Supervisor:
             RackStartError: the rack cannot work (say why; nothing is left running).
         """
         self._lock()
+        self.leftovers.scan()  # before binding: a survivor of the previous run may hold a port
         self.bind_listeners()
         (self.data_dir / CRASH_DIR).mkdir(exist_ok=True)
-        clean_stale_segments(self.cfg.rack_id)
         if self.cfg.nats.embedded:
             self.nats = NatsServer(rack_id=self.cfg.rack_id, data_dir=self.data_dir,
                                    host=self.cfg.nats.host, port=self.cfg.nats.port)
@@ -372,6 +468,7 @@ class Supervisor:
             self.nats_url = self.nats.url
             log.info("nats-server started: url=%s, pid=%s", self.nats_url, self.nats.pid)
         self.build_plan()
+        self.leftovers.settle()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(self._wake_w)
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -626,13 +723,28 @@ class Supervisor:
         return 0
 
     def cleanup(self) -> None:
-        """Unlink segments, remove the state file, release the lock (idempotent)."""
+        """Unlink the segments that hold nothing, remove the state file, release the lock
+        (idempotent). A ring with unconsumed records or a journal with open slots (a drain
+        cut short: NATS away, a process stuck) is kept for the next start to adopt."""
+        kept = []
         for ring in self.plan.rings:
-            ring.unlink()
+            used = ring.statistics().used
+            if used:
+                kept.append(f"{ring.segment.name} ({used} bytes)")
+            else:
+                ring.unlink()
         for c in self.plan.counters:
             c.unlink()
         for j in self.plan.journals:
-            j.unlink()
+            open_slots = sum(1 for _ in j.pending())
+            if open_slots:
+                kept.append(f"{j.segment.name} ({open_slots} slots)")
+            else:
+                j.unlink()
+        if kept:
+            log.error("segments kept for the next start, they still hold work: %s",
+                      ", ".join(kept))
+        self.plan = _Plan()
         try:
             (self.data_dir / STATE_FILE).unlink()
         except FileNotFoundError:

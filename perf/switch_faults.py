@@ -14,7 +14,12 @@ with the bars' figures:
                     before it returns): 0 reversals lost, each delivered once after;
 * connection-flood: 5,000 connections held idle under a 1,024-descriptor limit: the rack
                     stays up, logs < 100 lines a minute, refuses beyond its caps at once,
-                    and a 200 TPS background load loses nothing.
+                    and a 200 TPS background load loses nothing;
+* supervisor-kill:  (issue "Rack: survive") the supervisor SIGKILLed at 1,500 TPS, the rack
+                    started again: every answered transaction has exactly one audit event,
+                    every request the issuer saw is answered or reversed once;
+* sigterm-drain:    SIGTERM at 1,500 TPS while acquirers keep sending: every request read
+                    is answered, each with its event, exit 0 within the drain timeout.
 
 Prints a table (figures and verdict per scenario), writes JSON, exits 1 if a promise broke.
 """
@@ -41,7 +46,7 @@ def main() -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", nargs="*", default=None,
                     choices=["kill-replica", "stalled-egress", "nats-outage",
-                             "connection-flood"])
+                             "connection-flood", "supervisor-kill", "sigterm-drain"])
     ap.add_argument("--outage-minutes", type=float, default=10.0)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
@@ -54,6 +59,10 @@ def main() -> int:
             d, p, outage=args.outage_minutes * 60, timeouts_per_s=1.0),
         "connection-flood": lambda d, p: scenarios.connection_flood(
             d, p, connections=5000, nofile=1024, tps=200, seconds=60),
+        "supervisor-kill": lambda d, p: scenarios.supervisor_kill(
+            d, p, tps=1500, seconds=12, kill_at=6.0),
+        "sigterm-drain": lambda d, p: scenarios.sigterm_drain(
+            d, p, tps=1500, seconds=20, stop_at=6.0),
     }
     results = []
     for name, run in runs.items():

@@ -5,8 +5,9 @@ descriptors it logs the same accept error at every retry (megabytes a minute und
 connection flood) while the backlog fills and every new client, good or bad, hangs. This
 listener:
 
-* accepts from a listening socket it is given (bound by whoever owns the port) through
-  ``loop.add_reader``, a bounded number per wake-up;
+* accepts from a listening socket it is given (bound by the supervisor, shared by a gear's
+  replicas) through ``loop.add_reader``, one connection per wake-up so replicas share
+  them;
 * refuses at once — accepts and closes — a connection over ``max_connections`` or over
   ``max_per_address`` for its source address, counting each;
 * when ``accept`` fails with EMFILE/ENFILE (no descriptor left), frees a reserve descriptor
@@ -35,7 +36,11 @@ from engine.logutil import RateLimitedLog
 log = logging.getLogger("fluxrig.io.tcp")
 
 FD_RESERVE = 64  # descriptors kept for everything but acquirer connections
-ACCEPTS_PER_WAKEUP = 64
+# One accept per wake-up: the replicas of a gear all watch the one listening socket their
+# supervisor bound; each is woken for a new connection and the first to run takes it, so
+# an idle replica wins over a busy one and connections spread by load (a replica taking
+# everything waiting in one go would end up with all of a burst).
+ACCEPTS_PER_WAKEUP = 1
 _NO_FD = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM))
 
 
