@@ -170,8 +170,7 @@ class Validator:
             if k not in present:
                 continue
             v = f"f[{k!r}]"
-            ascii_ = "" if self.spec.get(k, {}).get("data_enc") in ("ascii", "b", "bcd") \
-                else f" and {v}.isascii()"
+            ascii_ = f" and {v}.isascii()"
             t = self.types[k]
             if k == "2":
                 terms.append(f"{v}.isdigit() and {PAN_MIN} <= len({v}) <= {PAN_MAX}{ascii_}"
