@@ -11,7 +11,7 @@ checked by each gear's own ``parse_settings`` (``gears.base``) with the same pat
 Shape of a rig file (all keys but ``rack.id`` and ``pipelines`` have defaults)::
 
     rack:      {id, labels, data_dir}         # data_dir: relative to the rig file's folder
-    nats:      {url | host, port}             # no url: the rack runs its own nats-server
+    nats:      {url, auth | host, port, users}  # no url: the rack runs its own nats-server
     rings:     {capacity, batch}
     cpu:       {placement: auto | none | {process-name: cpu}}
     telemetry: {interval, prometheus: {host, port} | null, subject}
@@ -32,6 +32,7 @@ from typing import Any
 
 import yaml
 
+from engine.bus import ADMIN, BusAuth
 from engine.schema import (  # noqa: F401 - ConfigError and At are part of this module's API
     NAME_RE,
     SUBJECT_PATTERN_RE,
@@ -96,12 +97,24 @@ class EgressConfig:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class NatsUserConfig:
+    """An operator's read-only user of the embedded server (``nats.users``)."""
+
+    name: str
+    password: str
+    streams: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class NatsConfig:
-    """The rack's NATS: an external ``url``, or an embedded server on ``host:port``."""
+    """The rack's NATS: an external ``url`` (with ``auth``), or an embedded server on
+    ``host:port`` (with generated per-role users, plus the operator's ``users``)."""
 
     url: str | None = None
     host: str = "127.0.0.1"
     port: int = 0  # 0: a free port is chosen at start and kept for restarts
+    auth: BusAuth = field(default_factory=BusAuth)
+    users: tuple[NatsUserConfig, ...] = ()
 
     @property
     def embedded(self) -> bool:
@@ -158,6 +171,54 @@ def load_config(path: str | os.PathLike[str]) -> RigConfig:
     return parse_config(raw, file, base_dir=Path(path).resolve().parent)
 
 
+def _secret(m: Mapping[str, Any], key: str, at: At) -> str:
+    """A secret named by ``<key>_env`` (an environment variable): never written in a rig."""
+    name = m.get(f"{key}_env")
+    if name is None:
+        return ""
+    if not isinstance(name, str) or not name:
+        raise at.key(f"{key}_env").error(f"expected an environment variable name, got "
+                                         f"{name!r}")
+    value = os.environ.get(name)
+    if not value:
+        raise at.key(f"{key}_env").error(f"environment variable {name} is not set")
+    return value
+
+
+def _nats_auth(raw: Any, at: At) -> BusAuth:
+    m = get_map(raw, at, {"user", "password_env", "token_env", "creds_file", "nkey_seed_file",
+                          "tls"})
+    tls = get_map(m.get("tls"), at.key("tls"), {"ca", "cert", "key"})
+    for k, v in {**{f: m.get(f) for f in ("creds_file", "nkey_seed_file")}, **tls}.items():
+        if v is not None and not Path(v).is_file():
+            where = at.key(k) if k in m else at.key("tls").key(k)
+            raise where.error(f"no such file: {v}")
+    return BusAuth(user=get_str(m, "user", at, default=""), password=_secret(m, "password", at),
+                   token=_secret(m, "token", at),
+                   creds_file=get_str(m, "creds_file", at, default=""),
+                   nkey_seed_file=get_str(m, "nkey_seed_file", at, default=""),
+                   tls_ca=get_str(tls, "ca", at.key("tls"), default=""),
+                   tls_cert=get_str(tls, "cert", at.key("tls"), default=""),
+                   tls_key=get_str(tls, "key", at.key("tls"), default=""))
+
+
+def _nats_users(raw: list[Any], at: At) -> tuple[NatsUserConfig, ...]:
+    users = []
+    for i, u_raw in enumerate(raw):
+        uat = at.index(i)
+        u = get_map(u_raw, uat, {"name", "password_env", "streams"})
+        name = get_str(u, "name", uat, pattern=NAME_RE,
+                       rule="lowercase letters, digits, '-' or '_', at most 32 characters")
+        if name in (ADMIN, "egress", "telemetry"):
+            raise uat.key("name").error(f"{name!r} is one of the rack's own users")
+        password = _secret(u, "password", uat)
+        if not password:
+            raise uat.key("password_env").error("required key missing")
+        streams = tuple(map(str, get_list(u, "streams", uat, required=True)))
+        users.append(NatsUserConfig(name=name, password=password, streams=streams))
+    return tuple(users)
+
+
 def parse_config(raw: Any, file: str = "<config>", base_dir: Path | None = None) -> RigConfig:
     """Validate an already-parsed rig mapping (see module docstring for the shape).
 
@@ -185,14 +246,19 @@ def parse_config(raw: Any, file: str = "<config>", base_dir: Path | None = None)
     data_dir = Path(os.path.normpath(data_dir))
 
     at = top.key("nats")
-    nats_raw = get_map(root.get("nats"), at, {"url", "host", "port"})
+    nats_raw = get_map(root.get("nats"), at, {"url", "host", "port", "auth", "users"})
     url = nats_raw.get("url")
     if url is not None and not (isinstance(url, str) and url.startswith(("nats://", "tls://"))):
         raise at.key("url").error(f"expected a nats:// or tls:// URL, got {url!r}")
+    if nats_raw.get("auth") is not None and url is None:
+        raise at.key("auth").error("only for an external nats.url (the embedded server makes "
+                                   "its own users)")
     nats = NatsConfig(
         url=url,
         host=get_str(nats_raw, "host", at, default="127.0.0.1"),
         port=get_int(nats_raw, "port", at, 0, 0, 65535),
+        auth=_nats_auth(nats_raw.get("auth"), at.key("auth")),
+        users=_nats_users(get_list(nats_raw, "users", at), at.key("users")),
     )
 
     at = top.key("rings")

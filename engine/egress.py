@@ -39,10 +39,9 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-import nats
 from nats.js.errors import NoStreamResponseError
 
-from engine.bus import close_quietly
+from engine.bus import close_quietly, connect
 from engine.counters import ERRORS, StatDef, Stats
 from engine.frame import frame_id_of, frame_ts_of
 from engine.logutil import RateLimitedLog
@@ -105,12 +104,10 @@ class EgressProcess:
         """Connect to the rack's NATS (retrying until it answers or the rack stops)."""
         while not self.stopping.is_set():
             try:
-                self.nc = await nats.connect(
-                    self.rt.nats_url, name=f"fluxrig-egress-{self.rt.rack_id}",
+                self.nc = await connect(
+                    self.rt.nats_url, self.spec.bus_auth, f"fluxrig-egress-{self.rt.rack_id}",
                     max_reconnect_attempts=-1, reconnect_time_wait=0.5, connect_timeout=2,
-                    pending_size=64 * 1024 * 1024,
-                    error_cb=self._on_error,
-                )
+                    pending_size=64 * 1024 * 1024, error_cb=self._on_error)
                 self.js = self.nc.jetstream(timeout=self.plan.ack_timeout)
                 self.tail_seq = await ensure_streams(self.js, self.plan.streams)
                 log.info("egress connected: url=%s, streams=%s", self.rt.nats_url,

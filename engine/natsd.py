@@ -6,7 +6,8 @@ Python interpreter (``<venv>/bin``). The generated config lives in the rack's da
 * ``server_name`` and JetStream ``domain`` = rack id, so a hub can address the rack's
   JetStream across a leaf link and the rack keeps a JetStream of its own when the hub is away;
 * ``store_dir`` = ``<data_dir>/jetstream`` (file storage survives restarts of server and rack);
-* the listener on 127.0.0.1 by default.
+* the listener on 127.0.0.1 by default, anonymous clients refused when the rack gives it
+  users (``engine.bus``), the config file readable by its owner only (it holds passwords).
 
 The server is a child of the supervisor with ``PR_SET_PDEATHSIG``: if the supervisor is
 killed, the kernel stops the server too, so no orphan holds the port or the store.
@@ -22,7 +23,10 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
+
+from engine.bus import BusUser, write_private
 
 
 class NatsServerError(RuntimeError):
@@ -58,23 +62,30 @@ def set_parent_death_signal(sig: int = signal.SIGTERM) -> None:
     libc.prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0)
 
 
-def render_config(*, rack_id: str, host: str, port: int, store_dir: str) -> str:
-    """nats-server configuration text for a rack (JSON is valid nats-server config syntax)."""
-    conf = {
+def render_config(*, rack_id: str, host: str, port: int, store_dir: str,
+                  users: Sequence[BusUser] = ()) -> str:
+    """nats-server configuration text for a rack (JSON is valid nats-server config syntax);
+    with ``users``, only they may connect (``engine.bus``: roles and permissions)."""
+    conf: dict = {
         "server_name": rack_id,
         "host": host,
         "port": port,
         "max_payload": 8 * 1024 * 1024,
+        "max_connections": 1024,
         "jetstream": {"store_dir": store_dir, "domain": rack_id},
     }
+    if users:
+        conf["authorization"] = {"users": [u.server_entry() for u in users]}
     return json.dumps(conf, indent=2) + "\n"
 
 
 class NatsServer:
     """One embedded nats-server process; ``start`` may be called again after it died."""
 
-    def __init__(self, *, rack_id: str, data_dir: Path, host: str, port: int):
+    def __init__(self, *, rack_id: str, data_dir: Path, host: str, port: int,
+                 users: Sequence[BusUser] = ()):
         self.rack_id = rack_id
+        self.users = tuple(users)
         self.host = host
         self.port = port or free_port(host)
         self.data_dir = Path(data_dir)
@@ -96,8 +107,9 @@ class NatsServer:
         """
         self.data_dir.mkdir(parents=True, exist_ok=True)
         store = self.data_dir / "jetstream"
-        self.conf_path.write_text(render_config(
-            rack_id=self.rack_id, host=self.host, port=self.port, store_dir=str(store)))
+        write_private(self.conf_path, render_config(  # 0600: it holds the users' passwords
+            rack_id=self.rack_id, host=self.host, port=self.port, store_dir=str(store),
+            users=self.users))
         log = open(self.log_path, "ab")
         try:
             self.proc = subprocess.Popen(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import socket
 from dataclasses import dataclass, field
 
+from engine.bus import BusAuth
 from engine.config import GearConfig
 from engine.counters import Counters, StatDef
 from engine.journal import Journal
@@ -67,6 +68,7 @@ class ProcessSpec:
         journal: the gear's in-flight journal (sources only), or None.
         stat_defs: the gear's named stats (slots after the histogram in ``counters``).
         listeners: sockets the supervisor bound for the gear (``Gear.listeners`` order).
+        bus_auth: the process's credentials for the rack's NATS (``engine.bus``), or None.
     """
 
     name: str
@@ -83,6 +85,7 @@ class ProcessSpec:
     extra: EgressPlan | TelemetryPlan | None = None
     outlets: dict[str, Ring] = field(default_factory=dict)
     listeners: list[socket.socket] = field(default_factory=list)
+    bus_auth: BusAuth | None = None
     journal: Journal | None = None
     stat_defs: tuple[StatDef, ...] = ()
 

@@ -40,6 +40,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from engine.bus import (
+    BusAuth,
+    BusUser,
+    Permissions,
+    rack_users,
+    stream_admin,
+    stream_reader,
+)
 from engine.config import GearConfig, RigConfig, StreamConfig
 from engine.counters import Counters, StatDef
 from engine.egress import STAT_DEFS as EGRESS_STATS
@@ -258,6 +266,7 @@ class Supervisor:
         self.nats_url = cfg.nats.url or ""
         self.listeners: dict[tuple[str, str], list[socket.socket]] = {}
         self.leftovers = Leftovers(cfg.rack_id, self.data_dir)
+        self.bus_users: dict[str, BusUser] = {}
         self.degraded = ""  # why the rack is degraded (a process crash-looping), or ""
         self.failed = ""  # why the rack gave up (stops with exit code 1), or ""
 
@@ -327,6 +336,38 @@ class Supervisor:
                 streams.setdefault(o.stream.name, o.stream)
             out.append((journal, rings))
         return out
+
+    def _bus_users(self) -> dict[str, BusUser]:
+        """The embedded server's users: a role each (``engine.bus``), with permissions."""
+        cfg = self.cfg
+        streams = list(cfg.egress.streams)
+        roles: dict[str, Permissions | None] = {}
+        for p in cfg.pipelines:
+            for g in (p.source, *p.stages, *p.sinks):
+                cls = lookup_gear(g.gear)
+                assert cls is not None
+                if g is p.source:
+                    streams += [o.stream for o in cls.outlets(g.settings, cfg.rack_id)]
+                perms = cls.bus_permissions(g.settings, cfg.rack_id)
+                if perms is not None:
+                    roles[self._gear_user(p.name, g.name)] = perms
+        subjects = sorted({subject for st in streams for subject in st.subjects})
+        roles["egress"] = Permissions(publish=(*subjects, *stream_admin(s.name for s in streams)))
+        roles["telemetry"] = Permissions(publish=(cfg.telemetry.subject,))
+        extra = [BusUser(name=u.name, password=u.password,
+                         permissions=stream_reader(u.streams)) for u in cfg.nats.users]
+        return rack_users(self.data_dir, roles, extra)
+
+    @staticmethod
+    def _gear_user(pipeline: str, gear: str) -> str:
+        return f"{pipeline}.{gear}"
+
+    def _auth(self, user: str) -> BusAuth | None:
+        """A process's credentials: its role's user (embedded), the rig's (external)."""
+        if not self.cfg.nats.embedded:
+            return self.cfg.nats.auth
+        found = self.bus_users.get(user)
+        return found.auth() if found is not None else None
 
     def bind_listeners(self) -> None:
         """Bind every gear's listeners before anything is forked (``engine.listeners``).
@@ -430,6 +471,11 @@ class Supervisor:
                                  batch=cfg.egress.batch, max_inflight=cfg.egress.max_inflight,
                                  ack_timeout=cfg.egress.ack_timeout)))
         specs += sinks_specs + stage_specs + source_specs
+        for spec in specs:
+            if spec.role in ("egress", "telemetry"):
+                spec.bus_auth = self._auth(spec.role)
+            elif spec.gear is not None:
+                spec.bus_auth = self._auth(self._gear_user(spec.pipeline, spec.gear.name))
         self._place(specs)
         self.plan.specs = specs
 
@@ -462,8 +508,10 @@ class Supervisor:
         self.bind_listeners()
         (self.data_dir / CRASH_DIR).mkdir(exist_ok=True)
         if self.cfg.nats.embedded:
+            self.bus_users = self._bus_users()
             self.nats = NatsServer(rack_id=self.cfg.rack_id, data_dir=self.data_dir,
-                                   host=self.cfg.nats.host, port=self.cfg.nats.port)
+                                   host=self.cfg.nats.host, port=self.cfg.nats.port,
+                                   users=tuple(self.bus_users.values()))
             self.nats.start()
             self.nats_url = self.nats.url
             log.info("nats-server started: url=%s, pid=%s", self.nats_url, self.nats.pid)

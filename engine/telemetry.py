@@ -34,7 +34,7 @@ from typing import Any
 
 import psutil
 
-from engine.bus import close_quietly
+from engine.bus import close_quietly, connect
 from engine.cbor import dumps
 from engine.counters import Counters, CountersSnapshot, StatDef, percentiles
 from engine.plan import ProcessSpec, Runtime, TelemetryPlan
@@ -283,8 +283,6 @@ def run_telemetry(spec: ProcessSpec, rt: Runtime) -> None:
 
 
 async def _telemetry_main(spec: ProcessSpec, rt: Runtime) -> None:
-    import nats
-
     cfg = spec.extra
     assert isinstance(cfg, TelemetryPlan)
     stopping = asyncio.Event()
@@ -295,8 +293,8 @@ async def _telemetry_main(spec: ProcessSpec, rt: Runtime) -> None:
         otel = _Otel(cfg.prometheus_host, cfg.prometheus_port, rt.rack_id)
     nc = None
     try:
-        nc = await nats.connect(rt.nats_url, name=f"fluxrig-telemetry-{rt.rack_id}",
-                                max_reconnect_attempts=-1, reconnect_time_wait=1)
+        nc = await connect(rt.nats_url, spec.bus_auth, f"fluxrig-telemetry-{rt.rack_id}",
+                           max_reconnect_attempts=-1, reconnect_time_wait=1)
     except Exception as exc:  # stats are best effort; the rack runs without them
         log.warning("telemetry cannot reach nats: error=%r", exc)
     prev = None

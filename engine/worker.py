@@ -96,6 +96,7 @@ def make_context(spec: ProcessSpec, rt: Runtime,
         journal=spec.journal,
         outlets=outlets,
         listeners=tuple(spec.listeners),
+        bus_auth=spec.bus_auth,
     )
 
 

@@ -47,6 +47,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from engine.bus import BusAuth, Permissions
 from engine.counters import Counters, StatDef, Stats
 from engine.frame import Frame, derive_id  # noqa: F401 - re-exported: part of the gear contract
 from engine.journal import Journal, JournalSpec
@@ -74,6 +75,7 @@ class GearContext:
         outlets: synchronous writers by name (``outlets`` plus ``"out"`` for a replicated
             source's own lane); empty for other gears.
         listeners: the bound listening sockets of ``listeners(settings)``, in that order.
+        bus_auth: how to connect to ``nats_url`` (``engine.bus.connect``), or None.
     """
 
     rack_id: str
@@ -89,6 +91,7 @@ class GearContext:
     journal: Journal | None = None
     outlets: Mapping[str, Outlet] = field(default_factory=dict)
     listeners: Sequence[socket.socket] = ()
+    bus_auth: BusAuth | None = None
 
 
 class Gear:
@@ -108,6 +111,13 @@ class Gear:
     def stat_defs(cls, settings: Any) -> tuple[StatDef, ...]:
         """Named stats this gear keeps (default: none)."""
         return ()
+
+    @classmethod
+    def bus_permissions(cls, settings: Any, rack_id: str) -> Permissions | None:
+        """What the gear's processes may do on the rack's NATS (``engine.bus``); None: the
+        gear does not use NATS (default). The rack makes it a user of its own with exactly
+        these permissions and hands the credentials over as ``ctx.bus_auth``."""
+        return None
 
     @classmethod
     def listeners(cls, settings: Any) -> tuple[tuple[str, int], ...]:

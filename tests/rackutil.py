@@ -104,6 +104,20 @@ class RackProcess:
             self._held[role] = Counters.attach(proc["counters"])
         return self._held[role]
 
+    def stats(self, name: str) -> dict[str, int]:
+        """The gear stats of process ``name`` now (``{key: value}``)."""
+        from engine.counters import StatDef
+
+        self.refresh()
+        proc = next(p for p in self.state["processes"] if p["name"] == name)
+        defs = [StatDef.from_json(d) for d in proc.get("stats") or ()]
+        c = Counters.attach(proc["counters"])
+        try:
+            values = c.snapshot().stats.tolist()
+        finally:
+            c.close()
+        return {d.key: v for d, v in zip(defs, values, strict=True)}
+
     def pid_of(self, name_prefix: str) -> int:
         """Current pid of the first process whose name starts with ``name_prefix``."""
         self.refresh()
@@ -130,12 +144,26 @@ class RackProcess:
             self.log.close()
 
     def close(self) -> None:
-        """Kill if still running and unmap held counters."""
-        if self.proc.poll() is None:
+        """Kill if still running (a failed test), unmap held counters, and leave no process
+        or segment of the killed rack behind for later tests."""
+        killed = self.proc.poll() is None
+        if killed:
             self.proc.kill()
             self.proc.wait()
         for c in self._held.values():
             c.close()
+        if killed:
+            from engine.shm import _shm_unlink, mapping_pids, segment_names
+
+            rack_id = yaml.safe_load(self.config.read_text())["rack"]["id"]
+            prefix = f"fx-{rack_id}-"
+            deadline = time.monotonic() + 10
+            while mapping_pids(prefix) and time.monotonic() < deadline:
+                time.sleep(0.1)  # its children got SIGTERM from the kernel; they are draining
+            for pid in mapping_pids(prefix):
+                os.kill(pid, signal.SIGKILL)
+            for name in segment_names(prefix):
+                _shm_unlink(name)
         if not self.log.closed:
             self.log.close()
 

@@ -52,6 +52,13 @@ def _rack_id(name: str) -> str:
     return f"{name}-{os.getpid()}"
 
 
+def _busiest(rack: RackProcess) -> str:
+    """The switch replica with the most acquirer connections: what a kill of it cuts is
+    what the scenario is about."""
+    return max(("payments.switch.0", "payments.switch.1"),
+               key=lambda n: rack.stats(n)["iso8583.connections"])
+
+
 def _settle_reversals(issuer: Issuer, owed: set, seconds: float) -> None:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
@@ -76,12 +83,11 @@ def kill_replica(workdir: Path, peers: PeerThread, *, tps: float = 300, seconds:
     acq = Acquirer(port, terminals=20, rate=tps)
     try:
         wait_switch_ready(rack, port, replicas=2)
-        victim = rack.pid_of("payments.switch.0")
         killed: list[float] = []
 
         def tick(t: float) -> None:
             if t > kill_at and not killed:
-                os.kill(victim, signal.SIGKILL)
+                os.kill(rack.pid_of(_busiest(rack)), signal.SIGKILL)
                 killed.append(t)
 
         peers.call(acq.run(seconds, on_tick=tick), timeout=seconds + 60)
@@ -123,7 +129,6 @@ def stalled_egress(workdir: Path, peers: PeerThread, *, tps: float = 400, second
     try:
         wait_switch_ready(rack, port, replicas=2)
         egress = rack.pid_of("egress")
-        victim = rack.pid_of("payments.switch.1")
         steps: list[str] = []
 
         def tick(t: float) -> None:
@@ -131,13 +136,14 @@ def stalled_egress(workdir: Path, peers: PeerThread, *, tps: float = 400, second
                 os.kill(egress, signal.SIGSTOP)
                 steps.append("stop")
             if t > stall_at + stall and "kill" not in steps:
-                os.kill(victim, signal.SIGKILL)
+                os.kill(rack.pid_of(_busiest(rack)), signal.SIGKILL)
                 steps.append("kill")
             if t > stall_at + stall + 0.5 and "cont" not in steps:
                 os.kill(egress, signal.SIGCONT)
                 steps.append("cont")
 
         peers.call(acq.run(seconds, on_tick=tick), timeout=seconds + 60)
+        held = "ring full, intake paused" in rack.output()
         r.check(rack.stop() == 0, "rack did not drain cleanly")
     finally:
         rack.close()
@@ -146,8 +152,7 @@ def stalled_egress(workdir: Path, peers: PeerThread, *, tps: float = 400, second
     missing = [k for k in answered if events[k] != 1]
     r.figures = {"sent": len(acq.sent), "answered": len(answered),
                  "answered_without_one_event": len(missing)}
-    r.check(bool(answered) and len(answered) < len(acq.sent),
-            "backpressure never held an answer back (meaningless run)")
+    r.check(bool(answered) and held, "backpressure never held intake (meaningless run)")
     r.check(not missing, f"{len(missing)} answered transactions without exactly one event, "
                          f"e.g. {missing[:3]}")
     return r
@@ -232,14 +237,15 @@ def connection_flood(workdir: Path, peers: PeerThread, *, connections: int = 500
 
         def tick(t: float) -> None:
             if t > flood_at and not flood:
+                # first a slow sender (admitted: the flood would have it refused), then the flood
+                slow_sock = socket.create_connection(("127.0.0.1", port))
+                slow_sock.sendall(b"\x00\x40abc")  # a frame that never completes
+                slow.append(slow_sock)
                 for _ in range(connections):
                     s = socket.socket()
                     s.setblocking(False)
                     s.connect_ex(("127.0.0.1", port))
                     flood.append(s)
-                slow_sock = socket.create_connection(("127.0.0.1", port))
-                slow_sock.sendall(b"\x00\x40abc")  # a frame that never completes
-                slow.append(slow_sock)
 
         t_start = time.monotonic()
         peers.call(acq.run(seconds, on_tick=tick), timeout=seconds + 90)

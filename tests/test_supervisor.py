@@ -144,10 +144,10 @@ def test_status_json_reports_what_the_counters_say(tmp_path):
         rack.close()
 
 
-async def _one_stats_message(url: str, subject: str) -> bytes:
-    import nats
+async def _one_stats_message(url: str, subject: str, data_dir) -> bytes:
+    from engine.bus import connect, load_auth
 
-    nc = await nats.connect(url)
+    nc = await connect(url, load_auth(data_dir), "test")
     try:
         sub = await nc.subscribe(subject)
         msg = await sub.next_msg(timeout=10)
@@ -159,7 +159,8 @@ async def _one_stats_message(url: str, subject: str) -> bytes:
 def test_stats_subject_carries_decodable_snapshots(tmp_path):
     rack = RackProcess(rig(tmp_path, "t-stats", count=1000, rate=0), tmp_path / "data")
     try:
-        data = asyncio.run(_one_stats_message(rack.state["nats_url"], "fluxrig.stats.t-stats"))
+        data = asyncio.run(_one_stats_message(rack.state["nats_url"], "fluxrig.stats.t-stats",
+                                              tmp_path / "data"))
         snap = loads(data, strict=True)  # deterministic CBOR, bit for bit
         assert snap["rack"] == "t-stats"
         names = {p["name"] for p in snap["processes"]}

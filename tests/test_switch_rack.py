@@ -106,10 +106,11 @@ def _rack_segments(rack_id: str) -> list[tuple[str, bytes]]:
     return out
 
 
-async def _collect_stats(url: str, subject: str, stop: asyncio.Event, out: list) -> None:
-    import nats
+async def _collect_stats(url: str, subject: str, stop: asyncio.Event, out: list,
+                         data_dir) -> None:
+    from engine.bus import connect, load_auth
 
-    nc = await nats.connect(url)
+    nc = await connect(url, load_auth(data_dir), "test")
     sub = await nc.subscribe(subject)
     while not stop.is_set():
         try:
@@ -151,7 +152,8 @@ def test_leak_scan_ten_thousand_transactions_leave_no_card_number_anywhere(tmp_p
         async def run():
             stop = asyncio.Event()
             stats = asyncio.create_task(_collect_stats(
-                rack.state["nats_url"], "fluxrig.stats.t-switch", stop, snapshots))
+                rack.state["nats_url"], "fluxrig.stats.t-switch", stop, snapshots,
+                tmp_path / "data"))
             gen = LoadGenerator(LoadConfig(
                 host="127.0.0.1", port=port, spec=spec_by_name("default"),
                 framing=FramingConfig(prefix="2B"), connections=20, rate=2500, count=10_000,

@@ -13,7 +13,9 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from engine.bus import close_quietly
+from nats.errors import Error as NatsError
+
+from engine.bus import Permissions, close_quietly, connect, pull_consumer, stream_admin
 from engine.counters import StatDef
 from engine.frame import Frame
 from engine.journal import JournalSpec
@@ -23,7 +25,7 @@ from engine.streams import StreamConfig
 from gears.base import Source
 from gears.coatcheck import KeyRing
 from gears.iso8583.core import SAF, stat_defs
-from gears.iso8583.saf import SafSender, queue_subject
+from gears.iso8583.saf import SafSender, dead_letter_stream, queue_subject
 from gears.iso8583.settings import SwitchSettings, parse_switch_settings
 from gears.iso8583.switch import SwitchShell
 
@@ -80,6 +82,16 @@ class SwitchGear(Source):
         return stat_defs(settings)
 
     @classmethod
+    def bus_permissions(cls, settings: SwitchSettings, rack_id: str) -> Permissions | None:
+        """With SAF on: work the SAF consumer and write dead letters; nothing else (it cannot
+        read the audit stream, nor publish into it: egress does that)."""
+        if settings.saf is None:
+            return None
+        dead = dead_letter_stream(settings.saf.stream, rack_id)
+        return Permissions(publish=(*stream_admin([dead.name]), *dead.subjects,
+                                    *pull_consumer(settings.saf.stream, "saf")))
+
+    @classmethod
     def listeners(cls, settings: SwitchSettings) -> tuple[tuple[str, int], ...]:
         return ((settings.listen.host, settings.listen.port),)
 
@@ -129,18 +141,16 @@ class SwitchGear(Source):
 
     async def _saf(self, shell: SwitchShell, s: SwitchSettings) -> None:
         """Connect to the rack's NATS (retrying) and run the SAF sender on it."""
-        import nats
-
         assert s.saf is not None and shell.stats is not None
         ctx = self.ctx
         nc = None
         try:
             while nc is None:
                 try:
-                    nc = await nats.connect(ctx.nats_url, max_reconnect_attempts=-1,
-                                            reconnect_time_wait=0.5,
-                                            name=f"fluxrig-switch-{ctx.rack_id}-{ctx.replica}")
-                except (OSError, nats.errors.Error) as exc:
+                    nc = await connect(ctx.nats_url, ctx.bus_auth,
+                                       f"fluxrig-switch-{ctx.rack_id}-{ctx.replica}",
+                                       max_reconnect_attempts=-1, reconnect_time_wait=0.5)
+                except (OSError, NatsError) as exc:
                     shell.ratelog.warning("nats", "switch cannot reach nats yet: error=%r", exc)
                     await asyncio.sleep(1.0)
             sender = SafSender(nc.jetstream(), stream=s.saf.stream, rack_id=ctx.rack_id,
