@@ -61,7 +61,7 @@ def version() -> None:
 @app.command()
 def check(config: Path = typer.Argument(..., help="rig file (YAML)")) -> None:
     """Validate a rig file without starting anything."""
-    from gears.base import lookup_gear
+    from gears.base import Gear, gear_class
 
     cfg = _load(config)
     stages = sum(len(p.stages) for p in cfg.pipelines)
@@ -74,7 +74,7 @@ def check(config: Path = typer.Argument(..., help="rig file (YAML)")) -> None:
                f"{nats.port or '<free port chosen at start>'}")
     for p in cfg.pipelines:
         for g in (p.source, *p.stages, *p.sinks):
-            for host, port in lookup_gear(g.gear).listeners(g.settings):  # type: ignore[union-attr]
+            for host, port in gear_class(g.gear, Gear).listeners(g.settings):
                 typer.echo(f"  listens: {p.name}.{g.name} on {host}:{port}")
 
 
@@ -83,15 +83,22 @@ def start(
     config: Path = CONFIG,
     workers: int = typer.Option(1, "--workers", "-w", min=1, help="replicas of every stage"),
     drain_timeout: float = typer.Option(30.0, help="seconds to let rings empty on stop"),
-    verbose: bool = typer.Option(False, "--verbose", "-v"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="debug logging"),
+    ready_fd: int = typer.Option(-1, help="write 'ready' to this inherited file descriptor "
+                                            "once every process serves, then close it"),
 ) -> None:
-    """Run a rack in the foreground until SIGTERM/SIGINT (then drain and stop)."""
+    """Run a rack in the foreground until SIGTERM/SIGINT (then drain and stop).
+
+    Readiness: once every process serves (listeners bound, NATS reached), the rack writes
+    "ready" to --ready-fd, sends READY=1 to $NOTIFY_SOCKET (systemd Type=notify) and marks
+    its state file ready.
+    """
     from engine.natsd import NatsServerError
     from engine.supervisor import RackAlreadyRunning, RackStartError, Supervisor
 
     cfg = _load(config)
     _setup_logging(Path(cfg.data_dir), verbose)
-    sup = Supervisor(cfg, workers=workers, drain_timeout=drain_timeout)
+    sup = Supervisor(cfg, workers=workers, drain_timeout=drain_timeout, ready_fd=ready_fd)
     try:
         sup.start()
     except RackAlreadyRunning as exc:

@@ -48,7 +48,7 @@ from engine.schema import (  # noqa: F401 - ConfigError and At are part of this 
     get_str,
 )
 from engine.streams import StreamConfig, subject_matches  # noqa: F401 - part of the API
-from gears.base import known_gears, lookup_gear
+from gears.base import Gear, Sink, gear_class, known_gears, lookup_gear
 
 MAX_RING = 1 << 30  # bytes: no ring needs more, and a typo (2^80) must not reach shm_open
 
@@ -402,10 +402,10 @@ def parse_config(raw: Any, file: str = "<config>", base_dir: Path | None = None)
         raise at.error(f"duplicate pipeline names: {pnames}")
 
     # every egress subject must land in exactly one configured stream
-    for i, p in enumerate(pipelines):
-        for j, s in enumerate(p.sinks):
-            subject = getattr(s.settings, "subject", None)
-            if not getattr(lookup_gear(s.gear), "to_jetstream", False) or subject is None:
+    for i, pipe in enumerate(pipelines):
+        for j, sink in enumerate(pipe.sinks):
+            subject = getattr(sink.settings, "subject", None)
+            if not gear_class(sink.gear, Sink).to_jetstream or subject is None:
                 continue
             owners = [st.name for st in streams if any(subject_matches(pt, subject)
                                                        for pt in st.subjects)]
@@ -416,19 +416,18 @@ def parse_config(raw: Any, file: str = "<config>", base_dir: Path | None = None)
                     f"captured by {owners or 'none'}"
                 )
 
-    for i, p in enumerate(pipelines):
-        for g in (p.source, *p.stages, *p.sinks):
-            need = lookup_gear(g.gear).min_ring_capacity(g.settings)  # type: ignore[union-attr]
+    for i, pipe in enumerate(pipelines):
+        for g in (pipe.source, *pipe.stages, *pipe.sinks):
+            need = gear_class(g.gear, Gear).min_ring_capacity(g.settings)
             if capacity < need:
                 raise top.key("rings").key("capacity").error(
                     f"must be >= {need} for gear {g.gear!r} at {g.at}, got {capacity}")
 
     # streams a gear owns (its outlets, e.g. the switch's SAF queue) must not clash with the
     # configured ones: JetStream refuses two streams capturing one subject
-    for i, p in enumerate(pipelines):
-        gear_cls = lookup_gear(p.source.gear)
-        assert gear_cls is not None
-        for o in gear_cls.outlets(p.source.settings, rack_id):
+    for i, pipe in enumerate(pipelines):
+        gear_cls = gear_class(pipe.source.gear, Gear)
+        for o in gear_cls.outlets(pipe.source.settings, rack_id):
             sat = at.index(i).key("source")
             for st in streams:
                 if st.name == o.stream.name or any(subject_matches(pt, o.subject)

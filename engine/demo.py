@@ -22,24 +22,13 @@ from pathlib import Path
 
 from engine.config import load_config
 from engine.counters import Counters
+from engine.harness import start_rack
 from engine.natsd import NatsServer
 from engine.telemetry import RackProbe, read_state, rows
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "configs" / "demo.yaml"
 SWITCH_CONFIG = ROOT / "configs" / "iso8583-switch.yaml"
-
-
-def _wait_for_state(data_dir: Path, proc: subprocess.Popen[bytes], timeout: float) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"rack exited during start: code={proc.returncode}")
-        try:
-            return read_state(data_dir)
-        except (FileNotFoundError, ValueError):
-            time.sleep(0.1)  # the rack announces itself only through its state file
-    raise RuntimeError("rack did not start in time")
 
 
 async def _stream_count(url: str, stream: str) -> tuple[int, int]:
@@ -61,14 +50,11 @@ def run(seconds: float = 20.0, config: Path = CONFIG, workers: int = 2) -> int:
     stream = cfg.egress.streams[0].name
     print(f"starting rack '{cfg.rack_id}' from {config} with --workers {workers} "
           f"(generator -> mapping x{workers} -> egress -> JetStream '{stream}')", flush=True)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "engine.cli", "start", "--config", str(config),
-         "--workers", str(workers)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
+    rack = start_rack(config, workers=workers)
+    proc = rack.proc
     held: list[Counters] = []
     try:
-        state = _wait_for_state(data_dir, proc, 30.0)
+        state = read_state(data_dir)
         # Keep our own mapping of the counters: it outlives the rack's unlink at stop.
         by_role = {p["role"]: p for p in state["processes"]}
         source = Counters.attach(by_role["source"]["counters"])
@@ -143,19 +129,21 @@ async def _read_txn_stream(url: str, stream: str, subject: str) -> tuple[int, li
         await nc.close()
 
 
-def _wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float) -> None:
-    import socket
+def start_issuer_simulator(args: list[str], ports: int) -> subprocess.Popen[bytes]:
+    """``engine iso issuer`` with ``args``, returned once it listens on its ``ports`` ports:
+    it says so on stderr, one line per port (read here; the rest is drained by a thread)."""
+    import threading
 
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"process exited during start: code={proc.returncode}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.1)  # a listening port has no readiness event to wait on
-    raise RuntimeError(f"port {port} not listening after {timeout}s")
+    proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "iso", "issuer", *args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    assert proc.stderr is not None
+    for _ in range(ports):
+        line = proc.stderr.readline()
+        if b"listening" not in line:
+            proc.kill()
+            raise RuntimeError(f"issuer simulator did not start: {line.decode(errors='replace')}")
+    threading.Thread(target=proc.stderr.read, daemon=True).start()
+    return proc
 
 
 def run_switch(seconds: float = 20.0, tps: float = 2000.0, workers: int = 2) -> int:
@@ -177,18 +165,12 @@ def run_switch(seconds: float = 20.0, tps: float = 2000.0, workers: int = 2) -> 
     print(f"ISO 8583 switch demo: rack '{cfg.rack_id}' ({SWITCH_CONFIG.name}, --workers "
           f"{workers}), issuer simulator on 9001-9003, {tps:,.0f} TPS offered from 50 "
           f"terminals for {seconds:.0f} s", flush=True)
-    issuer = subprocess.Popen(
-        [sys.executable, "-m", "engine.cli", "iso", "issuer", "--port", "9001", "--port",
-         "9002", "--port", "9003", "--rule", "4:500000=51", "--rule", "4=00",
-         "--rule", "5=05"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    rack = subprocess.Popen(
-        [sys.executable, "-m", "engine.cli", "start", "--config", str(SWITCH_CONFIG),
-         "--workers", str(workers)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    issuer = start_issuer_simulator(
+        ["--port", "9001", "--port", "9002", "--port", "9003", "--rule", "4:500000=51",
+         "--rule", "4=00", "--rule", "5=05"], 3)
+    run = start_rack(SWITCH_CONFIG, workers=workers)  # ready: listening, issuers reached
+    rack = run.proc
     try:
-        _wait_port(9003, issuer, 20)
-        _wait_for_state(data_dir, rack, 30)
-        _wait_port(8583, rack, 30)
-        time.sleep(1.0)  # issuer links connect right after the listener opens
         gen = LoadGenerator(LoadConfig(
             host="127.0.0.1", port=8583, spec=spec_by_name("default"),
             framing=FramingConfig(prefix="2B"), connections=50, rate=tps, duration=seconds,

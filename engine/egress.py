@@ -45,7 +45,7 @@ from engine.bus import close_quietly, connect
 from engine.counters import ERRORS, StatDef, Stats
 from engine.frame import frame_id_of, frame_ts_of
 from engine.logutil import RateLimitedLog
-from engine.plan import EgressPlan, ProcessSpec, Runtime
+from engine.plan import EgressPlan, ProcessSpec, Runtime, signal_ready
 from engine.ring import Consumer, wait_any
 from engine.streams import ensure_streams
 
@@ -112,6 +112,7 @@ class EgressProcess:
                 self.tail_seq = await ensure_streams(self.js, self.plan.streams)
                 log.info("egress connected: url=%s, streams=%s", self.rt.nats_url,
                          ",".join(self.tail_seq))
+                signal_ready(self.rt, self.spec.name)
                 return
             except Exception as exc:
                 self.ratelog.warning("connect", "egress cannot reach nats yet: url=%s, "

@@ -6,6 +6,7 @@ process bodies read them (``engine.worker``, ``engine.egress``, ``engine.telemet
 
 from __future__ import annotations
 
+import os
 import socket
 from dataclasses import dataclass, field
 
@@ -98,3 +99,14 @@ class Runtime:
     data_dir: str
     nats_url: str
     batch: int
+    ready_fd: int = -1  # write end of the supervisor's readiness pipe (``signal_ready``)
+
+
+def signal_ready(rt: Runtime, name: str) -> None:
+    """Tell the supervisor process ``name`` is ready (serving). One line on a pipe every
+    process inherited: writes below PIPE_BUF are atomic, so lines never interleave."""
+    if rt.ready_fd >= 0:
+        try:
+            os.write(rt.ready_fd, f"{name}\n".encode())
+        except OSError:
+            pass  # the supervisor is gone; nobody to tell

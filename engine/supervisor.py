@@ -75,7 +75,7 @@ from engine.shm import (
 )
 from engine.telemetry import STATE_FILE
 from engine.worker import run_process
-from gears.base import lookup_gear
+from gears.base import Gear, Sink, Source, gear_class
 
 log = logging.getLogger("fluxrig.supervisor")
 
@@ -250,7 +250,8 @@ def running_pid(data_dir: str | os.PathLike[str]) -> int | None:
 class Supervisor:
     """One rack on this machine."""
 
-    def __init__(self, cfg: RigConfig, workers: int = 1, drain_timeout: float = 30.0):
+    def __init__(self, cfg: RigConfig, workers: int = 1, drain_timeout: float = 30.0,
+                 ready_fd: int = -1):
         if workers < 1:
             raise ValueError(f"invalid workers: workers={workers}, rule=>= 1")
         self.cfg = cfg
@@ -267,6 +268,10 @@ class Supervisor:
         self.listeners: dict[tuple[str, str], list[socket.socket]] = {}
         self.leftovers = Leftovers(cfg.rack_id, self.data_dir)
         self.bus_users: dict[str, BusUser] = {}
+        self.ready = False  # every process announced it serves
+        self.ready_names: set[str] = set()
+        self.ready_fd = ready_fd  # written "ready" once, then closed (``engine start``)
+        self._ready_r = self._ready_w = -1
         self.degraded = ""  # why the rack is degraded (a process crash-looping), or ""
         self.failed = ""  # why the rack gave up (stops with exit code 1), or ""
 
@@ -317,8 +322,7 @@ class Supervisor:
                      routes: list[Route], streams: dict[str, StreamConfig]
                      ) -> list[tuple[Journal | None, dict[str, Ring]]]:
         """A source's journal and extra outlet rings per lane (outlets routed to egress)."""
-        cls = lookup_gear(gear.gear)
-        assert cls is not None
+        cls = gear_class(gear.gear, Gear)
         jspec = cls.journal_spec(gear.settings)
         outlet_specs = cls.outlets(gear.settings, self.cfg.rack_id)
         out = []
@@ -344,8 +348,7 @@ class Supervisor:
         roles: dict[str, Permissions | None] = {}
         for p in cfg.pipelines:
             for g in (p.source, *p.stages, *p.sinks):
-                cls = lookup_gear(g.gear)
-                assert cls is not None
+                cls = gear_class(g.gear, Gear)
                 if g is p.source:
                     streams += [o.stream for o in cls.outlets(g.settings, cfg.rack_id)]
                 perms = cls.bus_permissions(g.settings, cfg.rack_id)
@@ -377,8 +380,7 @@ class Supervisor:
         """
         for p in self.cfg.pipelines:
             for g in (p.source, *p.stages, *p.sinks):
-                cls = lookup_gear(g.gear)
-                assert cls is not None
+                cls = gear_class(g.gear, Gear)
                 socks = []
                 for host, port in cls.listeners(g.settings):
                     try:
@@ -405,14 +407,13 @@ class Supervisor:
         extra_streams: dict[str, StreamConfig] = {}
 
         def defs_of(gear: GearConfig) -> tuple[StatDef, ...]:
-            cls = lookup_gear(gear.gear)
-            assert cls is not None
+            cls = gear_class(gear.gear, Gear)
             return tuple(cls.stat_defs(gear.settings))
 
         for p in cfg.pipelines:
             lanes_in = [self._ring(f"{p.name}-{p.source.name}-{i}") for i in range(n)]
             src_defs = defs_of(p.source)
-            replicated = getattr(lookup_gear(p.source.gear), "replicated", False)
+            replicated = gear_class(p.source.gear, Source).replicated
             extras = self._gear_extras(p.name, p.source, n if replicated else 1, egress_inputs,
                                        routes, extra_streams)
             if replicated:
@@ -442,7 +443,7 @@ class Supervisor:
                         counters=self._counters(f"{p.name}-{stage.name}-{i}", stage_defs)))
                 current = nxt
             sink = p.sinks[0]  # one per pipeline (checked by engine.config)
-            if getattr(lookup_gear(sink.gear), "to_jetstream", False):
+            if gear_class(sink.gear, Sink).to_jetstream:
                 subject = sink.settings.subject
                 stream = next(s.name for s in cfg.egress.streams
                               if any(subject_matches(pt, subject) for pt in s.subjects))
@@ -518,12 +519,14 @@ class Supervisor:
         self.build_plan()
         self.leftovers.settle()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._ready_r, self._ready_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(self._wake_w)
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_stop_signal)
         signal.signal(signal.SIGCHLD, lambda *_: None)  # only to wake the loop
         self.runtime = Runtime(rack_id=self.cfg.rack_id, data_dir=str(self.data_dir),
-                               nats_url=self.nats_url, batch=self.cfg.ring_batch)
+                               nats_url=self.nats_url, batch=self.cfg.ring_batch,
+                               ready_fd=self._ready_w)
         self.children = [_Child(spec) for spec in self.plan.specs]
         for child in self.children:
             self._fork(child)
@@ -542,6 +545,9 @@ class Supervisor:
                 signal.set_wakeup_fd(-1)
                 os.close(self._wake_r)
                 os.close(self._wake_w)
+                os.close(self._ready_r)
+                if self.ready_fd >= 0:
+                    os.close(self.ready_fd)
                 if self._lock_fd is not None:
                     os.close(self._lock_fd)
                 signal.signal(signal.SIGCHLD, signal.SIG_DFL)
@@ -589,6 +595,7 @@ class Supervisor:
             "nats_url": self.nats_url,
             "nats_pid": self.nats.pid if self.nats else None,
             "status": "failed" if self.failed else "degraded" if self.degraded else "running",
+            "ready": self.ready,
             "reason": self.failed or self.degraded,
             "processes": [
                 {
@@ -690,13 +697,51 @@ class Supervisor:
     def _sleep(self, timeout: float) -> None:
         import select
 
-        r, _, _ = select.select([self._wake_r], [], [], max(0.0, timeout))
-        if r:
+        fds = [self._wake_r] + ([self._ready_r] if self._ready_r >= 0 else [])
+        r, _, _ = select.select(fds, [], [], max(0.0, timeout))
+        if self._wake_r in r:
             try:
                 while os.read(self._wake_r, 512):
                     pass
             except BlockingIOError:
                 pass
+        if self._ready_r in r:
+            self._read_ready()
+
+    def _read_ready(self) -> None:
+        """Processes announce they serve (``engine.plan.signal_ready``); once all have,
+        the rack is ready: state file, ``--ready-fd``, systemd's ``NOTIFY_SOCKET``."""
+        data = b""
+        try:
+            while chunk := os.read(self._ready_r, 4096):
+                data += chunk
+        except BlockingIOError:
+            pass
+        self.ready_names.update(line for line in data.decode(errors="replace").splitlines())
+        if not self.ready and {c.spec.name for c in self.children} <= self.ready_names:
+            self.ready = True
+            self._write_state()
+            log.info("rack ready: rack=%s, processes=%d", self.cfg.rack_id, len(self.children))
+            self._announce(b"READY=1")
+
+    def _announce(self, status: bytes) -> None:
+        """Tell whoever waits for us: the ``--ready-fd`` pipe (READY only, then closed) and
+        systemd through ``$NOTIFY_SOCKET`` (a datagram; no library needed)."""
+        if status == b"READY=1" and self.ready_fd >= 0:
+            try:
+                os.write(self.ready_fd, b"ready\n")
+                os.close(self.ready_fd)
+            except OSError:
+                pass
+            self.ready_fd = -1
+        path = os.environ.get("NOTIFY_SOCKET", "")
+        if path:
+            addr = "\0" + path[1:] if path.startswith("@") else path
+            try:
+                with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+                    sock.sendto(status, addr)
+            except OSError as exc:
+                log.warning("sd_notify failed: socket=%s, error=%s", path, exc)
 
     def run(self) -> int:
         """Supervise until a stop signal, then drain; returns the exit code."""
@@ -748,6 +793,7 @@ class Supervisor:
     def drain(self) -> int:
         """Stop intake, let rings empty, stop everything, clean up; 0 if nothing was left."""
         log.info("draining: rack=%s", self.cfg.rack_id)
+        self._announce(b"STOPPING=1")
         self._stop_children({"source"}, 20.0)  # a switch answers what is in flight first
         deadline = time.monotonic() + self.drain_timeout
         while not self.rings_empty() and time.monotonic() < deadline:
@@ -798,6 +844,10 @@ class Supervisor:
         except FileNotFoundError:
             pass
         signal.set_wakeup_fd(-1)
+        for fd in (self._ready_r, self._ready_w):
+            if fd >= 0:
+                os.close(fd)
+        self._ready_r = self._ready_w = -1
         for socks in self.listeners.values():
             for sock in socks:
                 sock.close()

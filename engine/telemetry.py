@@ -37,7 +37,7 @@ import psutil
 from engine.bus import close_quietly, connect
 from engine.cbor import dumps
 from engine.counters import Counters, CountersSnapshot, StatDef, percentiles
-from engine.plan import ProcessSpec, Runtime, TelemetryPlan
+from engine.plan import ProcessSpec, Runtime, TelemetryPlan, signal_ready
 from engine.ring import Ring
 
 log = logging.getLogger("fluxrig.telemetry")
@@ -297,6 +297,7 @@ async def _telemetry_main(spec: ProcessSpec, rt: Runtime) -> None:
                            max_reconnect_attempts=-1, reconnect_time_wait=1)
     except Exception as exc:  # stats are best effort; the rack runs without them
         log.warning("telemetry cannot reach nats: error=%r", exc)
+    signal_ready(rt, spec.name)
     prev = None
     probe = None
     state_mtime = 0.0

@@ -39,9 +39,9 @@ from engine.cbor import dumps
 from engine.counters import ERRORS, Counters
 from engine.frame import Frame, FrameError, decode, encode, path_get
 from engine.outlet import MAIN, Outlet
-from engine.plan import ProcessSpec, Runtime
+from engine.plan import ProcessSpec, Runtime, signal_ready
 from engine.ring import Producer, wait_any
-from gears.base import GearContext, Sink, Source, Stage, lookup_gear
+from gears.base import GearContext, Sink, Source, Stage, gear_class
 
 log = logging.getLogger("fluxrig.worker")
 
@@ -97,6 +97,7 @@ def make_context(spec: ProcessSpec, rt: Runtime,
         outlets=outlets,
         listeners=tuple(spec.listeners),
         bus_auth=spec.bus_auth,
+        ready=lambda: signal_ready(rt, spec.name),
     )
 
 
@@ -175,8 +176,8 @@ def run_stage(spec: ProcessSpec, rt: Runtime) -> None:
     """A stage worker: input ring -> gear.process -> output ring, one batch at a time."""
     stop = _Stop()
     assert spec.gear is not None and spec.counters is not None
-    cls = lookup_gear(spec.gear.gear)
-    gear: Stage = cls(spec.gear.settings, make_context(spec, rt))  # type: ignore[assignment]
+    gear = gear_class(spec.gear.gear, Stage)(spec.gear.settings, make_context(spec, rt))
+    signal_ready(rt, spec.name)
     consumer = spec.inputs[0].consumer()
     producer = spec.outputs[0].producer()
     counters = spec.counters
@@ -230,10 +231,9 @@ async def run_source(spec: ProcessSpec, rt: Runtime) -> None:
     import asyncio
 
     assert spec.gear is not None and spec.counters is not None
-    cls = lookup_gear(spec.gear.gear)
+    cls = gear_class(spec.gear.gear, Source)
     producers = [ring.producer() for ring in spec.outputs]
-    gear: Source = cls(spec.gear.settings,  # type: ignore[assignment]
-                       make_context(spec, rt, producers))
+    gear = cls(spec.gear.settings, make_context(spec, rt, producers))
     lanes = len(producers)
     counters = spec.counters
     stopping = asyncio.Event()
@@ -255,6 +255,8 @@ async def run_source(spec: ProcessSpec, rt: Runtime) -> None:
                 nbytes += sum(map(len, encoded))
         counters.count_batch(0, len(frames), 0, nbytes)
 
+    if not cls.signals_ready:
+        signal_ready(rt, spec.name)
     try:
         await gear.run(emit, stopping)
         await stopping.wait()  # a finite source idles until the rack stops
@@ -267,8 +269,8 @@ async def run_sink(spec: ProcessSpec, rt: Runtime) -> None:
     import asyncio
 
     assert spec.gear is not None and spec.counters is not None
-    cls = lookup_gear(spec.gear.gear)
-    gear: Sink = cls(spec.gear.settings, make_context(spec, rt))  # type: ignore[assignment]
+    gear = gear_class(spec.gear.gear, Sink)(spec.gear.settings, make_context(spec, rt))
+    signal_ready(rt, spec.name)
     consumers = [ring.consumer() for ring in spec.inputs]
     counters = spec.counters
     dead = DeadLetters(rt, spec)

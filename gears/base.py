@@ -45,7 +45,7 @@ import logging
 import socket
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 from engine.bus import BusAuth, Permissions
 from engine.counters import Counters, StatDef, Stats
@@ -76,6 +76,8 @@ class GearContext:
             source's own lane); empty for other gears.
         listeners: the bound listening sockets of ``listeners(settings)``, in that order.
         bus_auth: how to connect to ``nats_url`` (``engine.bus.connect``), or None.
+        ready: tell the rack this process serves (sources with ``signals_ready`` call it
+            themselves once they do; for the others the rack calls it).
     """
 
     rack_id: str
@@ -92,6 +94,7 @@ class GearContext:
     outlets: Mapping[str, Outlet] = field(default_factory=dict)
     listeners: Sequence[socket.socket] = ()
     bus_auth: BusAuth | None = None
+    ready: Callable[[], None] = lambda: None
 
 
 class Gear:
@@ -152,11 +155,14 @@ class Source(Gear):
     """A gear that brings frames into the rack (runs in an asyncio io process).
 
     ``replicated = True`` runs one source process per lane (``--workers N``), each writing
-    its own lane; e.g. a TCP server whose replicas share the port with SO_REUSEPORT.
+    its own lane; e.g. a TCP server whose replicas share the listening socket the supervisor
+    bound. ``signals_ready = True``: the rack counts the process ready only when the gear
+    calls ``ctx.ready()`` (e.g. once it listens), not when ``run`` starts.
     """
 
     role = "source"
     replicated: ClassVar[bool] = False
+    signals_ready: ClassVar[bool] = False  # True: the gear calls ctx.ready() once serving
 
     async def run(self, emit: Callable[[list[Frame]], Awaitable[None]],
                   stopping: asyncio.Event) -> None:
@@ -201,6 +207,9 @@ _BUILTIN: Mapping[str, str] = {
 }
 
 
+G = TypeVar("G", bound="Gear")
+
+
 def known_gears() -> list[str]:
     """Names of every registered gear, sorted."""
     return sorted(_BUILTIN)
@@ -213,3 +222,13 @@ def lookup_gear(name: str) -> type[Gear] | None:
         return None
     module, _, cls = target.partition(":")
     return getattr(importlib.import_module(module), cls)
+
+
+def gear_class(name: str, kind: type[G]) -> type[G]:
+    """The gear class of a validated config: KeyError if unknown, TypeError if not a ``kind``."""
+    cls = lookup_gear(name)
+    if cls is None:
+        raise KeyError(f"unknown gear {name!r}")
+    if not issubclass(cls, kind):
+        raise TypeError(f"gear {name!r} is not a {kind.__name__}")
+    return cls

@@ -24,10 +24,10 @@ import time
 from pathlib import Path
 
 import yaml
-
 from _util import tree_cpu_seconds
 
 from engine.counters import Counters
+from engine.harness import start_rack
 from engine.telemetry import read_state
 
 
@@ -59,20 +59,8 @@ def _rig(d: Path, rack_id: str, count: int, rate: float) -> Path:
 
 
 def _start(config: Path, data_dir: Path, workers: int) -> tuple[subprocess.Popen, dict]:
-    proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "start", "--config",
-                             str(config), "--workers", str(workers)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            state = read_state(data_dir)
-            if state["pid"] == proc.pid:
-                return proc, state
-        except (FileNotFoundError, ValueError):
-            pass
-        time.sleep(0.05)
-    proc.kill()
-    raise RuntimeError("rack did not start")
+    run = start_rack(config, workers=workers)
+    return run.proc, read_state(data_dir)
 
 
 def run_pipeline(d: Path, workers: int, frames: int) -> dict:

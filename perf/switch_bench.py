@@ -39,8 +39,10 @@ import time
 from pathlib import Path
 
 import yaml
-
 from _util import tree_cpu_seconds, wait_port
+
+from engine.demo import start_issuer_simulator
+from engine.harness import start_rack
 from engine.natsd import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -89,12 +91,16 @@ def run_fluxrig(issuer_port: int, seconds: float, p99_seconds: float, workers: i
     path = tmp / "bench-switch.yaml"
     path.write_text(yaml.safe_dump(cfg))
     env = dict(os.environ, PYTHONPATH=str(root))
-    rack = subprocess.Popen([PY, "-m", "engine.cli", "start", "--config", str(path),
-                             "--workers", str(workers)], cwd=root, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    if root == ROOT:  # ready: every process serving, issuer links up
+        rack = start_rack(path, workers=workers, cwd=root, env=env).proc
+    else:  # another revision may predate --ready-fd: wait for its port, then a moment
+        rack = subprocess.Popen([PY, "-m", "engine.cli", "start", "--config", str(path),
+                                 "--workers", str(workers)], cwd=root, env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        wait_port(port)
-        time.sleep(1.5)  # issuer links connect right after the listener
+        if root != ROOT:
+            wait_port(port)
+            time.sleep(1.5)  # its issuer links connect right after the listener
         result = _measure(rack.pid, port, seconds, p99_seconds)
     finally:
         rack.send_signal(signal.SIGTERM)
@@ -162,14 +168,11 @@ def main() -> int:
     global SAF
     SAF = not args.no_saf
     issuer_port = free_port()
-    issuer = subprocess.Popen([PY, "-m", "engine.cli", "iso", "issuer", "--port",
-                               str(issuer_port), "--rule", "4=00"], cwd=ROOT,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    issuer = start_issuer_simulator(["--port", str(issuer_port), "--rule", "4=00"], 1)
     tmp = Path(tempfile.mkdtemp(prefix="switch-bench-"))
     other = other_coat = None
     worktree = None
     try:
-        wait_port(issuer_port)
         base = run_baseline(issuer_port, args.seconds, args.p99_seconds)
         if args.against:
             worktree = checkout(args.against, tmp)

@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from engine.counters import Counters
+from engine.harness import RackNotReady, RackRun
 from engine.frame import decode
 from engine.natsd import NatsServer
 from engine.telemetry import read_state
@@ -63,28 +64,14 @@ class RackProcess:
 
                 resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
 
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "engine.cli", "start", "--config", str(config),
-             "--workers", str(workers), "--drain-timeout", "30"],
-            stdout=self.log, stderr=subprocess.STDOUT, preexec_fn=limits,
-        )
-        self.state = self._wait_state(30.0)
+        self.run = RackRun(config, workers=workers, stdout=self.log, preexec_fn=limits)
+        self.proc = self.run.proc
+        try:
+            self.run.wait_ready(60.0)  # the rack says so: every process serves
+        except RackNotReady as exc:
+            raise AssertionError(f"{exc}: output={self.output()}") from None
+        self.state = read_state(self.data_dir)
         self._held: dict[str, Counters] = {}
-
-    def _wait_state(self, timeout: float) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"rack exited at start: code={self.proc.returncode}, "
-                                     f"output={self.output()}")
-            try:
-                state = read_state(self.data_dir)
-                if state["pid"] == self.proc.pid:  # not a state file left by a killed rack
-                    return state
-            except (FileNotFoundError, ValueError):
-                pass
-            time.sleep(0.05)  # only the state file says the rack is up
-        raise AssertionError("rack did not write its state file")
 
     def refresh(self) -> dict[str, Any]:
         """Re-read the state file (pids change on restarts)."""

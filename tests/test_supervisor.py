@@ -278,3 +278,45 @@ def test_file_sink_rig_writes_every_frame_as_a_json_line(tmp_path):
     lines = (tmp_path / "data" / "out" / "events.jsonl").read_text().splitlines()
     seqs = sorted(json.loads(line)["body"]["seq"] for line in lines)
     assert seqs == list(range(3000))
+
+
+def test_readiness_reaches_the_ready_fd_and_systemds_notify_socket(tmp_path):
+    """Ready means every process serves: written to --ready-fd once and sent as READY=1 to
+    $NOTIFY_SOCKET (what systemd's Type=notify waits for); STOPPING=1 when it drains."""
+    import socket as socketlib
+
+    from engine.harness import RackRun
+
+    notify = socketlib.socket(socketlib.AF_UNIX, socketlib.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify.sock"))
+    notify.settimeout(30)
+    env = dict(os.environ, NOTIFY_SOCKET=str(tmp_path / "notify.sock"))
+    run = RackRun(rig(tmp_path, "t-ready", count=10, rate=0), env=env)
+    try:
+        run.wait_ready(60)
+        assert notify.recv(64) == b"READY=1"
+        state = json.loads((tmp_path / "data" / "state.json").read_text())
+        assert state["ready"] is True and state["status"] == "running"
+        assert run.stop() == 0
+        assert notify.recv(64) == b"STOPPING=1"
+    finally:
+        run.kill()
+        notify.close()
+
+
+def test_a_rack_that_dies_before_it_is_ready_is_reported_not_waited_for(tmp_path):
+    from engine.harness import RackNotReady, RackRun
+
+    config = rig(tmp_path, "t-dead", count=10, rate=0)
+    (tmp_path / "data").mkdir()
+    lock = os.open(tmp_path / "data" / "rack.lock", os.O_RDWR | os.O_CREAT)
+    import fcntl
+
+    fcntl.flock(lock, fcntl.LOCK_EX)  # "another supervisor" holds the data dir
+    try:
+        run = RackRun(config)
+        with pytest.raises(RackNotReady) as exc:
+            run.wait_ready(60)
+        assert str(exc.value) == "rack exited before it was ready: code=3"
+    finally:
+        os.close(lock)

@@ -39,6 +39,9 @@ class Owner(Protocol):
     def closed(self, conn: AcquirerConn) -> None:
         """An acquirer connection is gone."""
 
+    def link_changed(self) -> None:
+        """An issuer link connected or dropped."""
+
 
 class AcquirerConn(FramedProtocol):
     """One acquirer connection."""
@@ -106,11 +109,13 @@ class IssuerLink(FramedProtocol):
         self.last_io = self.loop.time()
         log.info("issuer link up: issuer=%s, link=%d", self.issuer.name, self.n)
         self.shell.core.link_up(self.issuer.name, self.n)
+        self.shell.link_changed()
 
     def on_close(self, exc: Exception | None) -> None:
         if not self._closed:
             log.warning("issuer link down: issuer=%s, link=%d", self.issuer.name, self.n)
         self.shell.core.link_down(self.issuer.name, self.n)
+        self.shell.link_changed()
         if self._lost is not None:
             self._lost.set()
 

@@ -31,6 +31,7 @@ from gears.iso8583.switch import SwitchShell
 
 __all__ = ["SwitchGear", "saf_outlet", "spin_before_sleep"]
 
+READY_GRACE = 2.0  # s: an issuer still unreachable then does not hold the rack's readiness
 JOURNAL_SLOT = 1024  # bytes: a journaled request with its sealed reversal fits in ~600
 
 
@@ -72,6 +73,7 @@ class SwitchGear(Source):
     """``gear: iso8583`` — a replicated source: one switch per lane, events to its ring."""
 
     replicated = True
+    signals_ready = True  # once listening, and its issuers reached (or a moment passed)
 
     @classmethod
     def parse_settings(cls, raw: Any, at: At) -> SwitchSettings:
@@ -124,6 +126,8 @@ class SwitchGear(Source):
                             replica=ctx.replica)
         port = await shell.start(ctx.listeners[0] if ctx.listeners else None)
         ctx.log.info("switch listening: port=%d, replica=%d", port, ctx.replica)
+        await shell.links_up(READY_GRACE)  # ready = serving as configured, when it can
+        ctx.ready()
         nc_task = None
         if s.saf is not None:
             nc_task = asyncio.get_running_loop().create_task(self._saf(shell, s))

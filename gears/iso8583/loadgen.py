@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -181,7 +182,7 @@ class LoadGenerator:
         self.report = LoadReport()
         self.sending = False
         self.conns: list[_Conn] = []
-        self.progress = None  # optional callback(report) once a second
+        self.progress: Callable[[LoadGenerator], None] | None = None  # once a second
 
     def _templates(self, terminal: str) -> list[_Template]:
         out = []

@@ -97,6 +97,7 @@ class SwitchShell:
         self._space_task: asyncio.Task[None] | None = None
         self._settled = asyncio.Event()
         self._settled.set()
+        self._link_event = asyncio.Event()
         st = stats.slot
         self._st_conns = st("iso8583.connections")
         self._st_refused = {r: st("iso8583.connections_refused", reason=r)
@@ -128,6 +129,22 @@ class SwitchShell:
         self.listener.start()
         self._sweeper = self.loop.call_later(SWEEP_INTERVAL, self._sweep)
         return sock.getsockname()[1]
+
+    async def links_up(self, timeout: float) -> bool:
+        """Wait (up to ``timeout``) until every issuer has a link up; True if they do."""
+        deadline = self.loop.time() + timeout
+        want = {i.name for i in self.s.issuers}
+        while not want <= self.core.router.up:
+            self._link_event.clear()
+            try:
+                await asyncio.wait_for(self._link_event.wait(), deadline - self.loop.time())
+            except TimeoutError:
+                return want <= self.core.router.up
+        return True
+
+    def link_changed(self) -> None:
+        """An issuer link connected or dropped (``conns.IssuerLink``)."""
+        self._link_event.set()
 
     async def settled(self) -> None:
         """Wait until every queued action is carried out (records written)."""
