@@ -17,6 +17,8 @@ from engine.journal import Journal
 from engine.ring import Ring
 from engine.streams import StreamConfig
 
+STATE_FILE = "state.json"  # the supervisor's state in the data dir: pids, ready, status
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Route:

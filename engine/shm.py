@@ -37,6 +37,7 @@ from __future__ import annotations
 import _posixshmem  # CPython's own shm_open/shm_unlink binding, used by shared_memory
 import logging
 import os
+import stat
 import struct
 from dataclasses import dataclass
 from multiprocessing import resource_tracker, shared_memory
@@ -199,7 +200,7 @@ class Segment:
         else:
             log.warning("stale segment replaced: name=%s, dead_owner_pid=%d", name,
                         header.owner_pid)
-        _shm_unlink(name)
+        unlink(name)
 
     @classmethod
     def adopt(cls, name: str, kind: int, payload_size: int) -> Segment:
@@ -244,7 +245,7 @@ class Segment:
 
     def unlink(self) -> None:
         """Remove the segment name; existing mappings stay valid until closed."""
-        _shm_unlink(self.name)
+        unlink(self.name)
 
 
 def _leave_open() -> None:
@@ -260,13 +261,24 @@ def inspect(name: str) -> SegmentHeader | None:
 
     Raises:
         FileNotFoundError: no such segment.
-        ForeignSegmentError: owned by another user, open to group/others, shorter than a
-            header, or not a fluxrig header (``/dev/shm`` is world-writable: a stranger may
-            plant a file under our name; it is reported, never mapped).
+        ForeignSegmentError: not a regular file (a symlink, a FIFO), owned by another user,
+            open to group/others, shorter than a header, or not a fluxrig header
+            (``/dev/shm`` is world-writable: a stranger may plant a file under our name; it
+            is reported, never mapped).
     """
-    fd = os.open(os.path.join(SHM_DIR, name), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:  # O_NONBLOCK: a planted FIFO must not hang the start
+        fd = os.open(os.path.join(SHM_DIR, name),
+                     os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise
+    except OSError as exc:  # a symlink (ELOOP) or anything else we may not open
+        raise ForeignSegmentError(f"segment cannot be opened as a file: name={name}, "
+                                  f"error={exc.strerror}") from None
     try:
         st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ForeignSegmentError(f"segment is not a regular file: name={name}, "
+                                      f"mode={oct(st.st_mode)}")
         if st.st_uid != os.getuid():
             raise ForeignSegmentError(f"segment not ours: name={name}, uid={st.st_uid}, "
                                       f"our_uid={os.getuid()}")
@@ -334,7 +346,7 @@ def _read_header(shm: shared_memory.SharedMemory, name: str) -> SegmentHeader:
     )
 
 
-def _shm_unlink(name: str) -> None:
+def unlink(name: str) -> None:
     # Straight to shm_unlink(3): going through SharedMemory would map the segment and talk to
     # the resource tracker just to remove a name.
     try:

@@ -53,27 +53,20 @@ from engine.counters import Counters, StatDef
 from engine.egress import STAT_DEFS as EGRESS_STATS
 from engine.journal import Journal
 from engine.journal import segment_size as journal_segment_size
+from engine.leftovers import LeftoverError, Leftovers
 from engine.listeners import ListenerError, bind
 from engine.natsd import NatsServer, set_parent_death_signal
-from engine.plan import EgressPlan, ProcessSpec, Route, Runtime, TelemetryPlan
+from engine.plan import (
+    STATE_FILE,
+    EgressPlan,
+    ProcessSpec,
+    Route,
+    Runtime,
+    TelemetryPlan,
+)
 from engine.ring import Ring
 from engine.ring import segment_size as ring_segment_size
-from engine.shm import (
-    KIND_COUNTERS,
-    KIND_JOURNAL,
-    KIND_RING,
-    SHM_DIR,
-    ForeignSegmentError,
-    Segment,
-    SegmentHeader,
-    _shm_unlink,
-    inspect,
-    mapping_pids,
-    owner_alive,
-    process_start_ticks,
-    segment_names,
-)
-from engine.telemetry import STATE_FILE
+from engine.shm import KIND_COUNTERS, KIND_JOURNAL, KIND_RING
 from engine.worker import run_process
 from gears.base import Gear, Sink, Source, gear_class
 
@@ -115,113 +108,6 @@ class _Plan:
     rings: list[Ring] = field(default_factory=list)
     counters: list[Counters] = field(default_factory=list)
     journals: list[Journal] = field(default_factory=list)
-
-
-class Leftovers:
-    """A killed supervisor's segments, found at start: adopted into the new plan where they
-    fit (rings keep their unconsumed records, journals their open slots), removed only when
-    verifiably empty, kept (and reported) otherwise.
-
-    The processes of the previous run still alive (they got SIGTERM when their supervisor
-    died and may still be draining) are stopped first, so nobody else touches a segment the
-    new plan adopts.
-    """
-
-    def __init__(self, rack_id: str, data_dir: Path):
-        self.prefix = f"fx-{rack_id}-"
-        self.rack_id = rack_id
-        self.data_dir = data_dir
-        self.found: dict[str, SegmentHeader] = {}
-        self.adopted: list[str] = []
-
-    def scan(self) -> None:
-        """Find the previous run's segments and stop its surviving processes.
-
-        Raises:
-            RackStartError: a segment is not ours to touch, or its owner is alive (the same
-                rack id running from another data dir).
-        """
-        self._stop_survivors()
-        for name in segment_names(self.prefix):
-            try:
-                header = inspect(name)
-            except FileNotFoundError:
-                continue
-            except ForeignSegmentError as exc:
-                raise RackStartError(f"{exc}: remove it once you know who made it "
-                                     f"(rm {SHM_DIR}/{name})") from None
-            if header is None:  # our own, never sized: a creator killed mid-way
-                log.warning("empty segment removed: name=%s", name)
-                _shm_unlink(name)
-                continue
-            if owner_alive(header.owner_pid, header.owner_start):
-                raise RackStartError(
-                    f"rack {self.rack_id!r} is running already: its segment {name} belongs "
-                    f"to live pid {header.owner_pid} (the same rack id from another data dir?)")
-            self.found[name] = header
-
-    def _stop_survivors(self) -> None:
-        pids = set(mapping_pids(self.prefix))
-        try:  # the previous run's nats-server (it maps no segment)
-            old = json.loads((self.data_dir / STATE_FILE).read_text()).get("nats_pid")
-            with open(f"/proc/{old}/cmdline", "rb") as f:
-                if str(self.data_dir).encode() in f.read():
-                    pids.add(int(old))
-        except (OSError, ValueError, TypeError):
-            pass
-        if not pids:
-            return
-        log.warning("stopping processes of the previous run: rack=%s, pids=%s", self.rack_id,
-                    sorted(pids))
-        for sig, wait in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
-            for pid in pids:
-                try:
-                    os.kill(pid, sig)
-                except ProcessLookupError:
-                    pass
-            deadline = time.monotonic() + wait
-            while time.monotonic() < deadline:
-                pids = {p for p in pids if process_start_ticks(p) is not None}
-                if not pids:
-                    return
-                time.sleep(0.05)  # other processes' exits have no event to wait on here
-
-    def take(self, name: str, kind: int, payload_size: int) -> Segment | None:
-        """The leftover ``name`` adopted as it is, or None (create a new one)."""
-        header = self.found.pop(name, None)
-        if header is None:
-            return None
-        if kind == KIND_COUNTERS or header.kind != kind or header.payload_size != payload_size:
-            self.found[name] = header  # settled with the other leftovers
-            return None
-        self.adopted.append(name)
-        return Segment.adopt(name, kind, payload_size)
-
-    def settle(self) -> None:
-        """Remove what is left and empty; keep and report what still holds work."""
-        kept = []
-        for name, header in sorted(self.found.items()):
-            pending = 0
-            if header.kind == KIND_RING:
-                ring = Ring.attach(name)
-                pending = ring.statistics().used
-                ring.close()
-            elif header.kind == KIND_JOURNAL:
-                journal = Journal.attach(name)
-                pending = len(journal.pending())
-                journal.close_mapping()
-            unit = "bytes" if header.kind == KIND_RING else "slots"
-            if pending:
-                kept.append(f"{name} ({pending} {unit})")
-            else:
-                _shm_unlink(name)
-        if self.adopted:
-            log.warning("segments of the previous run adopted: rack=%s, count=%d", self.rack_id,
-                        len(self.adopted))
-        if kept:
-            log.error("segments of the previous run kept, they still hold work no process of "
-                      "this plan takes (start the rack with the plan that made them to drain "
-                      "them): %s", ", ".join(kept))
 
 
 def running_pid(data_dir: str | os.PathLike[str]) -> int | None:
@@ -505,7 +391,10 @@ class Supervisor:
             RackStartError: the rack cannot work (say why; nothing is left running).
         """
         self._lock()
-        self.leftovers.scan()  # before binding: a survivor of the previous run may hold a port
+        try:  # before binding: a survivor of the previous run may hold a port
+            self.leftovers.scan()
+        except LeftoverError as exc:
+            raise RackStartError(str(exc)) from None
         self.bind_listeners()
         (self.data_dir / CRASH_DIR).mkdir(exist_ok=True)
         if self.cfg.nats.embedded:
@@ -516,7 +405,10 @@ class Supervisor:
             self.nats.start()
             self.nats_url = self.nats.url
             log.info("nats-server started: url=%s, pid=%s", self.nats_url, self.nats.pid)
-        self.build_plan()
+        try:
+            self.build_plan()
+        except LeftoverError as exc:
+            raise RackStartError(str(exc)) from None
         self.leftovers.settle()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._ready_r, self._ready_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)

@@ -37,12 +37,10 @@ import psutil
 from engine.bus import close_quietly, connect
 from engine.cbor import dumps
 from engine.counters import Counters, CountersSnapshot, StatDef, percentiles
-from engine.plan import ProcessSpec, Runtime, TelemetryPlan, signal_ready
+from engine.plan import STATE_FILE, ProcessSpec, Runtime, TelemetryPlan, signal_ready
 from engine.ring import Ring
 
 log = logging.getLogger("fluxrig.telemetry")
-
-STATE_FILE = "state.json"
 
 
 def read_state(data_dir: str | os.PathLike[str]) -> dict[str, Any]:

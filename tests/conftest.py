@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from engine.shm import _shm_unlink
+from engine.shm import unlink
 
 # The rack forks its workers (rings and eventfds are inherited); tests do the same.
 FORK = multiprocessing.get_context("fork")
@@ -27,7 +27,7 @@ def shm_name() -> Iterator[callable]:
 
     yield make
     for name in names:
-        _shm_unlink(name)
+        unlink(name)
 
 
 @pytest.fixture

@@ -140,7 +140,7 @@ class RackProcess:
         for c in self._held.values():
             c.close()
         if killed:
-            from engine.shm import _shm_unlink, mapping_pids, segment_names
+            from engine.shm import unlink, mapping_pids, segment_names
 
             rack_id = yaml.safe_load(self.config.read_text())["rack"]["id"]
             prefix = f"fx-{rack_id}-"
@@ -150,7 +150,7 @@ class RackProcess:
             for pid in mapping_pids(prefix):
                 os.kill(pid, signal.SIGKILL)
             for name in segment_names(prefix):
-                _shm_unlink(name)
+                unlink(name)
         if not self.log.closed:
             self.log.close()
 

@@ -320,3 +320,54 @@ def test_a_rack_that_dies_before_it_is_ready_is_reported_not_waited_for(tmp_path
         assert str(exc.value) == "rack exited before it was ready: code=3"
     finally:
         os.close(lock)
+
+
+def test_the_same_rack_id_from_another_data_dir_is_refused_without_a_traceback(tmp_path):
+    config = rig(tmp_path, "t-twin", count=10, rate=0)
+    rack = RackProcess(config, tmp_path / "data")
+    try:
+        twin = tmp_path / "twin.yaml"
+        twin.write_text(config.read_text().replace(str(tmp_path / "data"),
+                                                   str(tmp_path / "other")))
+        second = subprocess.run(
+            [sys.executable, "-m", "engine.cli", "start", "--config", str(twin)],
+            capture_output=True, text=True, timeout=60)
+        assert second.returncode == 1, second.stderr
+        assert "rack 't-twin' is running already" in second.stderr
+        assert "Traceback" not in second.stderr
+        assert rack.proc.poll() is None
+    finally:
+        rack.stop()
+        rack.close()
+
+
+def test_planted_segments_an_empty_one_is_replaced_a_foreign_one_stops_the_start(tmp_path):
+    """/dev/shm is world-writable: an empty file under a ring's name (a creator killed before
+    it sized it, or a stranger) once blocked every start; a foreign one must be named, not
+    mapped."""
+    config = rig(tmp_path, "t-plant", count=10, rate=0)
+    empty = "/dev/shm/fx-t-plant-p-source-0"
+    os.close(os.open(empty, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+    rack = RackProcess(config, tmp_path / "data")
+    try:
+        assert rack.stop() == 0
+    finally:
+        rack.close()
+    assert not os.path.exists(empty)
+
+    foreign = "/dev/shm/fx-t-plant-p-source-0"
+    fd = os.open(foreign, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    os.write(fd, b"\x00" * 4096)
+    os.close(fd)
+    os.chmod(foreign, 0o644)
+    try:
+        out = subprocess.run([sys.executable, "-m", "engine.cli", "start", "--config",
+                              str(config)], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 1
+        assert ("segment open to other users: name=fx-t-plant-p-source-0, mode=0o644"
+                in out.stderr), out.stderr
+        assert "Traceback" not in out.stderr
+        assert os.path.getsize(foreign) == 4096  # left for its owner to explain
+    finally:
+        os.unlink(foreign)
+    assert _segments("t-plant") == []
