@@ -70,6 +70,18 @@ class AcquirerConn(FramedProtocol):
     def on_close(self, exc: Exception | None) -> None:
         self.shell.closed(self)
 
+    def overdue(self, now: float) -> str | None:
+        """Why the sweep should close this connection now ("frame_timeout", "idle"), or
+        None. A paused or closing connection is never overdue: it waits on us."""
+        if self.paused or self.closing:
+            return None
+        lst = self.shell.s.listen
+        if self.partial_since is not None and now - self.partial_since > lst.frame_timeout:
+            return "frame_timeout"
+        if lst.idle_timeout and now - self.last_rx > lst.idle_timeout:
+            return "idle"
+        return None
+
 
 class IssuerLink(FramedProtocol):
     """One persistent connection to an issuer; reconnects while the switch runs."""

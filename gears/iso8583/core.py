@@ -84,6 +84,9 @@ READ_FIELDS = ("2", "3", "4", "7", "11", "12", "13", "37", "41", "49")
 OUTCOMES = ("answered", "timeout", "no_route", "unavailable", "duplicate", "rejected",
             "saturated", "undeliverable", "interrupted")
 REJECT_REASONS = ("mti", "missing", "format", "pan", "undecodable", "framing")
+# acquirer connections refused at accept (``gears.io.tcp``) / closed by the switch
+REFUSED_REASONS = ("max_connections", "max_per_address", "no_file_descriptors")
+CLOSED_REASONS = ("idle", "frame_timeout", "framing", "malformed")
 
 
 def mask_pan(pan: str) -> str:
@@ -201,15 +204,10 @@ def stat_defs(s: SwitchSettings) -> tuple[StatDef, ...]:
                  StatDef("iso8583.issuer_inflight", g, "requests in flight per issuer",
                          (("issuer", i.name),))]
     defs += [StatDef("iso8583.connections", g, "open acquirer connections"),
-             StatDef("iso8583.connections_refused", c, "acquirer connections refused",
-                     (("reason", "max_connections"),)),
-             StatDef("iso8583.connections_refused", c, "acquirer connections refused",
-                     (("reason", "max_per_address"),)),
-             StatDef("iso8583.connections_refused", c, "acquirer connections refused",
-                     (("reason", "no_file_descriptors"),))]
-    defs += [StatDef("iso8583.connections_closed", c, "acquirer connections closed by us",
-                     (("reason", r),)) for r in ("idle", "frame_timeout", "framing",
-                                                 "malformed")]
+             *(StatDef("iso8583.connections_refused", c, "acquirer connections refused",
+                       (("reason", r),)) for r in REFUSED_REASONS),
+             *(StatDef("iso8583.connections_closed", c, "acquirer connections closed by us",
+                       (("reason", r),)) for r in CLOSED_REASONS)]
     defs += [StatDef("iso8583.backpressure", c, "times intake paused on a full ring"),
              StatDef("iso8583.blocked", g, "actions waiting for ring space"),
              StatDef("iso8583.errors", c, "internal errors contained (see rack.log)"),

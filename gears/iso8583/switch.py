@@ -47,6 +47,8 @@ from gears.coatcheck import KeyRing
 from gears.io.tcp import ListenLimits, TcpListener
 from gears.iso8583.conns import AcquirerConn, IssuerLink
 from gears.iso8583.core import (
+    CLOSED_REASONS,
+    REFUSED_REASONS,
     Action,
     Answer,
     Close,
@@ -97,14 +99,13 @@ class SwitchShell:
         self._space_task: asyncio.Task[None] | None = None
         self._settled = asyncio.Event()
         self._settled.set()
+        self._drained: asyncio.Event | None = None  # set once draining and nothing in flight
         self._link_event = asyncio.Event()
         st = stats.slot
         self._st_conns = st("iso8583.connections")
         self._st_refused = {r: st("iso8583.connections_refused", reason=r)
-                            for r in ("max_connections", "max_per_address",
-                                      "no_file_descriptors")}
-        self._st_closed = {r: st("iso8583.connections_closed", reason=r)
-                           for r in ("idle", "frame_timeout", "framing", "malformed")}
+                            for r in REFUSED_REASONS}
+        self._st_closed = {r: st("iso8583.connections_closed", reason=r) for r in CLOSED_REASONS}
         self._st_backpressure = st("iso8583.backpressure")
         self._st_blocked = st("iso8583.blocked")
 
@@ -158,12 +159,17 @@ class SwitchShell:
             self.listener.close()
         for conn in self.conns.values():
             conn.pause()
-        deadline = self.loop.time() + timeout
-        while self.loop.time() < deadline:
-            if not len(self.core.matcher) and not self._queue:
-                return True
-            await asyncio.sleep(0.01)  # the matcher empties by responses and deadlines
-        return False
+        self._drained = asyncio.Event()
+        self._check_drained()
+        try:  # the matcher empties by responses and deadlines, each ending in a _flush
+            await asyncio.wait_for(self._drained.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    def _check_drained(self) -> None:
+        if self._drained is not None and not self._queue and not len(self.core.matcher):
+            self._drained.set()
 
     async def stop(self) -> None:
         """Close every connection and link, cancel timers and tasks."""
@@ -236,6 +242,7 @@ class SwitchShell:
         q = self._queue
         if not q:
             self._settled.set()
+            self._check_drained()
             return
         # 1. records, one ring write per outlet (each outlet writes a prefix of its list)
         batches: dict[str, list[Record]] = {}
@@ -316,6 +323,7 @@ class SwitchShell:
             self._waker = self.loop.call_later(WAKE_INTERVAL, self._wake_outlets)
         if not q and not self._scheduled:
             self._settled.set()
+            self._check_drained()
 
     def _wake_outlets(self) -> None:
         self._waker = None
@@ -372,16 +380,9 @@ class SwitchShell:
     def _sweep(self) -> None:
         try:
             now = self.loop.time()
-            lst = self.s.listen
             for conn in list(self.conns.values()):
-                if conn.paused or conn.closing:
-                    continue
-                if conn.partial_since is not None and now - conn.partial_since > \
-                        lst.frame_timeout:
-                    reason = "frame_timeout"
-                elif lst.idle_timeout and now - conn.last_rx > lst.idle_timeout:
-                    reason = "idle"
-                else:
+                reason = conn.overdue(now)
+                if reason is None:
                     continue
                 self.ratelog.warning(f"close.{reason}", "acquirer connection closed: "
                                      "reason=%s, address=%s", reason, conn.host)
@@ -398,6 +399,7 @@ class SwitchShell:
             self.ratelog.error("sweep", "sweep failed: error=%r", exc)
         finally:
             self._sweeper = self.loop.call_later(SWEEP_INTERVAL, self._sweep)
+            self._check_drained()  # a safety net: a path that emptied the matcher unflushed
 
     # -- reversals --------------------------------------------------------------------------
 
