@@ -22,24 +22,12 @@ from pathlib import Path
 
 from engine.config import load_config
 from engine.counters import Counters
-from engine.harness import start_rack
-from engine.natsd import NatsServer
+from engine.harness import read_store, start_rack
 from engine.telemetry import RackProbe, read_state, rows
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "configs" / "demo.yaml"
 SWITCH_CONFIG = ROOT / "configs" / "iso8583-switch.yaml"
-
-
-async def _stream_count(url: str, stream: str) -> tuple[int, int]:
-    import nats
-
-    nc = await nats.connect(url)
-    try:
-        info = await nc.jetstream().stream_info(stream)
-        return info.state.messages, info.state.last_seq
-    finally:
-        await nc.close()
 
 
 def run(seconds: float = 20.0, config: Path = CONFIG, workers: int = 2) -> int:
@@ -84,12 +72,8 @@ def run(seconds: float = 20.0, config: Path = CONFIG, workers: int = 2) -> int:
         code = proc.wait(90)
         produced = source.snapshot().frames_out
         eg_final = egress.snapshot()
-        server = NatsServer(rack_id=cfg.rack_id, data_dir=data_dir, host="127.0.0.1", port=0)
-        server.start()
-        try:
-            messages, last_seq = asyncio.run(_stream_count(server.url, stream))
-        finally:
-            server.stop()
+        store = read_store(data_dir, cfg.rack_id, stream, messages=False)
+        messages, last_seq = store.count, store.last_seq
         p99 = (eg_final.percentile(0.99) or 0) / 1e6
         print()
         print(f"frames generated           {produced:,}")
@@ -107,26 +91,6 @@ def run(seconds: float = 20.0, config: Path = CONFIG, workers: int = 2) -> int:
             proc.wait()
         for c in held:
             c.close()
-
-
-async def _read_txn_stream(url: str, stream: str, subject: str) -> tuple[int, list[bytes]]:
-    import nats
-    from nats.js.api import AckPolicy, ConsumerConfig
-
-    nc = await nats.connect(url)
-    try:
-        js = nc.jetstream()
-        info = await js.stream_info(stream)
-        out: list[bytes] = []
-        if info.state.messages:
-            # a reader, not a worker: no acks, so no max_ack_pending stall after 1,000
-            sub = await js.pull_subscribe(subject, stream=stream,
-                                          config=ConsumerConfig(ack_policy=AckPolicy.NONE))
-            while len(out) < info.state.messages:
-                out += [m.data for m in await sub.fetch(1000, timeout=5)]
-        return info.state.messages, out
-    finally:
-        await nc.close()
 
 
 def start_issuer_simulator(args: list[str], ports: int) -> subprocess.Popen[bytes]:
@@ -197,13 +161,8 @@ def run_switch(seconds: float = 20.0, tps: float = 2000.0, workers: int = 2) -> 
               flush=True)
         rack.send_signal(signal.SIGTERM)
         code = rack.wait(60)
-        server = NatsServer(rack_id=cfg.rack_id, data_dir=data_dir, host="127.0.0.1", port=0)
-        server.start()
-        try:
-            events, blobs = asyncio.run(_read_txn_stream(server.url, stream.name,
-                                                         stream.subjects[0]))
-        finally:
-            server.stop()
+        store = read_store(data_dir, cfg.rack_id, stream.name, stream.subjects[0])
+        events, blobs = store.count, [data for _, data in store.messages]
         outcomes: dict[str, int] = {}
         for blob in blobs:
             body = decode(blob).body

@@ -71,8 +71,10 @@ def _measure(pid: int, port: int, seconds: float, p99_seconds: float) -> dict:
     }
 
 
-def run_fluxrig(issuer_port: int, seconds: float, p99_seconds: float, workers: int,
-                tmp: Path, coatcheck: bool, idle_spin_us: int = 0, root: Path = ROOT) -> dict:
+def switch_rig_file(tmp: Path, issuer_port: int, coatcheck: bool, idle_spin_us: int = 0,
+                    root: Path = ROOT) -> tuple[Path, Path, int]:
+    """``configs/iso8583-switch.yaml`` of ``root`` on a free port, its issuers on
+    ``issuer_port``, data dir under ``tmp``: (rig file, data dir, port)."""
     port = free_port()
     cfg = yaml.safe_load((root / "configs" / "iso8583-switch.yaml").read_text())
     cfg["rack"]["id"] = "bench"
@@ -90,24 +92,46 @@ def run_fluxrig(issuer_port: int, seconds: float, p99_seconds: float, workers: i
         issuer["port"] = issuer_port
     path = tmp / "bench-switch.yaml"
     path.write_text(yaml.safe_dump(cfg))
+    return path, data_dir, port
+
+
+def start_switch_rack(path: Path, port: int, workers: int,
+                      root: Path = ROOT) -> subprocess.Popen[bytes]:
+    """``engine start`` of ``root`` for ``path``, returned once it serves."""
     env = dict(os.environ, PYTHONPATH=str(root))
     if root == ROOT:  # ready: every process serving, issuer links up
-        rack = start_rack(path, workers=workers, cwd=root, env=env).proc
-    else:  # another revision may predate --ready-fd: wait for its port, then a moment
-        rack = subprocess.Popen([PY, "-m", "engine.cli", "start", "--config", str(path),
-                                 "--workers", str(workers)], cwd=root, env=env,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        return start_rack(path, workers=workers, cwd=root, env=env).proc
+    # another revision may predate --ready-fd: wait for its port, then a moment
+    rack = subprocess.Popen([PY, "-m", "engine.cli", "start", "--config", str(path),
+                             "--workers", str(workers)], cwd=root, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        if root != ROOT:
-            wait_port(port)
-            time.sleep(1.5)  # its issuer links connect right after the listener
+        wait_port(port)
+    except BaseException:
+        rack.kill()
+        raise
+    time.sleep(1.5)  # its issuer links connect right after the listener
+    return rack
+
+
+def stop_rack(rack: subprocess.Popen[bytes]) -> None:
+    """SIGTERM (drain), SIGKILL after 60 s."""
+    rack.send_signal(signal.SIGTERM)
+    try:
+        rack.wait(60)
+    except subprocess.TimeoutExpired:
+        rack.kill()
+        rack.wait()
+
+
+def run_fluxrig(issuer_port: int, seconds: float, p99_seconds: float, workers: int,
+                tmp: Path, coatcheck: bool, idle_spin_us: int = 0, root: Path = ROOT) -> dict:
+    path, data_dir, port = switch_rig_file(tmp, issuer_port, coatcheck, idle_spin_us, root)
+    rack = start_switch_rack(path, port, workers, root)
+    try:
         result = _measure(rack.pid, port, seconds, p99_seconds)
     finally:
-        rack.send_signal(signal.SIGTERM)
-        try:
-            rack.wait(60)
-        except subprocess.TimeoutExpired:
-            rack.kill()
+        stop_rack(rack)
     result["workers"] = workers
     result["coatcheck"] = coatcheck
     shutil.rmtree(data_dir, ignore_errors=True)

@@ -3,11 +3,8 @@ counters and the JetStream stream."""
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -15,10 +12,15 @@ from typing import Any
 import yaml
 
 from engine.counters import Counters
-from engine.harness import RackNotReady, RackRun
 from engine.frame import decode
-from engine.natsd import NatsServer
+from engine.harness import RackNotReady, RackRun, read_store
 from engine.telemetry import read_state
+
+
+def uid(name: str) -> str:
+    """A rack id unique to this test process: segments live in the host-wide /dev/shm, and
+    another suite on the same machine (or a killed earlier one) must not meet ours."""
+    return f"{name}-{os.getpid()}"
 
 
 def rig(tmp_path: Path, rack_id: str, *, count: int, rate: float, stages: int = 1,
@@ -140,7 +142,7 @@ class RackProcess:
         for c in self._held.values():
             c.close()
         if killed:
-            from engine.shm import unlink, mapping_pids, segment_names
+            from engine.shm import mapping_pids, segment_names, unlink
 
             rack_id = yaml.safe_load(self.config.read_text())["rack"]["id"]
             prefix = f"fx-{rack_id}-"
@@ -155,34 +157,11 @@ class RackProcess:
             self.log.close()
 
 
-async def _read_stream(url: str, stream: str, subject: str) -> tuple[int, list[tuple[str, bytes]]]:
-    import nats
-
-    nc = await nats.connect(url)
-    try:
-        js = nc.jetstream()
-        info = await js.stream_info(stream)
-        out: list[tuple[str, bytes]] = []
-        if info.state.messages:
-            sub = await js.pull_subscribe(subject, stream=stream)
-            while len(out) < info.state.messages:
-                for msg in await sub.fetch(1000, timeout=5):
-                    out.append((msg.headers.get("Nats-Msg-Id", ""), msg.data))
-                    await msg.ack()
-        return info.state.messages, out
-    finally:
-        await nc.close()
-
-
 def stream_contents(data_dir: Path, rack_id: str, stream: str = "EV",
                     subject: str | None = None) -> tuple[int, list[tuple[str, bytes]]]:
     """Re-open a stopped rack's JetStream store and return (message count, [(msg id, data)])."""
-    server = NatsServer(rack_id=rack_id, data_dir=data_dir, host="127.0.0.1", port=0)
-    server.start()
-    try:
-        return asyncio.run(_read_stream(server.url, stream, subject or f"fluxrig.{rack_id}.>"))
-    finally:
-        server.stop()
+    store = read_store(data_dir, rack_id, stream, subject)
+    return store.count, store.messages
 
 
 def switch_rig(tmp_path: Path, rack_id: str, port: int, issuer_port: int,

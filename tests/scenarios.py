@@ -14,6 +14,7 @@ import signal
 import socket
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -68,29 +69,49 @@ def _settle_reversals(issuer: Issuer, owed: set, seconds: float) -> None:
     time.sleep(1.0)  # and nothing more arrives
 
 
+def _saf_rack(workdir: Path, peers: PeerThread, name: str, issuer_delay: float
+              ) -> tuple[Issuer, int, str, Path, RackProcess]:
+    """An issuer peer and a ready two-replica switch rack with SAF on, timeout 5 s."""
+    port = free_port()
+    issuer = Issuer(delay=issuer_delay)
+    issuer_port = peers.call(issuer.start())
+    rid = _rack_id(name)
+    rig = switch_rig(workdir, rid, port, issuer_port, timeout=5.0,
+                     saf={"enabled": True, "retry_interval": 1.0})
+    rack = RackProcess(rig, workdir / "data", workers=2)
+    try:
+        wait_switch_ready(rack, port, replicas=2)
+    except BaseException:
+        rack.close()
+        raise
+    return issuer, port, rid, rig, rack
+
+
+def _kill_under_load(peers: PeerThread, acq: Acquirer, seconds: float, kill_at: float,
+                     target: Callable[[], int]) -> bool:
+    """Run ``acq`` for ``seconds``, SIGKILL ``target()`` once ``kill_at`` s in; True if it
+    was killed."""
+    killed: list[float] = []
+
+    def tick(t: float) -> None:
+        if t > kill_at and not killed:
+            os.kill(target(), signal.SIGKILL)
+            killed.append(t)
+
+    peers.call(acq.run(seconds, on_tick=tick), timeout=seconds + 60)
+    return bool(killed)
+
+
 def kill_replica(workdir: Path, peers: PeerThread, *, tps: float = 300, seconds: float = 5,
                  kill_at: float = 2.0, issuer_delay: float = 0.2) -> Result:
     """SIGKILL one of two switch replicas under load with a slow issuer (SAF on): every
     request the issuer saw is answered with exactly one audit event, or reversed once."""
     r = Result("kill-replica")
-    port = free_port()
-    issuer = Issuer(delay=issuer_delay)
-    issuer_port = peers.call(issuer.start())
-    rid = _rack_id("killrep")
-    rig = switch_rig(workdir, rid, port, issuer_port, timeout=5.0,
-                     saf={"enabled": True, "retry_interval": 1.0})
-    rack = RackProcess(rig, workdir / "data", workers=2)
+    issuer, port, rid, _, rack = _saf_rack(workdir, peers, "killrep", issuer_delay)
     acq = Acquirer(port, terminals=20, rate=tps)
     try:
-        wait_switch_ready(rack, port, replicas=2)
-        killed: list[float] = []
-
-        def tick(t: float) -> None:
-            if t > kill_at and not killed:
-                os.kill(rack.pid_of(_busiest(rack)), signal.SIGKILL)
-                killed.append(t)
-
-        peers.call(acq.run(seconds, on_tick=tick), timeout=seconds + 60)
+        killed = _kill_under_load(peers, acq, seconds, kill_at,
+                                  lambda: rack.pid_of(_busiest(rack)))
         unanswered = issuer.seen() - set(acq.answers)
         _settle_reversals(issuer, unanswered, 60)
         r.check(rack.stop() == 0, "rack did not drain cleanly")
@@ -101,7 +122,7 @@ def kill_replica(workdir: Path, peers: PeerThread, *, tps: float = 300, seconds:
     r.figures = {"sent": len(acq.sent), "issuer_saw": len(issuer.seen()),
                  "answered": len(acq.answers), "cut_by_kill": len(unanswered),
                  "reversed": len(reversed_)}
-    r.check(bool(killed and unanswered), "the kill cut no request in flight (meaningless run)")
+    r.check(killed and bool(unanswered), "the kill cut no request in flight (meaningless run)")
     for key in issuer.seen():
         if key in acq.answers:
             r.check(events[key] == 1, f"answered {key} has {events[key]} audit events")
@@ -178,7 +199,9 @@ def nats_outage(workdir: Path, peers: PeerThread, *, outage: float = 3.0,
         try:
             os.kill(rack.state["nats_pid"], signal.SIGKILL)
             peers.call(acq.run(outage), timeout=outage + 60)
-            from engine.egress import STAT_DEFS  # here: the scenarios also run on older trees
+            from engine.egress import (
+                STAT_DEFS,  # here: the scenarios also run on older trees
+            )
 
             waiting = dict(zip([d.key for d in STAT_DEFS],
                                rack.counters("egress").snapshot().stats.tolist()))
@@ -293,24 +316,10 @@ def supervisor_kill(workdir: Path, peers: PeerThread, *, tps: float = 300,
     stops the survivors, adopts the rings and journals, and every answered transaction has
     exactly one audit event; every request the issuer saw is answered or reversed once."""
     r = Result("supervisor-kill")
-    port = free_port()
-    issuer = Issuer(delay=0.05)
-    issuer_port = peers.call(issuer.start())
-    rid = _rack_id("supkill")
-    rig = switch_rig(workdir, rid, port, issuer_port, timeout=5.0,
-                     saf={"enabled": True, "retry_interval": 1.0})
-    rack = RackProcess(rig, workdir / "data", workers=2)
+    issuer, port, rid, rig, rack = _saf_rack(workdir, peers, "supkill", 0.05)
     acq = Acquirer(port, terminals=20, rate=tps)
     try:
-        wait_switch_ready(rack, port, replicas=2)
-        killed: list[float] = []
-
-        def tick(t: float) -> None:
-            if t > kill_at and not killed:
-                os.kill(rack.proc.pid, signal.SIGKILL)
-                killed.append(t)
-
-        peers.call(acq.run(seconds, on_tick=tick), timeout=seconds + 60)
+        killed = _kill_under_load(peers, acq, seconds, kill_at, lambda: rack.proc.pid)
     finally:
         rack.close()
     again = RackProcess(rig, workdir / "data", workers=2)
@@ -327,7 +336,7 @@ def supervisor_kill(workdir: Path, peers: PeerThread, *, tps: float = 300,
     r.figures = {"sent": len(acq.sent), "issuer_saw": len(issuer.seen()),
                  "answered": len(acq.answers), "not_answered": len(unanswered),
                  "reversed": len(reversed_), "adopted": adopted}
-    r.check(bool(killed), "the supervisor was not killed (meaningless run)")
+    r.check(killed, "the supervisor was not killed (meaningless run)")
     r.check(adopted, "the restarted supervisor adopted nothing")
     for key in acq.answers:
         r.check(events[key] == 1, f"answered {key} has {events[key]} audit events")

@@ -10,9 +10,9 @@ import subprocess
 import sys
 
 import pytest
+from rackutil import RackProcess, check_exactly_once, rig, stream_contents, uid
 
 from engine.cbor import loads
-from rackutil import RackProcess, check_exactly_once, rig, stream_contents
 
 pytestmark = pytest.mark.slow
 
@@ -22,20 +22,20 @@ def _segments(rack_id: str) -> list[str]:
 
 
 def test_multi_stage_rig_moves_every_frame_and_drains_clean(tmp_path):
-    rack = RackProcess(rig(tmp_path, "t-run", count=5000, rate=0, stages=2),
+    rack = RackProcess(rig(tmp_path, uid("t-run"), count=5000, rate=0, stages=2),
                        tmp_path / "data", workers=2)
     try:
         names = [p["name"] for p in rack.state["processes"]]
         assert names == ["telemetry", "egress", "p.s0.0", "p.s0.1", "p.s1.0", "p.s1.1", "p.source"]
         egress = rack.counters("egress")
         rack.wait_for(lambda: egress.snapshot().frames_out == 5000, 60, "5000 frames acked")
-        assert _segments("t-run")
+        assert _segments(uid("t-run"))
         assert rack.stop() == 0
-        assert _segments("t-run") == []
+        assert _segments(uid("t-run")) == []
         assert not (tmp_path / "data" / "state.json").exists()
     finally:
         rack.close()
-    count, messages = stream_contents(tmp_path / "data", "t-run")
+    count, messages = stream_contents(tmp_path / "data", uid("t-run"))
     assert count == 5000
     check_exactly_once(messages, 5000)
     # every frame went through both stages of its lane
@@ -45,7 +45,7 @@ def test_multi_stage_rig_moves_every_frame_and_drains_clean(tmp_path):
 
 def test_killed_stage_worker_restarts_and_the_stream_holds_every_frame_once(tmp_path):
     total = 20_000
-    rack = RackProcess(rig(tmp_path, "t-kill", count=total, rate=8000, stages=1),
+    rack = RackProcess(rig(tmp_path, uid("t-kill"), count=total, rate=8000, stages=1),
                        tmp_path / "data", workers=2)
     try:
         egress = rack.counters("egress")
@@ -60,14 +60,14 @@ def test_killed_stage_worker_restarts_and_the_stream_holds_every_frame_once(tmp_
         assert rack.stop() == 0
     finally:
         rack.close()
-    count, messages = stream_contents(tmp_path / "data", "t-kill")
+    count, messages = stream_contents(tmp_path / "data", uid("t-kill"))
     assert count == total
     check_exactly_once(messages, total)
 
 
 def test_nats_server_killed_under_load_loses_and_duplicates_nothing(tmp_path):
     total = 20_000
-    rack = RackProcess(rig(tmp_path, "t-nats", count=total, rate=6000), tmp_path / "data")
+    rack = RackProcess(rig(tmp_path, uid("t-nats"), count=total, rate=6000), tmp_path / "data")
     try:
         egress = rack.counters("egress")
         rack.wait_for(lambda: egress.snapshot().frames_out > 3000, 60, "traffic")
@@ -77,13 +77,13 @@ def test_nats_server_killed_under_load_loses_and_duplicates_nothing(tmp_path):
         assert rack.stop() == 0
     finally:
         rack.close()
-    count, messages = stream_contents(tmp_path / "data", "t-nats")
+    count, messages = stream_contents(tmp_path / "data", uid("t-nats"))
     assert count == total
     check_exactly_once(messages, total)
 
 
 def test_sigterm_drain_of_an_endless_source_loses_nothing(tmp_path):
-    rack = RackProcess(rig(tmp_path, "t-drain", count=0, rate=5000), tmp_path / "data",
+    rack = RackProcess(rig(tmp_path, uid("t-drain"), count=0, rate=5000), tmp_path / "data",
                        workers=2)
     try:
         source = rack.counters("source")
@@ -92,20 +92,20 @@ def test_sigterm_drain_of_an_endless_source_loses_nothing(tmp_path):
         produced = source.snapshot().frames_out
     finally:
         rack.close()
-    count, messages = stream_contents(tmp_path / "data", "t-drain")
+    count, messages = stream_contents(tmp_path / "data", uid("t-drain"))
     assert count == produced
     check_exactly_once(messages, produced)
 
 
 def test_second_start_on_the_same_data_dir_is_refused(tmp_path):
-    config = rig(tmp_path, "t-twice", count=10, rate=0)
+    config = rig(tmp_path, uid("t-twice"), count=10, rate=0)
     rack = RackProcess(config, tmp_path / "data")
     try:
         second = subprocess.run(
             [sys.executable, "-m", "engine.cli", "start", "--config", str(config)],
             capture_output=True, text=True, timeout=60)
         assert second.returncode == 3
-        assert (f"error: rack already running: rack=t-twice, pid={rack.state['pid']}, "
+        assert (f"error: rack already running: rack={uid('t-twice')}, pid={rack.state['pid']}, "
                 f"data_dir={tmp_path / 'data'}") in second.stderr
         assert rack.proc.poll() is None  # the first one is untouched
     finally:
@@ -114,7 +114,7 @@ def test_second_start_on_the_same_data_dir_is_refused(tmp_path):
 
 
 def test_status_json_reports_what_the_counters_say(tmp_path):
-    config = rig(tmp_path, "t-status", count=3000, rate=0)
+    config = rig(tmp_path, uid("t-status"), count=3000, rate=0)
     rack = RackProcess(config, tmp_path / "data", workers=2)
     try:
         egress = rack.counters("egress")
@@ -157,12 +157,12 @@ async def _one_stats_message(url: str, subject: str, data_dir) -> bytes:
 
 
 def test_stats_subject_carries_decodable_snapshots(tmp_path):
-    rack = RackProcess(rig(tmp_path, "t-stats", count=1000, rate=0), tmp_path / "data")
+    rack = RackProcess(rig(tmp_path, uid("t-stats"), count=1000, rate=0), tmp_path / "data")
     try:
-        data = asyncio.run(_one_stats_message(rack.state["nats_url"], "fluxrig.stats.t-stats",
-                                              tmp_path / "data"))
+        subject = f"fluxrig.stats.{uid('t-stats')}"
+        data = asyncio.run(_one_stats_message(rack.state["nats_url"], subject, tmp_path / "data"))
         snap = loads(data, strict=True)  # deterministic CBOR, bit for bit
-        assert snap["rack"] == "t-stats"
+        assert snap["rack"] == uid("t-stats")
         names = {p["name"] for p in snap["processes"]}
         assert {"egress", "p.source", "p.s0.0", "telemetry"} <= names
         assert snap["host"]["mem_used"] > 0
@@ -172,28 +172,28 @@ def test_stats_subject_carries_decodable_snapshots(tmp_path):
 
 
 def test_segments_left_by_a_killed_supervisor_are_cleaned_at_next_start(tmp_path):
-    config = rig(tmp_path, "t-stale", count=100, rate=0)
+    config = rig(tmp_path, uid("t-stale"), count=100, rate=0)
     rack = RackProcess(config, tmp_path / "data")
     try:
         egress = rack.counters("egress")
         rack.wait_for(lambda: egress.snapshot().frames_out == 100, 60, "frames acked")
-        left = _segments("t-stale")
+        left = _segments(uid("t-stale"))
         os.kill(rack.proc.pid, signal.SIGKILL)
         rack.proc.wait()
     finally:
         rack.close()
-    assert left and _segments("t-stale") == left  # nobody cleaned up after the kill
+    assert left and _segments(uid("t-stale")) == left  # nobody cleaned up after the kill
     again = RackProcess(config, tmp_path / "data")
     try:
-        assert "segments of the previous run adopted: rack=t-stale, count=" in again.output()
+        assert f"segments of the previous run adopted: rack={uid('t-stale')}, count=" in again.output()
         assert again.stop() == 0
     finally:
         again.close()
-    assert _segments("t-stale") == []
+    assert _segments(uid("t-stale")) == []
 
 
 def test_stop_and_status_without_a_running_rack_say_so(tmp_path):
-    config = rig(tmp_path, "t-none", count=10, rate=0)
+    config = rig(tmp_path, uid("t-none"), count=10, rate=0)
     data = tmp_path / "data"
     data.mkdir()
     (data / "state.json").write_text(json.dumps({"pid": os.getpid(), "processes": []}))
@@ -205,7 +205,7 @@ def test_stop_and_status_without_a_running_rack_say_so(tmp_path):
 
 
 def test_engine_stop_drains_a_running_rack(tmp_path):
-    config = rig(tmp_path, "t-stop", count=0, rate=2000)
+    config = rig(tmp_path, uid("t-stop"), count=0, rate=2000)
     rack = RackProcess(config, tmp_path / "data")
     try:
         source = rack.counters("source")
@@ -217,7 +217,7 @@ def test_engine_stop_drains_a_running_rack(tmp_path):
         produced = source.snapshot().frames_out
     finally:
         rack.close()
-    count, _ = stream_contents(tmp_path / "data", "t-stop")
+    count, _ = stream_contents(tmp_path / "data", uid("t-stop"))
     assert count == produced
 
 
@@ -227,7 +227,7 @@ def test_prometheus_endpoint_exports_the_counters(tmp_path):
     from engine.natsd import free_port
 
     port = free_port()
-    config = rig(tmp_path, "t-prom", count=2000, rate=0,
+    config = rig(tmp_path, uid("t-prom"), count=2000, rate=0,
                  telemetry={"interval": 0.2, "prometheus": {"host": "127.0.0.1", "port": port}})
     rack = RackProcess(config, tmp_path / "data")
     try:
@@ -261,7 +261,7 @@ def test_prometheus_endpoint_exports_the_counters(tmp_path):
 
 
 def test_file_sink_rig_writes_every_frame_as_a_json_line(tmp_path):
-    config = rig(tmp_path, "t-file", count=3000, rate=0)
+    config = rig(tmp_path, uid("t-file"), count=3000, rate=0)
     import yaml
 
     cfg = yaml.safe_load(config.read_text())
@@ -291,7 +291,7 @@ def test_readiness_reaches_the_ready_fd_and_systemds_notify_socket(tmp_path):
     notify.bind(str(tmp_path / "notify.sock"))
     notify.settimeout(30)
     env = dict(os.environ, NOTIFY_SOCKET=str(tmp_path / "notify.sock"))
-    run = RackRun(rig(tmp_path, "t-ready", count=10, rate=0), env=env)
+    run = RackRun(rig(tmp_path, uid("t-ready"), count=10, rate=0), env=env)
     try:
         run.wait_ready(60)
         assert notify.recv(64) == b"READY=1"
@@ -307,7 +307,7 @@ def test_readiness_reaches_the_ready_fd_and_systemds_notify_socket(tmp_path):
 def test_a_rack_that_dies_before_it_is_ready_is_reported_not_waited_for(tmp_path):
     from engine.harness import RackNotReady, RackRun
 
-    config = rig(tmp_path, "t-dead", count=10, rate=0)
+    config = rig(tmp_path, uid("t-dead"), count=10, rate=0)
     (tmp_path / "data").mkdir()
     lock = os.open(tmp_path / "data" / "rack.lock", os.O_RDWR | os.O_CREAT)
     import fcntl
@@ -323,7 +323,7 @@ def test_a_rack_that_dies_before_it_is_ready_is_reported_not_waited_for(tmp_path
 
 
 def test_the_same_rack_id_from_another_data_dir_is_refused_without_a_traceback(tmp_path):
-    config = rig(tmp_path, "t-twin", count=10, rate=0)
+    config = rig(tmp_path, uid("t-twin"), count=10, rate=0)
     rack = RackProcess(config, tmp_path / "data")
     try:
         twin = tmp_path / "twin.yaml"
@@ -333,7 +333,7 @@ def test_the_same_rack_id_from_another_data_dir_is_refused_without_a_traceback(t
             [sys.executable, "-m", "engine.cli", "start", "--config", str(twin)],
             capture_output=True, text=True, timeout=60)
         assert second.returncode == 1, second.stderr
-        assert "rack 't-twin' is running already" in second.stderr
+        assert f"rack '{uid('t-twin')}' is running already" in second.stderr
         assert "Traceback" not in second.stderr
         assert rack.proc.poll() is None
     finally:
@@ -345,8 +345,9 @@ def test_planted_segments_an_empty_one_is_replaced_a_foreign_one_stops_the_start
     """/dev/shm is world-writable: an empty file under a ring's name (a creator killed before
     it sized it, or a stranger) once blocked every start; a foreign one must be named, not
     mapped."""
-    config = rig(tmp_path, "t-plant", count=10, rate=0)
-    empty = "/dev/shm/fx-t-plant-p-source-0"
+    config = rig(tmp_path, uid("t-plant"), count=10, rate=0)
+    segment = f"fx-{uid('t-plant')}-p-source-0"
+    empty = f"/dev/shm/{segment}"
     os.close(os.open(empty, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
     rack = RackProcess(config, tmp_path / "data")
     try:
@@ -355,7 +356,7 @@ def test_planted_segments_an_empty_one_is_replaced_a_foreign_one_stops_the_start
         rack.close()
     assert not os.path.exists(empty)
 
-    foreign = "/dev/shm/fx-t-plant-p-source-0"
+    foreign = empty
     fd = os.open(foreign, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
     os.write(fd, b"\x00" * 4096)
     os.close(fd)
@@ -364,10 +365,10 @@ def test_planted_segments_an_empty_one_is_replaced_a_foreign_one_stops_the_start
         out = subprocess.run([sys.executable, "-m", "engine.cli", "start", "--config",
                               str(config)], capture_output=True, text=True, timeout=60)
         assert out.returncode == 1
-        assert ("segment open to other users: name=fx-t-plant-p-source-0, mode=0o644"
+        assert (f"segment open to other users: name={segment}, mode=0o644"
                 in out.stderr), out.stderr
         assert "Traceback" not in out.stderr
         assert os.path.getsize(foreign) == 4096  # left for its owner to explain
     finally:
         os.unlink(foreign)
-    assert _segments("t-plant") == []
+    assert _segments(uid("t-plant")) == []

@@ -216,14 +216,14 @@ def test_a_busy_port_or_unresolvable_host_stops_the_start_with_a_clear_message(t
     blocker.listen()
     port = blocker.getsockname()[1]
     try:
-        busy = _start(switch_rig(tmp_path, "busy", port, free_port()))
+        busy = _start(switch_rig(tmp_path, f"busy-{os.getpid()}", port, free_port()))
     finally:
         blocker.close()
     assert busy.returncode == 1
     assert (f"error: cannot listen: host=127.0.0.1, port={port}, error=Address already in "
             f"use (pipeline payments, gear switch: ") in busy.stderr
     assert "Traceback" not in busy.stderr
-    rig = switch_rig(tmp_path, "nohost", free_port(), free_port(),
+    rig = switch_rig(tmp_path, f"nohost-{os.getpid()}", free_port(), free_port(),
                      listen={"host": "no-such-host.invalid", "port": 1})
     nohost = _start(rig)
     assert nohost.returncode == 1 and "cannot resolve listen host: host='no-such-host.invalid'" \
@@ -245,7 +245,7 @@ def test_nobody_else_can_listen_on_the_racks_port(tmp_path, peers):
             rogue.bind(("127.0.0.1", port))  # a stranger wanting a share of the acquirers
         rogue.close()
         (tmp_path / "b").mkdir()
-        other = _start(switch_rig(tmp_path / "b", "other", port, issuer_port))
+        other = _start(switch_rig(tmp_path / "b", f"other-{os.getpid()}", port, issuer_port))
         replies = asyncio.run(_ask(port, [_raw(_request(f11=f"{i:06d}")) for i in range(5)], 5))
         assert rack.stop() == 0
     finally:

@@ -8,8 +8,7 @@ import subprocess
 import sys
 
 import pytest
-import yaml
-from rackutil import RackProcess, stream_contents, wait_switch_ready
+from rackutil import RackProcess, stream_contents, switch_rig, uid, wait_switch_ready
 
 from engine.frame import decode
 from engine.natsd import free_port
@@ -22,30 +21,9 @@ pytestmark = pytest.mark.slow
 PANS = ("4761739001010119", "5500000000000004", "9000000000000001")
 
 
-def _rig(tmp_path, port: int, issuer_port: int):
-    cfg = {
-        "rack": {"id": "t-switch", "data_dir": str(tmp_path / "data")},
-        "telemetry": {"interval": 0.5},
-        "egress": {"streams": [{"name": "TXN", "subjects": ["fluxrig.t-switch.txn"]}]},
-        "pipelines": [{
-            "name": "payments",
-            "source": {"name": "switch", "gear": "iso8583", "settings": {
-                "listen": {"host": "127.0.0.1", "port": port},
-                "acquirer": {"framing": {"prefix": "2B"}, "spec": "default"},
-                "timeout": 2.0,
-                "issuers": {"a": {"port": issuer_port, "connections": 2},
-                            "b": {"port": issuer_port, "connections": 1}},
-                "groups": {"visa": {"endpoints": ["a"]}, "mc": {"endpoints": ["b"]}},
-                "routes": [{"name": "visa", "bins": ["4"], "group": "visa"},
-                           {"name": "mc", "bins": ["5"], "group": "mc"}],
-            }},
-            "sinks": [{"name": "audit", "gear": "egress",
-                       "settings": {"subject": "fluxrig.t-switch.txn"}}],
-        }],
-    }
-    path = tmp_path / "switch.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+def _rig(tmp_path, port: int, issuer_port: int, **settings):
+    return switch_rig(tmp_path, uid("t-switch"), port, issuer_port, rings={"capacity": "4MiB"},
+                      **settings)
 
 
 def test_switch_rack_answers_every_terminal_and_audits_every_transaction(tmp_path):
@@ -78,8 +56,8 @@ def test_switch_rack_answers_every_terminal_and_audits_every_transaction(tmp_pat
     by_name = {p["name"]: p for p in json.loads(status.stdout)["processes"]}
     assert by_name["payments.switch.0"]["frames_out"] + \
         by_name["payments.switch.1"]["frames_out"] == 3000  # one audit frame per transaction
-    count, messages = stream_contents(tmp_path / "data", "t-switch", "TXN",
-                                      "fluxrig.t-switch.txn")
+    count, messages = stream_contents(tmp_path / "data", uid("t-switch"), "TXN",
+                                      f"fluxrig.{uid('t-switch')}.txn")
     assert count == 3000
     events = [decode(data, strict=True).body for _, data in messages]
     assert sorted(e["de39"] for e in events) == ["00"] * 1000 + ["05"] * 1000 + ["92"] * 1000
@@ -129,15 +107,9 @@ def test_leak_scan_ten_thousand_transactions_leave_no_card_number_anywhere(tmp_p
         [f"5{i}00000000000{i}04"[:16] for i in range(2)] + \
         [f"6011000990139{i}24"[:16] for i in range(2)]
     port, issuer_port = free_port(), free_port()
-    path = _rig(tmp_path, port, issuer_port)
-    cfg = yaml.safe_load(path.read_text())
-    settings = cfg["pipelines"][0]["source"]["settings"]
-    settings["coatcheck"] = {"enabled": True}
-    settings["saf"] = {"enabled": True, "retry_interval": 0.5}
-    settings["timeout"] = 0.5
-    settings["routes"].append({"name": "disc", "bins": ["6"], "group": "visa"})
-    cfg["telemetry"] = {"interval": 0.2}
-    path.write_text(yaml.safe_dump(cfg))
+    path = _rig(tmp_path, port, issuer_port, coatcheck={"enabled": True},
+                saf={"enabled": True, "retry_interval": 0.5}, timeout=0.5,
+                telemetry={"interval": 0.2})
     issuer = subprocess.Popen([sys.executable, "-m", "engine.cli", "iso", "issuer", "--port",
                                str(issuer_port), "--rule", "6=drop", "--rule", "5=05",
                                "--rule", "4=00"],
@@ -152,7 +124,7 @@ def test_leak_scan_ten_thousand_transactions_leave_no_card_number_anywhere(tmp_p
         async def run():
             stop = asyncio.Event()
             stats = asyncio.create_task(_collect_stats(
-                rack.state["nats_url"], "fluxrig.stats.t-switch", stop, snapshots,
+                rack.state["nats_url"], f"fluxrig.stats.{uid('t-switch')}", stop, snapshots,
                 tmp_path / "data"))
             gen = LoadGenerator(LoadConfig(
                 host="127.0.0.1", port=port, spec=spec_by_name("default"),
@@ -162,7 +134,7 @@ def test_leak_scan_ten_thousand_transactions_leave_no_card_number_anywhere(tmp_p
             run = asyncio.create_task(gen.run())
             while gen.report.sent < 5_000:
                 await asyncio.sleep(0.05)
-            segments.extend(_rack_segments("t-switch"))  # mid-run: journals full of requests
+            segments.extend(_rack_segments(uid("t-switch")))  # mid-run: journals full of requests
             report = (await run).summary()
             stop.set()
             await stats
