@@ -41,10 +41,20 @@ from typing import Any, Final
 
 import cbor2
 
+from engine._native import load as _load_native
+
 # The common subset (None, bool, 64-bit ints, float, str, bytes, list, tuple, str-keyed dict)
 # is encoded in C (engine/_cborcore.c); it returns None for anything else, which takes the
-# Python path below. The Python path is the reference: tests require identical bytes.
-from engine._cborcore import encode as _fast_encode
+# Python path below. The Python path is the reference: tests require identical bytes. Without
+# the extension (not built, or FLUXRIG_PURE_PYTHON=1) everything takes the Python path.
+_cborcore = _load_native("engine._cborcore")
+
+
+def _no_fast_path(obj: object) -> bytes | None:
+    return None
+
+
+_fast_encode = _cborcore.encode if _cborcore is not None else _no_fast_path
 
 __all__ = [
     "CBORDecodeError",

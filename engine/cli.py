@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 import signal
 import sys
@@ -22,6 +21,26 @@ app = typer.Typer(
 CONFIG = typer.Option(..., "--config", "-c", help="rig file (YAML)")
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version as dist_version
+
+        typer.echo(dist_version("fluxrig"))
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _root(version_flag: bool = typer.Option(False, "--version", is_eager=True,
+                                            callback=_print_version,
+                                            help="print the version and exit")) -> None:
+    """fluxrig rack engine: run and inspect a rack on this machine.
+
+    Exit codes: 0 success; 1 the operation failed (a rack could not start, stopped with
+    work left, a load run lost replies); 2 bad arguments or rig file; 3 the rack is
+    running already.
+    """
+
+
 def _fail(message: object, code: int = 2) -> NoReturn:
     """Print ``error: message`` on stderr and exit with ``code`` (2: bad usage or input)."""
     typer.echo(f"error: {message}", err=True)
@@ -37,45 +56,45 @@ def _load(config: Path):
         _fail(exc)
 
 
-def _setup_logging(data_dir: Path | None, verbose: bool) -> None:
-    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
-    if data_dir is not None:
-        data_dir.mkdir(parents=True, exist_ok=True)
-        handlers.append(logging.FileHandler(data_dir / "rack.log"))
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(process)d %(name)s %(levelname)s %(message)s",
-        handlers=handlers,
-    )
-    logging.getLogger("nats").setLevel(logging.CRITICAL)  # its reconnect noise is ours to log
-
-
 @app.command()
-def version() -> None:
+def version(verbose: bool = typer.Option(
+        False, "--verbose", "-v", help="also where it runs from, the code path of the ring and "
+        "the CBOR encoder (C, or pure Python and why: missing or forced by "
+        "FLUXRIG_PURE_PYTHON=1) and the installed versions of its dependencies")) -> None:
     """Print the fluxrig version."""
-    from importlib.metadata import version as dist_version
+    from engine.about import version_lines
 
-    typer.echo(dist_version("fluxrig"))
+    try:
+        lines = version_lines(verbose)
+    except ValueError as exc:  # FLUXRIG_PURE_PYTHON holds something that is not yes/no
+        _fail(exc)
+    for line in lines:
+        typer.echo(line)
 
 
 @app.command()
-def check(config: Path = typer.Argument(..., help="rig file (YAML)")) -> None:
-    """Validate a rig file without starting anything."""
-    from gears.base import Gear, gear_class
+def check(
+    configs: list[Path] = typer.Argument(..., help="rig files (YAML)", show_default=False),
+    as_json: bool = typer.Option(False, "--json", help="print a JSON list, one object per "
+                                 "file: {file, ok, rack, data_dir, nats, pipelines, stages, "
+                                 "listeners} or {file, ok: false, error: {path, message, "
+                                 "text}}"),
+) -> None:
+    """Validate rig files without starting anything: per file, what it would run or the
+    first error (file, key path, what was expected). Exit 2 if any file fails."""
+    from engine.rigcheck import check_file, summary_lines
 
-    cfg = _load(config)
-    stages = sum(len(p.stages) for p in cfg.pipelines)
-    typer.echo(f"ok: {config}: rack={cfg.rack_id}, pipelines={len(cfg.pipelines)}, "
-               f"stages={stages}")
-    typer.echo(f"  data_dir: {cfg.data_dir}")
-    nats = cfg.nats
-    typer.echo(f"  nats: {nats.url}" if nats.url else
-               f"  nats: embedded, nats://{nats.host}:"
-               f"{nats.port or '<free port chosen at start>'}")
-    for p in cfg.pipelines:
-        for g in (p.source, *p.stages, *p.sinks):
-            for host, port in gear_class(g.gear, Gear).listeners(g.settings):
-                typer.echo(f"  listens: {p.name}.{g.name} on {host}:{port}")
+    results = [check_file(c) for c in configs]
+    if as_json:
+        typer.echo(json.dumps([r.as_json() for r in results], indent=1))
+    else:
+        for r in results:
+            if r.ok:
+                typer.echo("\n".join(summary_lines(r)))
+            else:
+                typer.echo(f"error: {r.text}", err=True)
+    if not all(r.ok for r in results):
+        raise typer.Exit(2)
 
 
 @app.command()
@@ -83,7 +102,17 @@ def start(
     config: Path = CONFIG,
     workers: int = typer.Option(1, "--workers", "-w", min=1, help="replicas of every stage"),
     drain_timeout: float = typer.Option(30.0, help="seconds to let rings empty on stop"),
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="debug logging"),
+    verbose: bool = typer.Option(False, "--verbose", "-v",
+                                 help="log at DEBUG level (default INFO)"),
+    log_file: str = typer.Option("", help="log file (size-rotated); '-' for stderr; "
+                                          "default: rack.log in the data dir"),
+    log_format: str = typer.Option("text", help="log line format: text or json"),
+    log_max_bytes: int = typer.Option(16 * 1024 * 1024, min=0,
+                                      help="rotate the log file at this size (0: never)"),
+    log_backups: int = typer.Option(5, min=0, help="rotated log files kept"),
+    notify: bool = typer.Option(False, "--notify", help="require systemd's notify socket "
+                                "(Type=notify): READY, STATUS, WATCHDOG, STOPPING; without "
+                                "this flag they are sent only when NOTIFY_SOCKET is set"),
     ready_fd: int = typer.Option(-1, help="write 'ready' to this inherited file descriptor "
                                             "once every process serves, then close it"),
 ) -> None:
@@ -91,14 +120,29 @@ def start(
 
     Readiness: once every process serves (listeners bound, NATS reached), the rack writes
     "ready" to --ready-fd, sends READY=1 to $NOTIFY_SOCKET (systemd Type=notify) and marks
-    its state file ready.
+    its state file ready. Exit codes: 0 drained cleanly, 1 could not start or stopped with
+    work left or a process given up on, 2 bad config or arguments, 3 already running.
     """
+    from engine.logsetup import LOG_FORMATS, setup_logging
     from engine.natsd import NatsServerError
+    from engine.service import Notifier, NotifyError
     from engine.supervisor import RackAlreadyRunning, RackStartError, Supervisor
 
     cfg = _load(config)
-    _setup_logging(Path(cfg.data_dir), verbose)
-    sup = Supervisor(cfg, workers=workers, drain_timeout=drain_timeout, ready_fd=ready_fd)
+    if log_format not in LOG_FORMATS:
+        _fail(f"--log-format: expected one of {', '.join(LOG_FORMATS)}, got {log_format!r}")
+    try:
+        notifier = Notifier(required=notify)
+    except NotifyError as exc:
+        _fail(exc)
+    path = None if log_file == "-" else (Path(log_file) if log_file
+                                          else Path(cfg.data_dir) / "rack.log")
+    setup_logging(path, fmt=log_format, verbose=verbose, max_bytes=log_max_bytes,
+                  backups=log_backups)
+    if path is not None:
+        typer.echo(f"rack {cfg.rack_id!r}: logging to {path}", err=True)
+    sup = Supervisor(cfg, workers=workers, drain_timeout=drain_timeout, ready_fd=ready_fd,
+                     notifier=notifier)
     try:
         sup.start()
     except RackAlreadyRunning as exc:
@@ -109,7 +153,10 @@ def start(
     except BaseException:
         sup.cleanup()
         raise
-    raise typer.Exit(sup.run())
+    code = sup.run()
+    if code and path is not None:  # the reason is in the log; say it where the user looks
+        typer.echo(f"error: rack stopped, not cleanly: {sup.outcome}", err=True)
+    raise typer.Exit(code)
 
 
 def _data_dir(config: Path | None, data_dir: Path | None) -> Path:
@@ -149,12 +196,13 @@ def status(
     data_dir: Path = typer.Option(None, "--data-dir", help="the rack's data dir"),
     interval: float = typer.Option(1.0, help="seconds between samples (the rate window)"),
     as_json: bool = typer.Option(False, "--json", help="print JSON"),
-    watch: bool = typer.Option(False, "--watch", "-w", help="keep printing until Ctrl-C"),
+    watch: bool = typer.Option(False, "--watch", help="refresh every interval until Ctrl-C "
+                               "(redrawn in place on a terminal)"),
     count: int = typer.Option(0, min=0, help="with --watch: stop after this many tables"),
 ) -> None:
     """Per-process table of a running rack: pid, CPU, RSS, frames/s, errors, fill, latency.
 
-    Rates and percentiles cover the last interval; ``--watch`` refreshes every interval.
+    Rates and percentiles cover the last interval; --watch refreshes every interval.
     """
     from engine.supervisor import running_pid
     from engine.telemetry import RackProbe, read_state, rows
@@ -175,6 +223,8 @@ def status(
             cur = probe.sample()
             table = rows(prev, cur)
             prev = cur
+            if watch and not as_json and sys.stdout.isatty():
+                typer.echo("\x1b[H\x1b[2J", nl=False)  # home + clear: redraw, not scroll
             _print_status(state, table, as_json)
             shown += 1
             if not watch or (count and shown >= count):
@@ -190,13 +240,16 @@ def _print_status(state: dict, table: list[dict], as_json: bool) -> None:
         typer.echo(json.dumps({"rack": state["rack"], "pid": state["pid"],
                                "nats_url": state["nats_url"],
                                "status": state.get("status", "running"),
-                               "reason": state.get("reason", ""), "processes": table},
+                               "reason": state.get("reason", ""),
+                               "code_paths": state.get("code_paths", {}), "processes": table},
                               indent=1))
         return
     typer.echo(f"rack {state['rack']}  {state.get('status', 'running')}  supervisor pid "
                f"{state['pid']}  nats {state['nats_url']}  {time.strftime('%H:%M:%S')}")
     if state.get("reason"):
         typer.echo(f"  {state['reason']}")
+    if state.get("code_paths"):
+        typer.echo("  code: " + ", ".join(f"{k} {v}" for k, v in state["code_paths"].items()))
     head = (f"{'process':<24} {'pid':>7} {'cpu':>3} {'cpu%':>6} {'rss MB':>7} {'in/s':>9} "
             f"{'out/s':>9} {'errors':>6} {'fill':>6} {'p50 ms':>7} {'p99 ms':>7}")
     typer.echo(head)
@@ -253,11 +306,11 @@ def keys_rotate(
     from gears.coatcheck import ENV_KEY, rotate
 
     cfg = _load(config)
-    key_file = "vault.keys"
-    for p in cfg.pipelines:
-        coat = getattr(p.source.settings, "coatcheck", None)
-        if coat is not None:
-            key_file = coat.key_file
+    key_files = {coat.key_file for p in cfg.pipelines
+                 if (coat := getattr(p.source.settings, "coatcheck", None)) is not None}
+    if not key_files:
+        _fail(f"{config}: no gear has coat check enabled: there is no vault key to rotate", 1)
+    key_file = key_files.pop()
     if os.environ.get(ENV_KEY):
         _fail(f"the vault key comes from {ENV_KEY}; rotate it there")
     path = Path(cfg.data_dir) / key_file
@@ -289,8 +342,8 @@ def _spec(name: str):
 
 @iso.command("load")
 def iso_load(
-    host: str = typer.Option("127.0.0.1"),
-    port: int = typer.Option(8583),
+    host: str = typer.Option("127.0.0.1", help="the switch's acquirer host"),
+    port: int = typer.Option(8583, help="the switch's acquirer port"),
     connections: int = typer.Option(10, min=1, help="acquirer connections (one terminal each)"),
     rate: float = typer.Option(0.0, min=0, help="requests/s in total; 0 = max (closed loop)"),
     window: int = typer.Option(4, min=1, help="outstanding requests per connection at max rate"),
@@ -301,9 +354,10 @@ def iso_load(
     spec: str = typer.Option("default", help="codec spec name or YAML spec file"),
     prefix: str = typer.Option("2B", help="length prefix: 2B 2L 4B 4L 4A"),
     header: str = typer.Option("", help="header/TPDU as hex"),
-    max_frame: int = typer.Option(8192),
+    max_frame: int = typer.Option(8192, help="largest message accepted, bytes"),
     grace: float = typer.Option(7.0, help="seconds to wait for outstanding replies"),
-    as_json: bool = typer.Option(False, "--json"),
+    as_json: bool = typer.Option(False, "--json", help="print the report as JSON (no "
+                                 "progress lines)"),
 ) -> None:
     """Drive a switch like many acquirer terminals; exit 1 on any cross-wired or lost reply."""
     import asyncio
@@ -340,23 +394,28 @@ def iso_load(
                    f"{summary['declined']:,}  timeouts {summary['timeouts']:,}")
         typer.echo(f"latency ms p50 {summary['p50_ms']}  p90 {summary['p90_ms']}  p99 "
                    f"{summary['p99_ms']}  max {summary['max_ms']}")
+        if report.connect_errors:
+            typer.echo(f"connections refused or failed: {report.connect_errors} of "
+                       f"{connections}; last error: {report.connect_error}", err=True)
+        reason = "" if report.ok else (" (nothing sent)" if report.sent == 0 else
+                                       " (replies cross-wired or lost)")
         typer.echo(f"codes {summary['codes']}  cross-wired {summary['cross_wired']}  lost "
-                   f"{summary['lost']}  -> {'OK' if report.ok else 'FAILED'}")
+                   f"{summary['lost']}  -> {'OK' if report.ok else 'FAILED'}{reason}")
     raise typer.Exit(0 if report.ok else 1)
 
 
 @iso.command("issuer")
 def iso_issuer(
-    host: str = typer.Option("127.0.0.1"),
+    host: str = typer.Option("127.0.0.1", help="address to listen on"),
     port: list[int] = typer.Option([9001], help="port(s) to serve, repeatable"),
     rule: list[str] = typer.Option([], help="BIN[:min_amount]=DE39 or BIN=drop, repeatable"),
     delay: float = typer.Option(0.0, help="seconds before each answer"),
     jitter: float = typer.Option(0.0, help="extra random delay, uniform 0..jitter seconds"),
     drop_rate: float = typer.Option(0.0, min=0, max=1, help="fraction never answered"),
-    spec: str = typer.Option("default"),
-    prefix: str = typer.Option("2B"),
-    header_len: int = typer.Option(0),
-    max_frame: int = typer.Option(8192),
+    spec: str = typer.Option("default", help="codec spec name or YAML spec file"),
+    prefix: str = typer.Option("2B", help="length prefix: 2B 2L 4B 4L 4A"),
+    header_len: int = typer.Option(0, min=0, help="header/TPDU bytes before each message"),
+    max_frame: int = typer.Option(8192, help="largest message accepted, bytes"),
 ) -> None:
     """Issuer host simulator: DE39 by BIN/amount rules, delay, drop rate. Runs until killed."""
     import asyncio
@@ -385,7 +444,7 @@ def iso_issuer(
 @iso.command("decode")
 def iso_decode(
     hex_message: str = typer.Argument(..., help="ISO 8583 message as hex (no length prefix)"),
-    spec: str = typer.Option("default"),
+    spec: str = typer.Option("default", help="codec spec name or YAML spec file"),
     show_pan: bool = typer.Option(False, "--show-pan",
                                   help="print DE2/35/45/52 in clear (default masked)"),
 ) -> None:
@@ -411,15 +470,25 @@ def iso_decode(
 @iso.command("encode")
 def iso_encode(
     json_message: str = typer.Argument(..., help='fields as JSON, e.g. {"t":"0800","70":"301"}'),
-    spec: str = typer.Option("default"),
+    spec: str = typer.Option("default", help="codec spec name or YAML spec file"),
 ) -> None:
-    """JSON -> hex."""
+    """JSON object of fields (field number or "t" for the MTI -> text value) -> hex."""
     from gears.iso8583.codec import CodecError, encode
 
     try:
         doc = json.loads(json_message)
+    except RecursionError:
+        _fail("invalid JSON: nested too deeply", 2)
+    except ValueError as exc:
+        _fail(f"invalid JSON: {exc}", 2)
+    if not isinstance(doc, dict):
+        _fail(f"expected a JSON object of fields, got {type(doc).__name__}", 2)
+    for key, value in doc.items():
+        if not isinstance(value, str):
+            _fail(f"field {key}: expected a string value, got {type(value).__name__}", 2)
+    try:
         typer.echo(encode(doc, _spec(spec)).hex())
-    except (ValueError, CodecError) as exc:
+    except CodecError as exc:
         _fail(exc, 1)
 
 

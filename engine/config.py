@@ -4,9 +4,12 @@ Every error names the file, the key path and what was expected, e.g.::
 
     configs/x.yaml: pipelines[0].stages[2].gear: unknown gear 'iso8538' (known: generator, mapping)
 
-Validation is pure (no sockets, no processes): ``load_config`` reads the file and
-``parse_config`` checks a plain mapping, so tests feed dicts straight in. Gear settings are
-checked by each gear's own ``parse_settings`` (``gears.base``) with the same path helper.
+Validation is pure (no sockets, no processes): ``load_config`` reads the file
+(``engine.yamlfile``: ``${VAR}`` interpolation, duplicate keys refused) and ``parse_config``
+checks a plain mapping, so tests feed dicts straight in. Every mapping is read through its
+key table (``engine.rigkeys``; defaults and bounds are there, and ``docs/reference.md`` is
+generated from them). Gear settings are checked by each gear's own ``parse_settings``
+(``gears.base``) with the same helpers.
 
 Shape of a rig file (all keys but ``rack.id`` and ``pipelines`` have defaults)::
 
@@ -24,30 +27,23 @@ Shape of a rig file (all keys but ``rack.id`` and ``pipelines`` have defaults)::
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from engine.bus import ADMIN, BusAuth
+from engine.keytable import Reader
+from engine.rigkeys import RIG
 from engine.schema import (  # noqa: F401 - ConfigError and At are part of this module's API
-    NAME_RE,
     SUBJECT_PATTERN_RE,
-    SUBJECT_RE,
     At,
     ConfigError,
     _type_name,
-    get_float,
-    get_int,
-    get_list,
-    get_map,
-    get_size,
-    get_str,
 )
-from engine.streams import StreamConfig, subject_matches  # noqa: F401 - part of the API
+from engine.streams import StreamConfig, subject_matches
+from engine.units import is_decimal_size
+from engine.yamlfile import load_yaml
 from gears.base import Gear, Sink, gear_class, known_gears, lookup_gear
 
 MAX_RING = 1 << 30  # bytes: no ring needs more, and a typo (2^80) must not reach shm_open
@@ -149,258 +145,174 @@ class RigConfig:
     pipelines: tuple[PipelineConfig, ...] = field(default=())
 
 
-def load_config(path: str | os.PathLike[str]) -> RigConfig:
-    """Read and validate a rig file.
+def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = None
+                ) -> RigConfig:
+    """Read and validate a rig file, interpolating ``${VAR}`` from ``env`` (default: the
+    process environment; ``engine.yamlfile``).
 
     Raises:
-        ConfigError: unreadable file, bad YAML (with line and column) or invalid content.
+        ConfigError: unreadable file, bad YAML (with line and column), a duplicate key, an
+            unset variable or invalid content.
     """
-    file = str(path)
-    try:
-        with open(path, encoding="utf-8") as f:
-            raw = yaml.safe_load(f)
-    except OSError as exc:
-        raise ConfigError(f"{file}: cannot read: {exc.strerror}") from exc
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{file}: not UTF-8 text: byte offset {exc.start}") from exc
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError(f"{file}: {where}invalid YAML: {problem}") from exc
-    return parse_config(raw, file, base_dir=Path(path).resolve().parent)
+    loaded = load_yaml(path, env)
+    return parse_config(loaded.data, str(path), base_dir=Path(path).resolve().parent,
+                        origins=loaded.origins)
 
 
-def _secret(m: Mapping[str, Any], key: str, at: At) -> str:
+def _secret(r: Reader, key: str) -> str:
     """A secret named by ``<key>_env`` (an environment variable): never written in a rig."""
-    name = m.get(f"{key}_env")
-    if name is None:
+    name = r.string(f"{key}_env")
+    if not name:
         return ""
-    if not isinstance(name, str) or not name:
-        raise at.key(f"{key}_env").error(f"expected an environment variable name, got "
-                                         f"{name!r}")
     value = os.environ.get(name)
     if not value:
-        raise at.key(f"{key}_env").error(f"environment variable {name} is not set")
+        raise r.where(f"{key}_env").error(f"environment variable {name} is not set")
     return value
 
 
-def _nats_auth(raw: Any, at: At) -> BusAuth:
-    m = get_map(raw, at, {"user", "password_env", "token_env", "creds_file", "nkey_seed_file",
-                          "tls"})
-    tls = get_map(m.get("tls"), at.key("tls"), {"ca", "cert", "key"})
-    for k, v in {**{f: m.get(f) for f in ("creds_file", "nkey_seed_file")}, **tls}.items():
-        if v is not None and not Path(v).is_file():
-            where = at.key(k) if k in m else at.key("tls").key(k)
-            raise where.error(f"no such file: {v}")
-    return BusAuth(user=get_str(m, "user", at, default=""), password=_secret(m, "password", at),
-                   token=_secret(m, "token", at),
-                   creds_file=get_str(m, "creds_file", at, default=""),
-                   nkey_seed_file=get_str(m, "nkey_seed_file", at, default=""),
-                   tls_ca=get_str(tls, "ca", at.key("tls"), default=""),
-                   tls_cert=get_str(tls, "cert", at.key("tls"), default=""),
-                   tls_key=get_str(tls, "key", at.key("tls"), default=""))
+def _nats_auth(r: Reader) -> BusAuth:
+    tls = r.section("tls")
+    for reader, k in ((r, "creds_file"), (r, "nkey_seed_file"), (tls, "ca"), (tls, "cert"),
+                      (tls, "key")):
+        path = reader.string(k)
+        if path and not Path(path).is_file():
+            raise reader.where(k).error(f"no such file: {reader.where(k).show(path)}")
+    return BusAuth(user=r.string("user"), password=_secret(r, "password"),
+                   token=_secret(r, "token"), creds_file=r.string("creds_file"),
+                   nkey_seed_file=r.string("nkey_seed_file"), tls_ca=tls.string("ca"),
+                   tls_cert=tls.string("cert"), tls_key=tls.string("key"))
 
 
-def _nats_users(raw: list[Any], at: At) -> tuple[NatsUserConfig, ...]:
-    users = []
-    for i, u_raw in enumerate(raw):
-        uat = at.index(i)
-        u = get_map(u_raw, uat, {"name", "password_env", "streams"})
-        name = get_str(u, "name", uat, pattern=NAME_RE,
-                       rule="lowercase letters, digits, '-' or '_', at most 32 characters")
-        if name in (ADMIN, "egress", "telemetry"):
-            raise uat.key("name").error(f"{name!r} is one of the rack's own users")
-        password = _secret(u, "password", uat)
-        if not password:
-            raise uat.key("password_env").error("required key missing")
-        streams = tuple(map(str, get_list(u, "streams", uat, required=True)))
-        users.append(NatsUserConfig(name=name, password=password, streams=streams))
-    return tuple(users)
-
-
-def parse_config(raw: Any, file: str = "<config>", base_dir: Path | None = None) -> RigConfig:
-    """Validate an already-parsed rig mapping (see module docstring for the shape).
-
-    A relative ``rack.data_dir`` is taken relative to ``base_dir`` (the rig file's folder,
-    so the rack is the same whatever directory ``engine`` runs from), else to the current
-    directory; the result is absolute.
-    """
-
-    top = At(file)
-    root = get_map(raw, top, {"rack", "nats", "rings", "cpu", "telemetry", "egress", "pipelines"})
-    if raw is None:
-        raise top.error("empty rig file (expected at least rack and pipelines)")
-
-    at = top.key("rack")
-    rack = get_map(root.get("rack"), at, {"id", "labels", "data_dir"})
-    rack_id = get_str(rack, "id", at, pattern=NAME_RE,
-                      rule="lowercase letters, digits, '-' or '_', at most 32 characters")
-    labels_raw = get_map(rack.get("labels"), at.key("labels"))
-    for k, v in labels_raw.items():
-        if not isinstance(v, str):
-            raise at.key("labels").key(k).error(f"expected a string, got {_type_name(v)}")
-    data_dir = Path(get_str(rack, "data_dir", at, default=f"var/{rack_id}"))
-    if not data_dir.is_absolute():
-        data_dir = (base_dir or Path.cwd()) / data_dir
-    data_dir = Path(os.path.normpath(data_dir))
-
-    at = top.key("nats")
-    nats_raw = get_map(root.get("nats"), at, {"url", "host", "port", "auth", "users"})
-    url = nats_raw.get("url")
+def _nats(r: Reader) -> NatsConfig:
+    url = r.raw("url")
     if url is not None and not (isinstance(url, str) and url.startswith(("nats://", "tls://"))):
-        raise at.key("url").error(f"expected a nats:// or tls:// URL, got {url!r}")
-    if nats_raw.get("auth") is not None and url is None:
-        raise at.key("auth").error("only for an external nats.url (the embedded server makes "
-                                   "its own users)")
-    nats = NatsConfig(
-        url=url,
-        host=get_str(nats_raw, "host", at, default="127.0.0.1"),
-        port=get_int(nats_raw, "port", at, 0, 0, 65535),
-        auth=_nats_auth(nats_raw.get("auth"), at.key("auth")),
-        users=_nats_users(get_list(nats_raw, "users", at), at.key("users")),
-    )
+        raise r.where("url").error(f"expected a nats:// or tls:// URL, got "
+                                   f"{r.where('url').show(url)}")
+    if r.given("auth") and url is None:
+        raise r.where("auth").error("only for an external nats.url (the embedded server "
+                                    "makes its own users)")
+    users = []
+    for u in r.sections("users"):
+        name = u.string("name")
+        if name in (ADMIN, "egress", "telemetry"):
+            raise u.where("name").error(f"{name!r} is one of the rack's own users")
+        password = _secret(u, "password")
+        if not password:
+            raise u.where("password_env").error("required key missing")
+        users.append(NatsUserConfig(name=name, password=password,
+                                    streams=tuple(map(str, u.sequence("streams")))))
+    return NatsConfig(url=url, host=r.string("host"), port=r.integer("port"),
+                      auth=_nats_auth(r.section("auth")), users=tuple(users))
 
-    at = top.key("rings")
-    rings = get_map(root.get("rings"), at, {"capacity", "batch"})
-    capacity = get_size(rings, "capacity", at, 4 << 20)
+
+def _capacity(r: Reader) -> int:
+    capacity = r.size("capacity")
     if capacity < 1024 or capacity & (capacity - 1):
-        raise at.key("capacity").error(f"must be a power of two >= 1024, got {capacity}")
+        raw = r.raw("capacity")
+        hint = (" (KB, MB, GB are powers of 1000: write KiB, MiB, GiB for powers of 1024)"
+                if isinstance(raw, str) and is_decimal_size(raw) else "")
+        raise r.where("capacity").error(f"must be a power of two >= 1024, got {capacity}"
+                                        f"{hint}")
     shm_total = shm_size()
     if capacity > min(MAX_RING, shm_total):
-        raise at.key("capacity").error(
+        raise r.where("capacity").error(
             f"must be <= {min(MAX_RING, shm_total)} (1 GiB, and what /dev/shm holds: "
             f"{shm_total}), got {capacity}")
-    batch = get_int(rings, "batch", at, 256, 1, 65536)
+    return capacity
 
-    at = top.key("cpu")
-    cpu = get_map(root.get("cpu"), at, {"placement"})
-    placement_raw = cpu.get("placement", "auto")
-    placement: str | Mapping[str, int]
-    if placement_raw in ("auto", "none"):
-        placement = placement_raw
-    elif isinstance(placement_raw, Mapping):
+
+def _placement(r: Reader) -> str | Mapping[str, int]:
+    raw = r.raw("placement")
+    if raw is None or raw in ("auto", "none"):
+        return "auto" if raw is None else str(raw)
+    if isinstance(raw, Mapping):
         usable = sorted(os.sched_getaffinity(0))
-        for k, v in placement_raw.items():
+        for k, v in raw.items():
             if isinstance(v, bool) or not isinstance(v, int) or v not in usable:
-                raise at.key("placement").key(str(k)).error(
-                    f"expected one of this machine's usable CPUs {usable}, got {v!r}"
-                )
-        placement = dict(placement_raw)
-    else:
-        raise at.key("placement").error(
-            f"expected 'auto', 'none' or a mapping process -> cpu, got {placement_raw!r}"
-        )
+                where = r.where("placement").key(str(k))
+                raise where.error(f"expected one of this machine's usable CPUs {usable}, got "
+                                  f"{where.show(v)}")
+        return dict(raw)
+    where = r.where("placement")
+    raise where.error(f"expected 'auto', 'none' or a mapping process -> cpu, got "
+                      f"{where.show(raw)}")
 
-    at = top.key("telemetry")
-    tel = get_map(root.get("telemetry"), at, {"interval", "prometheus", "subject"})
-    prom = tel.get("prometheus")
+
+def _telemetry(r: Reader, rack_id: str) -> TelemetryConfig:
     prom_host, prom_port = "127.0.0.1", None
-    if prom is not None:
-        pm = get_map(prom, at.key("prometheus"), {"host", "port"})
-        prom_host = get_str(pm, "host", at.key("prometheus"), default="127.0.0.1")
-        prom_port = get_int(pm, "port", at.key("prometheus"), 9464, 0, 65535)
-    telemetry = TelemetryConfig(
-        interval=get_float(tel, "interval", at, 1.0, maximum=3600.0),
-        prometheus_host=prom_host,
-        prometheus_port=prom_port,
-        subject=get_str(tel, "subject", at, default=f"fluxrig.stats.{rack_id}",
-                        pattern=SUBJECT_RE, rule="a NATS subject without wildcards"),
-    )
+    if r.given("prometheus"):
+        pm = r.section("prometheus")
+        prom_host, prom_port = pm.string("host"), pm.integer("port")
+    return TelemetryConfig(interval=r.seconds("interval"), prometheus_host=prom_host,
+                           prometheus_port=prom_port,
+                           subject=r.string("subject", default=f"fluxrig.stats.{rack_id}"))
 
-    at = top.key("egress")
-    eg = get_map(root.get("egress"), at, {"streams", "batch", "max_inflight", "ack_timeout"})
+
+def _egress(r: Reader) -> EgressConfig:
     streams = []
-    for i, s_raw in enumerate(get_list(eg, "streams", at)):
-        sat = at.key("streams").index(i)
-        s = get_map(s_raw, sat, {"name", "subjects", "storage", "max_age", "duplicate_window"})
-        subjects = get_list(s, "subjects", sat, required=True)
+    for s in r.sections("streams"):
+        subjects = s.sequence("subjects")
         if not subjects:
-            raise sat.key("subjects").error("at least one subject is required")
+            raise s.where("subjects").error("at least one subject is required")
         for j, subj in enumerate(subjects):
             if not isinstance(subj, str) or not SUBJECT_PATTERN_RE.match(subj):
-                raise sat.key("subjects").index(j).error(f"invalid subject pattern {subj!r}")
-        storage = get_str(s, "storage", sat, default="file")
-        if storage not in ("file", "memory"):
-            raise sat.key("storage").error(f"expected 'file' or 'memory', got {storage!r}")
+                where = s.where("subjects").index(j)
+                raise where.error(f"invalid subject pattern {where.show(subj)}")
         streams.append(StreamConfig(
-            name=get_str(s, "name", sat, pattern=re.compile(r"^[A-Za-z0-9_-]{1,64}$"),
-                         rule="letters, digits, '-' or '_'"),
-            subjects=tuple(subjects),
-            storage=storage,
-            max_age=get_float(s, "max_age", sat, 0.0, exclusive=False),
-            duplicate_window=get_float(s, "duplicate_window", sat, 120.0, maximum=86_400.0),
-        ))
+            name=s.string("name"), subjects=tuple(map(str, subjects)),
+            storage=s.string("storage"), max_age=s.seconds("max_age"),
+            duplicate_window=s.seconds("duplicate_window")))
     names = [s.name for s in streams]
     if len(set(names)) != len(names):
-        raise at.key("streams").error(f"duplicate stream names: {names}")
-    egress = EgressConfig(
-        streams=tuple(streams),
-        batch=get_int(eg, "batch", at, 1000, 1, 100_000),
-        max_inflight=get_int(eg, "max_inflight", at, 8, 1, 1024),
-        ack_timeout=get_float(eg, "ack_timeout", at, 5.0, maximum=600.0),
-    )
+        raise r.where("streams").error(f"duplicate stream names: {names}")
+    return EgressConfig(streams=tuple(streams), batch=r.integer("batch"),
+                        max_inflight=r.integer("max_inflight"),
+                        ack_timeout=r.seconds("ack_timeout"))
 
+
+def _gear(g: Reader, role: str, default_name: str) -> GearConfig:
+    gname = g.string("gear")
+    cls = lookup_gear(gname)
+    if cls is None:
+        raise g.where("gear").error(f"unknown gear {gname!r} (known: "
+                                    f"{', '.join(known_gears())})")
+    if cls.role != role:
+        raise g.where("gear").error(f"gear {gname!r} is a {cls.role}, expected a {role}")
+    return GearConfig(name=g.string("name", default=default_name), gear=gname, role=role,
+                      settings=cls.parse_settings(g.raw("settings"), g.where("settings")),
+                      at=g.at.path)
+
+
+def _pipeline(p: Reader) -> PipelineConfig:
+    name = p.string("name")
+    key = p.raw("key")
+    if key is not None and (not isinstance(key, str) or not key.startswith(("headers.", "body."))):
+        raise p.where("key").error(f"expected a frame path like 'headers.device', got "
+                                   f"{p.where('key').show(key)}")
+    if not p.given("source"):
+        raise p.where("source").error("required key missing")
+    source = _gear(p.section("source"), "source", "source")
+    stages = tuple(_gear(s, "stage", f"stage{j}") for j, s in enumerate(p.sections("stages")))
+    sinks = tuple(_gear(s, "sink", f"sink{j}") for j, s in enumerate(p.sections("sinks")))
+    if not sinks:
+        raise p.where("sinks").error("at least one sink is required")
+    if len(sinks) > 1:
+        raise p.where("sinks").error(
+            f"one sink per pipeline for now, got {len(sinks)} (fan-out is planned)")
+    seen: set[str] = set()
+    for g in (source, *stages, *sinks):
+        if g.name in seen:
+            raise p.at.error(f"duplicate gear name {g.name!r}")
+        seen.add(g.name)
+    return PipelineConfig(name=name, key=key, source=source, stages=stages, sinks=sinks)
+
+
+def _check_across(pipelines: tuple[PipelineConfig, ...], egress: EgressConfig, capacity: int,
+                  rack_id: str, top: At) -> None:
+    """What no single section can check: subjects against streams, ring capacity against
+    every gear's records, gear-owned streams against configured ones."""
     at = top.key("pipelines")
-    pipelines = []
-    for i, p_raw in enumerate(get_list(root, "pipelines", top, required=True)):
-        pat = at.index(i)
-        p = get_map(p_raw, pat, {"name", "key", "source", "stages", "sinks"})
-        name = get_str(p, "name", pat, pattern=NAME_RE,
-                       rule="lowercase letters, digits, '-' or '_', at most 32 characters")
-        key = p.get("key")
-        if key is not None and (not isinstance(key, str) or not key.startswith(("headers.", "body."))):
-            raise pat.key("key").error(f"expected a frame path like 'headers.device', got {key!r}")
-
-        def gear(raw_gear: Any, gat: At, role: str, default_name: str) -> GearConfig:
-            g = get_map(raw_gear, gat, {"name", "gear", "settings"})
-            gname = get_str(g, "gear", gat)
-            cls = lookup_gear(gname)
-            if cls is None:
-                raise gat.key("gear").error(
-                    f"unknown gear {gname!r} (known: {', '.join(known_gears())})"
-                )
-            if cls.role != role:
-                raise gat.key("gear").error(f"gear {gname!r} is a {cls.role}, expected a {role}")
-            return GearConfig(
-                name=get_str(g, "name", gat, default=default_name, pattern=NAME_RE,
-                             rule="lowercase letters, digits, '-' or '_', at most 32 characters"),
-                gear=gname,
-                role=role,
-                settings=cls.parse_settings(g.get("settings"), gat.key("settings")),
-                at=gat.path,
-            )
-
-        if "source" not in p:
-            raise pat.key("source").error("required key missing")
-        source = gear(p["source"], pat.key("source"), "source", "source")
-        stages = tuple(
-            gear(s, pat.key("stages").index(j), "stage", f"stage{j}")
-            for j, s in enumerate(get_list(p, "stages", pat))
-        )
-        sinks = tuple(
-            gear(s, pat.key("sinks").index(j), "sink", f"sink{j}")
-            for j, s in enumerate(get_list(p, "sinks", pat, required=True))
-        )
-        if not sinks:
-            raise pat.key("sinks").error("at least one sink is required")
-        if len(sinks) > 1:
-            raise pat.key("sinks").error(
-                f"one sink per pipeline for now, got {len(sinks)} (fan-out is planned)"
-            )
-        seen: set[str] = set()
-        for g in (source, *stages, *sinks):
-            if g.name in seen:
-                raise pat.error(f"duplicate gear name {g.name!r}")
-            seen.add(g.name)
-        pipelines.append(PipelineConfig(name=name, key=key, source=source, stages=stages,
-                                        sinks=sinks))
-    if not pipelines:
-        raise at.error("at least one pipeline is required")
-    pnames = [p.name for p in pipelines]
-    if len(set(pnames)) != len(pnames):
-        raise at.error(f"duplicate pipeline names: {pnames}")
-
+    streams = egress.streams
     # every egress subject must land in exactly one configured stream
     for i, pipe in enumerate(pipelines):
         for j, sink in enumerate(pipe.sinks):
@@ -416,7 +328,7 @@ def parse_config(raw: Any, file: str = "<config>", base_dir: Path | None = None)
                     f"captured by {owners or 'none'}"
                 )
 
-    for i, pipe in enumerate(pipelines):
+    for pipe in pipelines:
         for g in (pipe.source, *pipe.stages, *pipe.sinks):
             need = gear_class(g.gear, Gear).min_ring_capacity(g.settings)
             if capacity < need:
@@ -436,10 +348,52 @@ def parse_config(raw: Any, file: str = "<config>", base_dir: Path | None = None)
                         f"egress stream {st.name!r} clashes with the stream {o.stream.name!r} "
                         f"({o.subject}) this gear keeps for its {o.name!r} outlet")
 
+
+def parse_config(raw: Any, file: str = "<config>", base_dir: Path | None = None,
+                 origins: Mapping[str, str] | None = None) -> RigConfig:
+    """Validate an already-parsed rig mapping (keys: ``engine.rigkeys``).
+
+    A relative ``rack.data_dir`` is taken relative to ``base_dir`` (the rig file's folder,
+    so the rack is the same whatever directory ``engine`` runs from), else to the current
+    directory; the result is absolute. ``origins`` (``engine.yamlfile.RigYaml.origins``)
+    marks the values taken from the environment: read from their text, never shown.
+    """
+    top = At(file, origins=origins or {})
+    root = RIG.read(raw, top)
+    if raw is None:
+        raise top.error("empty rig file (expected at least rack and pipelines)")
+
+    rack = root.section("rack")
+    rack_id = rack.string("id")
+    labels = rack.mapping("labels")
+    for k, v in labels.items():
+        if not isinstance(v, str):
+            raise rack.where("labels").key(k).error(f"expected a string, got {_type_name(v)}")
+    data_dir = Path(rack.string("data_dir", default=f"var/{rack_id}"))
+    if not data_dir.is_absolute():
+        data_dir = (base_dir or Path.cwd()) / data_dir
+    data_dir = Path(os.path.normpath(data_dir))
+
+    nats = _nats(root.section("nats"))
+    rings = root.section("rings")
+    capacity = _capacity(rings)
+    batch = rings.integer("batch")
+    placement = _placement(root.section("cpu"))
+    telemetry = _telemetry(root.section("telemetry"), rack_id)
+    egress = _egress(root.section("egress"))
+
+    pipelines = tuple(_pipeline(p) for p in root.sections("pipelines"))
+    if not pipelines:
+        raise top.key("pipelines").error("at least one pipeline is required")
+    pnames = [p.name for p in pipelines]
+    if len(set(pnames)) != len(pnames):
+        raise top.key("pipelines").error(f"duplicate pipeline names: {pnames}")
+    _check_across(pipelines, egress, capacity, rack_id, top)
+
     return RigConfig(
         file=file,
         rack_id=rack_id,
-        labels=dict(labels_raw),
+        labels={k: str(v) for k, v in labels.items()},
         data_dir=data_dir,
         nats=nats,
         ring_capacity=capacity,
@@ -447,5 +401,5 @@ def parse_config(raw: Any, file: str = "<config>", base_dir: Path | None = None)
         placement=placement,
         telemetry=telemetry,
         egress=egress,
-        pipelines=tuple(pipelines),
+        pipelines=pipelines,
     )

@@ -23,11 +23,11 @@ from pathlib import Path
 from engine.config import load_config
 from engine.counters import Counters
 from engine.harness import read_store, start_rack
+from engine.rigs import shipped_rig
 from engine.telemetry import RackProbe, read_state, rows
 
-ROOT = Path(__file__).resolve().parent.parent
-CONFIG = ROOT / "configs" / "demo.yaml"
-SWITCH_CONFIG = ROOT / "configs" / "iso8583-switch.yaml"
+CONFIG = shipped_rig("demo.yaml")  # the checkout's configs/, or the installed copy
+SWITCH_CONFIG = shipped_rig("iso8583-switch.yaml")
 
 
 def run(seconds: float = 20.0, config: Path = CONFIG, workers: int = 2) -> int:

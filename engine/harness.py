@@ -39,7 +39,7 @@ class RackRun:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "engine.cli", "start", "--config", str(config),
                  "--workers", str(workers), "--drain-timeout", str(drain_timeout),
-                 "--ready-fd", str(write), *args],
+                 "--ready-fd", str(write), "--log-file", "-", *args],
                 stdout=stdout, stderr=subprocess.STDOUT, pass_fds=(write,), cwd=cwd,
                 env=env, preexec_fn=preexec_fn)
         finally:

@@ -62,10 +62,15 @@ def set_parent_death_signal(sig: int = signal.SIGTERM) -> None:
     libc.prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0)
 
 
+LOG_MAX_BYTES = 16 * 1024 * 1024  # the server rotates its own log at this size
+LOG_BACKUPS = 5
+
+
 def render_config(*, rack_id: str, host: str, port: int, store_dir: str,
-                  users: Sequence[BusUser] = ()) -> str:
+                  users: Sequence[BusUser] = (), log_file: str | None = None) -> str:
     """nats-server configuration text for a rack (JSON is valid nats-server config syntax);
-    with ``users``, only they may connect (``engine.bus``: roles and permissions)."""
+    with ``users``, only they may connect (``engine.bus``: roles and permissions); with
+    ``log_file``, the server writes its log there in UTC and rotates it by size."""
     conf: dict = {
         "server_name": rack_id,
         "host": host,
@@ -74,6 +79,9 @@ def render_config(*, rack_id: str, host: str, port: int, store_dir: str,
         "max_connections": 1024,
         "jetstream": {"store_dir": store_dir, "domain": rack_id},
     }
+    if log_file:
+        conf.update(log_file=log_file, logfile_size_limit=LOG_MAX_BYTES,
+                    logfile_max_num=LOG_BACKUPS, logtime_utc=True)
     if users:
         conf["authorization"] = {"users": [u.server_entry() for u in users]}
     return json.dumps(conf, indent=2) + "\n"
@@ -109,8 +117,8 @@ class NatsServer:
         store = self.data_dir / "jetstream"
         write_private(self.conf_path, render_config(  # 0600: it holds the users' passwords
             rack_id=self.rack_id, host=self.host, port=self.port, store_dir=str(store),
-            users=self.users))
-        log = open(self.log_path, "ab")
+            users=self.users, log_file=str(self.log_path)))
+        log = open(self.log_path, "ab")  # what it prints before its log is set up (or a panic)
         try:
             self.proc = subprocess.Popen(
                 [nats_server_binary(), "-c", str(self.conf_path)],

@@ -70,9 +70,13 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from engine._ordering import fence, load_acquire, store_release
-from engine._ringcore import read_records, write_records
+from engine._ordering import RING_IN_C, fence, load_acquire, store_release
 from engine.shm import KIND_RING, Segment
+
+if RING_IN_C:
+    from engine._ringcore import read_records, write_records
+else:  # no compiler at install time, or FLUXRIG_PURE_PYTHON=1: see engine._ordering
+    from engine._ringpy import read_records, write_records
 
 # --- layout constants -------------------------------------------------------------------
 

@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from engine._native import code_paths
 from engine.bus import (
     BusAuth,
     BusUser,
@@ -55,6 +56,7 @@ from engine.journal import Journal
 from engine.journal import segment_size as journal_segment_size
 from engine.leftovers import LeftoverError, Leftovers
 from engine.listeners import ListenerError, bind
+from engine.logsetup import set_process_name
 from engine.natsd import NatsServer, set_parent_death_signal
 from engine.plan import (
     STATE_FILE,
@@ -66,6 +68,7 @@ from engine.plan import (
 )
 from engine.ring import Ring
 from engine.ring import segment_size as ring_segment_size
+from engine.service import Notifier, process_title, set_process_title
 from engine.shm import KIND_COUNTERS, KIND_JOURNAL, KIND_RING
 from engine.worker import run_process
 from gears.base import Gear, Sink, Source, gear_class
@@ -137,7 +140,7 @@ class Supervisor:
     """One rack on this machine."""
 
     def __init__(self, cfg: RigConfig, workers: int = 1, drain_timeout: float = 30.0,
-                 ready_fd: int = -1):
+                 ready_fd: int = -1, notifier: Notifier | None = None):
         if workers < 1:
             raise ValueError(f"invalid workers: workers={workers}, rule=>= 1")
         self.cfg = cfg
@@ -160,6 +163,8 @@ class Supervisor:
         self._ready_r = self._ready_w = -1
         self.degraded = ""  # why the rack is degraded (a process crash-looping), or ""
         self.failed = ""  # why the rack gave up (stops with exit code 1), or ""
+        self.left_in_rings = 0  # bytes a timed-out drain left behind
+        self.notifier = notifier or Notifier()
 
     # --- start ----------------------------------------------------------------------------
 
@@ -277,6 +282,16 @@ class Supervisor:
                     log.info("listening: pipeline=%s, gear=%s, address=%s:%d", p.name, g.name,
                              host, socks[-1].getsockname()[1])
                 self.listeners[(p.name, g.name)] = socks
+        tel = self.cfg.telemetry
+        if tel.prometheus_port is not None:  # served by telemetry (engine.metrics_http)
+            try:
+                sock = bind(tel.prometheus_host, tel.prometheus_port, backlog=64)
+            except ListenerError as exc:
+                raise RackStartError(f"{exc} (prometheus endpoint: {self.cfg.file}: "
+                                     f"telemetry.prometheus)") from None
+            log.info("prometheus endpoint: url=http://%s:%d/metrics", tel.prometheus_host,
+                     sock.getsockname()[1])
+            self.listeners[("", "telemetry")] = [sock]
 
     def build_plan(self) -> None:
         """Create rings and counters and the process specs (in start order)."""
@@ -345,6 +360,7 @@ class Supervisor:
         specs: list[ProcessSpec] = []
         specs.append(ProcessSpec(
             name="telemetry", role="telemetry", counters=None,
+            listeners=self.listeners.get(("", "telemetry"), []),
             extra=TelemetryPlan(interval=cfg.telemetry.interval,
                                 prometheus_host=cfg.telemetry.prometheus_host,
                                 prometheus_port=cfg.telemetry.prometheus_port,
@@ -391,6 +407,7 @@ class Supervisor:
             RackStartError: the rack cannot work (say why; nothing is left running).
         """
         self._lock()
+        set_process_title(process_title(self.cfg.rack_id, "supervisor"))
         try:  # before binding: a survivor of the previous run may hold a port
             self.leftovers.scan()
         except LeftoverError as exc:
@@ -445,6 +462,8 @@ class Supervisor:
                 signal.signal(signal.SIGCHLD, signal.SIG_DFL)
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
                 set_parent_death_signal(signal.SIGTERM)
+                set_process_name(child.spec.name)
+                set_process_title(self._title(child.spec))
                 if os.getppid() == 1:  # the supervisor died before prctl took effect
                     os._exit(1)
                 run_process(child.spec, self.runtime)
@@ -461,6 +480,14 @@ class Supervisor:
         child.restart_at = None
         log.info("process started: process=%s, pid=%d, cpu=%s", child.spec.name, pid,
                  child.spec.cpu)
+
+    def _title(self, spec: ProcessSpec) -> str:
+        """``fluxrig <rack> <pipeline.gear> [replica]`` (``egress``, ``telemetry``)."""
+        if spec.gear is None:
+            return process_title(self.cfg.rack_id, spec.role)
+        role = f"{spec.pipeline}.{spec.gear.name}"
+        return process_title(self.cfg.rack_id, role,
+                             spec.replica if spec.name == f"{role}.{spec.replica}" else None)
 
     def _record_error(self, name: str, text: str) -> None:
         """(In a dying child) leave the last error where the supervisor reads it."""
@@ -489,6 +516,7 @@ class Supervisor:
             "status": "failed" if self.failed else "degraded" if self.degraded else "running",
             "ready": self.ready,
             "reason": self.failed or self.degraded,
+            "code_paths": code_paths(),  # C or pure Python per part; children inherit it
             "processes": [
                 {
                     "name": c.spec.name,
@@ -550,10 +578,12 @@ class Supervisor:
             self.failed = reason
             child.restart_at = None
             log.error("rack giving up: %s", reason)
+            self.notifier.send(f"STATUS=giving up: {reason}")
             self._stop_requested = True
         elif n >= DEGRADED_AFTER and not self.degraded:
             self.degraded = reason
             log.error("rack degraded: %s", reason)
+            self.notifier.send(f"STATUS=degraded: {reason}")
         self._write_state()
 
     def _restart_due(self) -> float:
@@ -581,6 +611,7 @@ class Supervisor:
                                  < DEGRADED_AFTER for c in self.children):
             log.info("rack no longer degraded: %s", self.degraded)
             self.degraded = ""
+            self.notifier.send("STATUS=serving")
             changed = True
         if changed:
             self._write_state()
@@ -614,32 +645,37 @@ class Supervisor:
             self.ready = True
             self._write_state()
             log.info("rack ready: rack=%s, processes=%d", self.cfg.rack_id, len(self.children))
-            self._announce(b"READY=1")
+            self._announce_ready()
 
-    def _announce(self, status: bytes) -> None:
-        """Tell whoever waits for us: the ``--ready-fd`` pipe (READY only, then closed) and
-        systemd through ``$NOTIFY_SOCKET`` (a datagram; no library needed)."""
-        if status == b"READY=1" and self.ready_fd >= 0:
+    def _announce_ready(self) -> None:
+        """Tell whoever waits for us: the ``--ready-fd`` pipe ("ready", then closed) and the
+        service manager (``engine.service.Notifier``)."""
+        if self.ready_fd >= 0:
             try:
                 os.write(self.ready_fd, b"ready\n")
                 os.close(self.ready_fd)
             except OSError:
                 pass
             self.ready_fd = -1
-        path = os.environ.get("NOTIFY_SOCKET", "")
-        if path:
-            addr = "\0" + path[1:] if path.startswith("@") else path
-            try:
-                with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-                    sock.sendto(status, addr)
-            except OSError as exc:
-                log.warning("sd_notify failed: socket=%s, error=%s", path, exc)
+        self.notifier.send("READY=1", f"STATUS={self.degraded and 'degraded: '}"
+                           f"{self.degraded or 'serving'}", f"MAINPID={os.getpid()}")
+
+    @property
+    def outcome(self) -> str:
+        """Why the rack stopped the way it did (for the exit message)."""
+        if self.left_in_rings:
+            return f"drain timed out: bytes_left_in_rings={self.left_in_rings}"
+        return self.failed or self.degraded or "clean"
 
     def run(self) -> int:
-        """Supervise until a stop signal, then drain; returns the exit code."""
+        """Supervise until a stop signal, then drain; returns the exit code. The service
+        manager's watchdog is fed from this loop, so a stuck supervisor gets restarted, and
+        no longer once the rack gave up."""
         while not self._stop_requested:
             self._reap()
             timeout = self._restart_due()
+            if not self.failed and (ping := self.notifier.ping()) is not None:
+                timeout = min(timeout, ping)
             self._sleep(timeout)
         return self.drain()
 
@@ -685,14 +721,17 @@ class Supervisor:
     def drain(self) -> int:
         """Stop intake, let rings empty, stop everything, clean up; 0 if nothing was left."""
         log.info("draining: rack=%s", self.cfg.rack_id)
-        self._announce(b"STOPPING=1")
+        # the drain may take drain_timeout plus the stop timeouts below: ask for it
+        budget = self.drain_timeout + 20.0 + 15.0 + 5.0 + 10.0
+        self.notifier.send("STOPPING=1", "STATUS=draining",
+                           f"EXTEND_TIMEOUT_USEC={int(budget * 1e6)}")
         self._stop_children({"source"}, 20.0)  # a switch answers what is in flight first
         deadline = time.monotonic() + self.drain_timeout
         while not self.rings_empty() and time.monotonic() < deadline:
             self._reap()
             self._restart_due()  # a stage that dies while draining still has to finish
             self._sleep(0.05)  # ring positions live in shared memory: no event to wait on
-        left = sum(r.statistics().used for r in self.plan.rings)
+        left = self.left_in_rings = sum(r.statistics().used for r in self.plan.rings)
         self._stop_children({"stage", "sink", "egress"}, 15.0)
         self._stop_children({"telemetry"}, 5.0)
         if self.nats is not None:

@@ -12,10 +12,15 @@ The telemetry process (``run_telemetry``) wraps that core in an asyncio loop tha
 
 * publishes a deterministic-CBOR snapshot on ``fluxrig.stats.<rack>`` (core NATS, fire and
   forget: telemetry must never wait on, or slow, the data path);
-* updates the OpenTelemetry instruments that a Prometheus scrape endpoint exposes.
+* hands the sample to the Prometheus collector (``engine.metrics``) that the scrape endpoint
+  (``engine.metrics_http``, on the socket the supervisor bound) renders.
 
-The OpenTelemetry SDK is created here, in this process only, after the fork: the SDK's
-threads and locks do not survive ``fork`` (opentelemetry-python #2767, #3885).
+Prometheus export goes through a ``prometheus_client`` custom collector, not the
+OpenTelemetry SDK: the SDK's Prometheus exporter cannot export our cumulative bucket counts
+as a histogram (it would need every observation replayed), adds ``otel_scope_*`` labels to
+every series and a unit suffix to names that already hold one. The OpenTelemetry SDK, when
+traces come, is to be created here, in this process only, after the fork: its threads and
+locks do not survive ``fork`` (opentelemetry-python #2767, #3885).
 
 Readers never write to the counters; the data path never waits for telemetry.
 """
@@ -37,6 +42,8 @@ import psutil
 from engine.bus import close_quietly, connect
 from engine.cbor import dumps
 from engine.counters import Counters, CountersSnapshot, StatDef, percentiles
+from engine.metrics import RackCollector
+from engine.metrics_http import MetricsEndpoint
 from engine.plan import STATE_FILE, ProcessSpec, Runtime, TelemetryPlan, signal_ready
 from engine.ring import Ring
 
@@ -66,6 +73,8 @@ class ProcessSample:
     cpu_times: float  # user + system seconds
     rss: int
     stat_defs: tuple[StatDef, ...] = ()  # the gear's named stats, values in counters.stats
+    inputs: int = 0  # input rings (ring_fill means nothing without one)
+    restarts: int = 0  # times the supervisor re-forked it
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -133,6 +142,7 @@ class RackProbe:
                 counters=c.snapshot() if c else None,
                 ring_fill=max(fills, default=0.0), cpu_times=cpu_t, rss=rss,
                 stat_defs=self._defs.get(p["name"], ()),
+                inputs=len(p.get("inputs") or ()), restarts=int(p.get("restarts") or 0),
             ))
         return RackSample(t=time.monotonic(), processes=tuple(out),
                           host_cpu=psutil.cpu_percent(None),
@@ -198,83 +208,6 @@ def snapshot_message(rack_id: str, labels: dict[str, str], sample: RackSample,
     })
 
 
-class _Otel:
-    """OpenTelemetry instruments reading the latest table (created in this process only)."""
-
-    def __init__(self, host: str, port: int, rack_id: str):
-        from opentelemetry.exporter.prometheus import PrometheusMetricReader
-        from opentelemetry.metrics import CallbackOptions, Observation
-        from opentelemetry.sdk.metrics import MeterProvider
-        from opentelemetry.sdk.resources import Resource
-        from prometheus_client import start_http_server
-
-        server, _ = start_http_server(port, addr=host)
-        self.port: int = server.server_port
-        log.info("prometheus endpoint: url=http://%s:%d/metrics", host, self.port)
-        provider = MeterProvider(
-            metric_readers=[PrometheusMetricReader()],
-            resource=Resource.create({"service.name": "fluxrig", "fluxrig.rack": rack_id}),
-        )
-        meter = provider.get_meter("fluxrig")
-        self.table: list[dict[str, Any]] = []
-
-        def observe(field: str, scale: float = 1.0):
-            def callback(options: CallbackOptions):
-                return [Observation(r[field] * scale, {"process": r["name"], "role": r["role"]})
-                        for r in self.table if r.get(field) is not None]
-            return callback
-
-        for field, unit, desc in (
-            ("frames_in", "1", "frames taken from inputs"),
-            ("frames_out", "1", "frames emitted"),
-            ("errors", "1", "frames or events not handled"),
-            ("bytes_in", "By", "payload bytes taken"),
-            ("bytes_out", "By", "payload bytes emitted"),
-            ("ring_full_waits", "1", "waits on a full output ring"),
-        ):
-            meter.create_observable_counter(f"fluxrig.{field}", [observe(field)], unit, desc)
-        meter.create_observable_gauge("fluxrig.latency.p50", [observe("p50_ns", 1e-9)], "s",
-                                      "frame age at this process, median of the interval")
-        meter.create_observable_gauge("fluxrig.latency.p99", [observe("p99_ns", 1e-9)], "s",
-                                      "frame age at this process, 99th percentile")
-        meter.create_observable_gauge("fluxrig.ring.fill", [observe("ring_fill")], "1",
-                                      "fullest input ring, 0..1")
-        meter.create_observable_gauge("fluxrig.process.cpu", [observe("cpu_pct", 0.01)], "1",
-                                      "CPU use of the process, 1 = one core")
-        meter.create_observable_gauge("fluxrig.process.rss", [observe("rss")], "By",
-                                      "resident memory of the process")
-        self.provider = provider
-        self.meter = meter
-        self.defs: dict[str, tuple[StatDef, ...]] = {}  # process -> its gear's stats
-        self._instruments: set[str] = set()
-
-    def register(self, defs: dict[str, tuple[StatDef, ...]]) -> None:
-        """Make an instrument for every gear stat name not seen yet (one per name; the
-        slots of a name differ by labels)."""
-        from opentelemetry.metrics import CallbackOptions, Observation
-
-        self.defs = defs
-        for name, d in {d.name: d for ds in defs.values() for d in ds}.items():
-            if name in self._instruments:
-                continue
-            self._instruments.add(name)
-
-            def callback(options: CallbackOptions, name: str = name):
-                out = []
-                for r in self.table:
-                    for sd in self.defs.get(r["name"], ()):
-                        if sd.name == name:
-                            value = (r.get("stats") or {}).get(sd.key, 0)
-                            out.append(Observation(value, {"process": r["name"],
-                                                           "role": r["role"],
-                                                           **dict(sd.labels)}))
-                return out
-
-            make = (self.meter.create_observable_counter if d.kind == "counter"
-                    else self.meter.create_observable_gauge)
-            make(f"fluxrig.{name}", [callback], "1", d.help)
-
-
 def run_telemetry(spec: ProcessSpec, rt: Runtime) -> None:
     """Process body of the telemetry process."""
     asyncio.run(_telemetry_main(spec, rt))
@@ -286,9 +219,11 @@ async def _telemetry_main(spec: ProcessSpec, rt: Runtime) -> None:
     stopping = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stopping.set)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    otel = None
-    if cfg.prometheus_port is not None:
-        otel = _Otel(cfg.prometheus_host, cfg.prometheus_port, rt.rack_id)
+    collector = RackCollector(rt.rack_id, cfg.labels)
+    endpoint = None
+    if spec.listeners:  # the supervisor bound telemetry.prometheus for us
+        endpoint = MetricsEndpoint(spec.listeners[0], collector.render)
+        await endpoint.start()
     nc = None
     try:
         nc = await connect(rt.nats_url, spec.bus_auth, f"fluxrig-telemetry-{rt.rack_id}",
@@ -309,9 +244,7 @@ async def _telemetry_main(spec: ProcessSpec, rt: Runtime) -> None:
             cur = probe.sample()
             table = rows(prev, cur)
             prev = cur
-            if otel is not None:
-                otel.register({p.name: p.stat_defs for p in cur.processes})
-                otel.table = table
+            collector.update(cur.processes)
             if nc is not None and nc.is_connected:
                 await nc.publish(cfg.subject,
                                  snapshot_message(rt.rack_id, cfg.labels, cur, table))
@@ -321,6 +254,8 @@ async def _telemetry_main(spec: ProcessSpec, rt: Runtime) -> None:
             await asyncio.wait_for(stopping.wait(), cfg.interval)
         except TimeoutError:
             pass
+    if endpoint is not None:
+        await endpoint.close()
     await close_quietly(nc)
     if probe is not None:
         probe.close()

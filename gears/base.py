@@ -8,6 +8,8 @@ Life cycle (all in the gear's own process, after ``fork``):
 1. ``parse_settings(raw, at)`` — a classmethod, run by ``engine check`` and at start, before
    any process exists. Validate everything here and raise ``at.error(...)`` (a
    ``ConfigError`` naming file and key path). Return any object; it is handed to ``__init__``.
+   Declare every key in ``settings_table`` and read through it (``engine.keytable``): it
+   refuses unknown keys, holds defaults and bounds, and is what ``docs/reference.md`` lists.
 2. ``__init__(settings, ctx)`` — in the worker, once per process start (and again after a
    restart: a gear must not rely on state that only lived in a crashed process).
 3. Role-specific calls:
@@ -51,6 +53,7 @@ from engine.bus import BusAuth, Permissions
 from engine.counters import Counters, StatDef, Stats
 from engine.frame import Frame, derive_id  # noqa: F401 - re-exported: part of the gear contract
 from engine.journal import Journal, JournalSpec
+from engine.keytable import Table
 from engine.outlet import Outlet, OutletSpec
 from engine.schema import At
 
@@ -101,13 +104,14 @@ class Gear:
     """Base of every gear; subclass ``Source``, ``Stage`` or ``Sink``."""
 
     role: ClassVar[str] = ""
+    # every settings key with type, default and meaning: parse_settings reads through it and
+    # docs/reference.md is generated from it (engine.keytable)
+    settings_table: ClassVar[Table] = Table("settings", "This gear takes no settings.", ())
 
     @classmethod
     def parse_settings(cls, raw: Any, at: At) -> Any:
         """Validate the ``settings`` mapping of this gear; default: none allowed."""
-        from engine.schema import get_map
-
-        get_map(raw, at, set())
+        cls.settings_table.read(raw, at)
         return None
 
     @classmethod

@@ -12,8 +12,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from engine.schema import SUBJECT_RE, At, get_map, get_str
+from engine.keytable import REQUIRED, STRING, Key, Table
+from engine.schema import SUBJECT_RE, At
 from gears.base import Sink
+
+SETTINGS = Table("egress", "Frames leave the rack into JetStream (published by the rack's "
+                 "egress process).", (
+    Key("subject", STRING, "Subject to publish to; exactly one stream of "
+        "``egress.streams`` must capture it.", REQUIRED, pattern=SUBJECT_RE,
+        rule="a NATS subject without wildcards"),
+))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -25,9 +33,8 @@ class Egress(Sink):
     """Marker gear: frames routed here are published by the egress process."""
 
     to_jetstream = True
+    settings_table = SETTINGS
 
     @classmethod
     def parse_settings(cls, raw: Any, at: At) -> EgressSettings:
-        m = get_map(raw, at, {"subject"})
-        return EgressSettings(subject=get_str(m, "subject", at, pattern=SUBJECT_RE,
-                                              rule="a NATS subject without wildcards"))
+        return EgressSettings(subject=SETTINGS.read(raw, at).string("subject"))

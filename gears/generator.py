@@ -26,8 +26,23 @@ from dataclasses import dataclass
 from typing import Any
 
 from engine.frame import Frame, new_frame
-from engine.schema import At, get_float, get_int, get_map, get_str
+from engine.keytable import CUSTOM, INTEGER, MAP, NUMBER, STRING, Key, Table
+from engine.schema import At
 from gears.base import Source
+
+SETTINGS = Table("generator", "Frames at a set rate, for demos, tests and benchmarks.", (
+    Key("rate", NUMBER, "Frames per second; 0: as fast as backpressure allows.", 1000.0,
+        minimum=0),
+    Key("count", INTEGER, "Stop after this many frames; 0: until the rack stops.", 0,
+        minimum=0),
+    Key("batch", INTEGER, "Frames per emit.", 64, minimum=1, maximum=65536),
+    Key("kind", STRING, "Frame kind.", "demo.reading"),
+    Key("keys", INTEGER, "Cardinality of ``{i}`` in templates (``i = seq % keys``).", 16,
+        minimum=1),
+    Key("headers", MAP, "Frame headers; string values are templates.", items="template"),
+    Key("body", CUSTOM, "Frame body; strings in it are templates (``$seq``, ``$ts``, "
+        "``dev-{i}``).", {"seq": "$seq"}, type_text="any value"),
+))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -58,11 +73,13 @@ def _render(template: Any, seq: int, i: int, ts: int) -> Any:
 class Generator(Source):
     """Produces ``count`` frames (or endless) at ``rate`` frames/s."""
 
+    settings_table = SETTINGS
+
     @classmethod
     def parse_settings(cls, raw: Any, at: At) -> GeneratorSettings:
-        m = get_map(raw, at, {"rate", "count", "batch", "kind", "keys", "headers", "body"})
-        headers = get_map(m.get("headers"), at.key("headers"))
-        body = m.get("body", {"seq": "$seq"})
+        r = SETTINGS.read(raw, at)
+        headers = r.mapping("headers")
+        body = r.raw("body") if r.given("body") else SETTINGS.key("body").default
         for name, tmpl in (("headers", headers), ("body", body)):
             try:
                 _render(tmpl, 0, 0, 0)
@@ -70,15 +87,9 @@ class Generator(Source):
                 raise at.key(name).error(
                     f"bad template: {exc!r} (fields available: seq, i)"
                 ) from exc
-        return GeneratorSettings(
-            rate=get_float(m, "rate", at, 1000.0, exclusive=False),
-            count=get_int(m, "count", at, 0, 0),
-            batch=get_int(m, "batch", at, 64, 1, 65536),
-            kind=get_str(m, "kind", at, default="demo.reading"),
-            keys=get_int(m, "keys", at, 16, 1),
-            headers=dict(headers),
-            body=body,
-        )
+        return GeneratorSettings(rate=r.number("rate"), count=r.integer("count"),
+                                 batch=r.integer("batch"), kind=r.string("kind"),
+                                 keys=r.integer("keys"), headers=dict(headers), body=body)
 
     async def run(self, emit: Callable[[list[Frame]], Awaitable[None]],
                   stopping: asyncio.Event) -> None:

@@ -19,8 +19,19 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from engine.frame import Frame, path_get
-from engine.schema import At, get_list, get_map
+from engine.keytable import LIST, MAP, STRING, Key, Table
+from engine.schema import At
 from gears.base import Stage
+
+SETTINGS = Table("mapping", "Set, copy, rename or drop fields of a frame, and filter frames "
+                 "(applied in this order; paths start with ``headers.`` or ``body.``).", (
+    Key("filter", MAP, "Pass only frames whose path (key) equals the value.",
+        items="value"),
+    Key("copy", MAP, "Destination path (key) <- source path (value).", items="path"),
+    Key("set", MAP, "Path (key) <- constant (value).", items="value"),
+    Key("drop", LIST, "Paths to remove.", items="path"),
+    Key("kind", STRING, "New frame kind; absent: unchanged."),
+))
 
 _MISSING = object()
 
@@ -69,16 +80,14 @@ def _copy_tree(value: Any) -> Any:
 class MappingStage(Stage):
     """Field mapping and filtering."""
 
+    settings_table = SETTINGS
+
     @classmethod
     def parse_settings(cls, raw: Any, at: At) -> MappingSettings:
-        m = get_map(raw, at, {"filter", "copy", "set", "drop", "kind"})
-        flt = get_map(m.get("filter"), at.key("filter"))
-        cp = get_map(m.get("copy"), at.key("copy"))
-        st = get_map(m.get("set"), at.key("set"))
-        drop = get_list(m, "drop", at)
-        kind = m.get("kind")
-        if kind is not None and not isinstance(kind, str):
-            raise at.key("kind").error(f"expected a string, got {type(kind).__name__}")
+        r = SETTINGS.read(raw, at)
+        flt, cp, st = r.mapping("filter"), r.mapping("copy"), r.mapping("set")
+        drop = r.sequence("drop")
+        kind = r.optional_string("kind")
         return MappingSettings(
             filter=tuple((_check_path(k, at.key("filter")), v) for k, v in flt.items()),
             copy=tuple((_check_path(k, at.key("copy")), _check_path(v, at.key("copy").key(k)))

@@ -1,6 +1,6 @@
 """Benchmark engine.cbor against cbor2 on a decoded ISO 8583 0100 body.
 
-Usage: python perf/cbor_bench.py [--json PATH] [--seconds S]
+Usage: python perf/cbor_bench.py [--json PATH] [--seconds S] [--quick]
 
 Each operation is timed with timeit (best of several repeats, so scheduler
 noise only ever makes a figure worse, never better). Before timing, the
@@ -23,6 +23,7 @@ from typing import Any, Callable
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import cbor2  # noqa: E402
+from _inject import install_from_env  # noqa: E402
 
 from engine import cbor  # noqa: E402
 
@@ -84,7 +85,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--seconds", type=float, default=2.0, help="time budget per operation (approx.)"
     )
+    parser.add_argument("--quick", action="store_true", help="--seconds 0.25 (scripts/bench)")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.seconds = min(args.seconds, 0.25)
+    install_from_env()  # FLUXRIG_BENCH_INJECT: a deliberate slowdown, see perf/_inject.py
 
     encoded = cbor.dumps(BODY)
     reference = reference_dumps(BODY)

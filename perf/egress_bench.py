@@ -1,6 +1,6 @@
 """Egress benchmark: frames made durable in a local JetStream (file storage, acked).
 
-    python perf/egress_bench.py [--frames N] [--json PATH]
+    python perf/egress_bench.py [--frames N] [--json PATH] [--quick]
 
 Same frames, same nats-server (started here on a free port, file storage), two ways:
 
@@ -117,7 +117,10 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=1000)
     ap.add_argument("--inflight", type=int, default=8)
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--quick", action="store_true", help="at most 100,000 frames (scripts/bench)")
     args = ap.parse_args()
+    if args.quick:
+        args.frames = min(args.frames, 100_000)
     frames = make_frames(args.frames)
     subject = "bench.events"
     with tempfile.TemporaryDirectory() as d:

@@ -1,7 +1,7 @@
 """Idle switch rack: CPU burnt with no traffic, this tree vs another commit in the same run.
 
     python perf/idle_bench.py [--seconds 30] [--workers 2] [--against REV] [--repeat N]
-                              [--json PATH]
+                              [--json PATH] [--quick]
 
 The rack of ``configs/iso8583-switch.yaml`` as shipped (coat check and SAF on), its issuer
 links up to the issuer simulator, no acquirer: every process of the rack (supervisor,
@@ -9,6 +9,9 @@ switch replicas, egress, telemetry, nats-server) is sampled with psutil before a
 ``--seconds``, and the sum is reported as a percentage of one CPU, per process role too.
 ``--against REV`` runs REV's rack the same way, alternating (REV, this tree, ...
 ``--repeat`` times each), and reports the ratio of the medians.
+
+Memory: RSS and PSS summed over the same processes at the end of the interval (bar, issue
+"Operations": PSS <= 150 MB with ``--workers 2``, nats-server included).
 
 Bar (issue "Rack: survive"): < 2% of one CPU with ``--workers 2`` (3.8% measured on
 2026-11-27, before the switch's timers were armed at the next deadline).
@@ -33,6 +36,23 @@ from engine.demo import start_issuer_simulator
 from engine.natsd import free_port
 
 BAR = 2.0  # percent of one CPU
+PSS_BAR = 150.0  # MB, all processes of the idle rack with --workers 2, nats-server included
+
+
+def _memory(rack_pid: int) -> tuple[float, float]:
+    """(RSS, PSS) in MB summed over the rack's processes. PSS splits each shared page
+    between the processes that map it, so the sum is what the rack costs the machine; RSS
+    counts shared pages (interpreter, libraries, rings) once per process."""
+    rss = pss = 0
+    root = psutil.Process(rack_pid)
+    for p in [root, *root.children(recursive=True)]:
+        try:
+            info = p.memory_full_info()
+        except psutil.Error:
+            continue
+        rss += info.rss
+        pss += info.pss
+    return rss / 1e6, pss / 1e6
 
 
 def _names(data_dir: Path, rack_pid: int) -> dict[int, str]:
@@ -68,6 +88,7 @@ def measure(root: Path, tmp: Path, issuer_port: int, seconds: float, workers: in
         time.sleep(seconds)  # measuring an interval of doing nothing: nothing to await
         after = _cpu(rack.pid, names)
         wall = time.monotonic() - t0
+        rss, pss = _memory(rack.pid)
     finally:
         stop_rack(rack)
         shutil.rmtree(data_dir, ignore_errors=True)
@@ -76,7 +97,8 @@ def measure(root: Path, tmp: Path, issuer_port: int, seconds: float, workers: in
         used = cpu - before.get(pid, (role, 0.0))[1]
         roles[role] = roles.get(role, 0.0) + used / wall * 100
     return {"total_pct": round(sum(roles.values()), 3),
-            "roles_pct": {k: round(v, 3) for k, v in sorted(roles.items())}}
+            "roles_pct": {k: round(v, 3) for k, v in sorted(roles.items())},
+            "rss_mb": round(rss, 1), "pss_mb": round(pss, 1)}
 
 
 def main() -> int:
@@ -87,7 +109,10 @@ def main() -> int:
     ap.add_argument("--against", metavar="REV")
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--quick", action="store_true", help="at most 8 s (scripts/bench)")
     args = ap.parse_args()
+    if args.quick:
+        args.seconds = min(args.seconds, 8.0)
     issuer_port = free_port()
     issuer = start_issuer_simulator(["--port", str(issuer_port), "--rule", "4=00"], 1)
     tmp = Path(tempfile.mkdtemp(prefix="idle-bench-"))
@@ -133,9 +158,17 @@ def main() -> int:
         ratio = flux["total_pct"] / other["total_pct"] if other["total_pct"] else 0.0
         line += f" {other['total_pct']:14.2f}   ratio {ratio:.2f}x"
     print(line)
+    line = f"{'memory RSS / PSS MB':<22} {flux['rss_mb']:5.0f}/{flux['pss_mb']:.0f}"
+    if other is not None:
+        line += f" {other['rss_mb']:9.0f}/{other['pss_mb']:.0f}"
+    print(line)
     ok = flux["total_pct"] < BAR
     print(f"bar: idle < {BAR:g}% of one CPU: {flux['total_pct']:.2f}% — "
           f"{'PASS' if ok else 'FAIL'}")
+    mem_ok = flux["pss_mb"] <= PSS_BAR
+    print(f"bar: idle PSS <= {PSS_BAR:g} MB: {flux['pss_mb']:.0f} MB (RSS {flux['rss_mb']:.0f} MB)"
+          f" — {'PASS' if mem_ok else 'FAIL'}")
+    ok = ok and mem_ok
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({

@@ -1,6 +1,6 @@
 """Pipeline benchmark: a whole rack, generator -> 2 mapping stages -> egress -> JetStream.
 
-    python perf/pipeline_bench.py [--frames N] [--idle-seconds S] [--json PATH]
+    python perf/pipeline_bench.py [--frames N] [--idle-seconds S] [--json PATH] [--quick]
 
 For ``--workers 1`` and ``--workers 2`` (same run, same machine): starts ``engine start`` on a
 generated rig (generator at full speed, ``count`` = N), waits until egress has N acks, and
@@ -112,7 +112,11 @@ def main() -> int:
     ap.add_argument("--frames", type=int, default=100_000)
     ap.add_argument("--idle-seconds", type=float, default=10.0)
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--quick", action="store_true",
+                    help="at most 50,000 frames and 3 idle seconds (scripts/bench)")
     args = ap.parse_args()
+    if args.quick:
+        args.frames, args.idle_seconds = min(args.frames, 50_000), min(args.idle_seconds, 3.0)
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
         results = [run_pipeline(d, w, args.frames) for w in (1, 2)]

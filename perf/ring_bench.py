@@ -66,6 +66,7 @@ from _rivals import (  # noqa: E402
     iceoryx2_problem,
     make_batch,
 )
+from _inject import install_from_env  # noqa: E402
 from engine.ring import Ring  # noqa: E402
 
 SIZES = (64, 200, 4096)
@@ -678,6 +679,7 @@ def main(argv: list[str] | None = None) -> int:
              "mp.Queue baseline always runs)",
     )
     args = parser.parse_args(argv)
+    install_from_env()  # FLUXRIG_BENCH_INJECT, before the children fork: see perf/_inject.py
 
     pin = Pinning.detect()
     info = machine_info(pin)

@@ -2,7 +2,7 @@
 optionally vs fluxrig at another commit (regression check), all in the same run.
 
     python perf/switch_bench.py [--seconds 60] [--p99-seconds 20] [--workers 2] [--coatcheck]
-                                [--against REV] [--repeat N] [--json PATH]
+                                [--against REV] [--repeat N] [--json PATH] [--quick]
 
 ``--against REV`` checks out REV (``git worktree``, extensions built in place), runs its rack
 with the same config, load and issuer, and reports TPS and CPU per transaction of this tree
@@ -81,6 +81,8 @@ def switch_rig_file(tmp: Path, issuer_port: int, coatcheck: bool, idle_spin_us: 
     data_dir = tmp / f"rack-{'coat' if coatcheck else 'plain'}-{time.monotonic_ns()}"
     cfg["rack"]["data_dir"] = str(data_dir)
     cfg["egress"]["streams"][0]["subjects"] = ["fluxrig.bench.txn"]
+    if (cfg.get("telemetry") or {}).get("prometheus"):  # on, as shipped, but not on a fixed port
+        cfg["telemetry"]["prometheus"]["port"] = free_port()
     pipeline = cfg["pipelines"][0]
     pipeline["sinks"][0]["settings"]["subject"] = "fluxrig.bench.txn"
     s = pipeline["source"]["settings"]
@@ -188,7 +190,11 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=1,
                     help="with --against: alternate runs of each this many times (median)")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--quick", action="store_true",
+                    help="at most 10 s at max rate and 5 s at 2,000 TPS (scripts/bench)")
     args = ap.parse_args()
+    if args.quick:
+        args.seconds, args.p99_seconds = min(args.seconds, 10.0), min(args.p99_seconds, 5.0)
     global SAF
     SAF = not args.no_saf
     issuer_port = free_port()

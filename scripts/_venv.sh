@@ -10,12 +10,12 @@ ensure_venv() {
     if [ ! -x "$VENV/bin/python" ]; then
         "$py" -m venv "$VENV"
     fi
-    local stamp="$VENV/.fluxrig-$extras.stamp"
+    local stamp="$VENV/.fluxrig-${extras:-base}.stamp"
     local want
     want="$(cat pyproject.toml setup.py engine/*.c | sha256sum | cut -d' ' -f1)"
     if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
         "$VENV/bin/python" -m pip install --quiet --upgrade pip >/dev/null
-        "$VENV/bin/python" -m pip install --quiet -e ".[$extras]"
+        "$VENV/bin/python" -m pip install --quiet -e ".${extras:+[$extras]}"  # "": no extras
         echo "$want" >"$stamp"
     fi
 }

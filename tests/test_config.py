@@ -72,7 +72,7 @@ def test_demo_config_loads_with_the_values_of_the_yaml():
     assert cfg.ring_batch == 256
     assert cfg.placement == "auto"
     assert cfg.telemetry.interval == 1.0
-    assert (cfg.telemetry.prometheus_host, cfg.telemetry.prometheus_port) == ("127.0.0.1", 0)
+    assert (cfg.telemetry.prometheus_host, cfg.telemetry.prometheus_port) == ("127.0.0.1", 9465)
     assert cfg.telemetry.subject == "fluxrig.stats.demo"
 
     assert [s.name for s in cfg.egress.streams] == ["DEMO"]
@@ -114,8 +114,8 @@ def test_minimal_config_gets_the_documented_defaults():
 
 @pytest.mark.parametrize(
     ("value", "size"),
-    [(4096, 4096), ("4MiB", 4 << 20), ("4M", 4 << 20), ("4 mib", 4 << 20), ("512K", 512 << 10),
-     ("1GiB", 1 << 30), ("2048", 2048)],
+    [(4096, 4096), ("4MiB", 4 << 20), ("4Mi", 4 << 20), ("4 mib", 4 << 20),
+     ("512Ki", 512 << 10), ("1GiB", 1 << 30), ("2048", 2048), ("0.5MiB", 1 << 19)],
 )
 def test_ring_capacity_sizes(value, size):
     cfg = parse_config(_changed({"rings.capacity": value}), FILE)
@@ -174,7 +174,17 @@ BAD = [
     ("capacity-too-small", {"rings.capacity": 512},
      "rings.capacity: must be a power of two >= 1024, got 512"),
     ("capacity-bad-size", {"rings.capacity": "4 parsecs"},
-     "rings.capacity: expected a size like 4194304 or '4MiB', got '4 parsecs'"),
+     "rings.capacity: expected a size: bytes, or a number with a unit: 4MiB, 512Ki (powers of "
+     "1024) or 4MB, 4M (of 1000); got '4 parsecs'"),
+    ("capacity-si-megabytes", {"rings.capacity": "4MB"},
+     "rings.capacity: must be a power of two >= 1024, got 4000000 (KB, MB, GB are powers of "
+     "1000: write KiB, MiB, GiB for powers of 1024)"),
+    ("capacity-si-m", {"rings.capacity": "4M"},
+     "rings.capacity: must be a power of two >= 1024, got 4000000 (KB, MB, GB are powers of "
+     "1000: write KiB, MiB, GiB for powers of 1024)"),
+    ("capacity-float", {"rings.capacity": 4096.0},
+     "rings.capacity: expected a size: bytes, or a number with a unit: 4MiB, 512Ki (powers of "
+     "1024) or 4MB, 4M (of 1000); got float"),
     ("capacity-absurd", {"rings.capacity": 2**80},
      f"rings.capacity: must be <= {min(1 << 30, _shm())} (1 GiB, and what /dev/shm holds: "
      f"{_shm()}), got {2**80}"),
@@ -198,7 +208,8 @@ BAD = [
     ("interval-negative", {"telemetry.interval": -1}, "telemetry.interval: must be > 0.0, got -1"),
     ("interval-zero", {"telemetry.interval": 0}, "telemetry.interval: must be > 0.0, got 0"),
     ("interval-str", {"telemetry.interval": "fast"},
-     "telemetry.interval: expected a number, got str"),
+     "telemetry.interval: expected a duration: seconds, or a number with a unit: 250ms, 1.5s, "
+     "1m, 2h (us, ms, s, m, h); got 'fast'"),
     ("telemetry-subject-wildcard", {"telemetry.subject": "fluxrig.stats.*"},
      "telemetry.subject: invalid value 'fluxrig.stats.*' "
      "(expected a NATS subject without wildcards)"),

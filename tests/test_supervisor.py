@@ -253,8 +253,8 @@ def test_prometheus_endpoint_exports_the_counters(tmp_path):
                       30, "egress frames_out = 2000 on /metrics")
         text = scrape()
         assert value(text, "fluxrig_frames_out_total", "p.source") == 2000
-        assert value(text, "fluxrig_latency_p99_seconds", "egress") > 0
-        assert value(text, "fluxrig_ring_fill", "p.s0.0") is not None
+        assert value(text, "fluxrig_latency_seconds_count", "egress") == 2000
+        assert value(text, "fluxrig_ring_fill_ratio", "p.s0.0") is not None
     finally:
         rack.stop()
         rack.close()
@@ -278,30 +278,6 @@ def test_file_sink_rig_writes_every_frame_as_a_json_line(tmp_path):
     lines = (tmp_path / "data" / "out" / "events.jsonl").read_text().splitlines()
     seqs = sorted(json.loads(line)["body"]["seq"] for line in lines)
     assert seqs == list(range(3000))
-
-
-def test_readiness_reaches_the_ready_fd_and_systemds_notify_socket(tmp_path):
-    """Ready means every process serves: written to --ready-fd once and sent as READY=1 to
-    $NOTIFY_SOCKET (what systemd's Type=notify waits for); STOPPING=1 when it drains."""
-    import socket as socketlib
-
-    from engine.harness import RackRun
-
-    notify = socketlib.socket(socketlib.AF_UNIX, socketlib.SOCK_DGRAM)
-    notify.bind(str(tmp_path / "notify.sock"))
-    notify.settimeout(30)
-    env = dict(os.environ, NOTIFY_SOCKET=str(tmp_path / "notify.sock"))
-    run = RackRun(rig(tmp_path, uid("t-ready"), count=10, rate=0), env=env)
-    try:
-        run.wait_ready(60)
-        assert notify.recv(64) == b"READY=1"
-        state = json.loads((tmp_path / "data" / "state.json").read_text())
-        assert state["ready"] is True and state["status"] == "running"
-        assert run.stop() == 0
-        assert notify.recv(64) == b"STOPPING=1"
-    finally:
-        run.kill()
-        notify.close()
 
 
 def test_a_rack_that_dies_before_it_is_ready_is_reported_not_waited_for(tmp_path):

@@ -13,9 +13,16 @@ from dataclasses import dataclass
 from typing import Any
 
 from engine.frame import Frame
-from engine.schema import At, get_bool, get_map, get_str
+from engine.keytable import BOOLEAN, REQUIRED, STRING, Key, Table
+from engine.schema import At
 from gears.base import GearContext, Sink
 from gears.io.jsonl import frame_json
+
+SETTINGS = Table("file", "Appends frames as JSON lines to a file.", (
+    Key("path", STRING, "The file; a relative path is under the rack's data dir.", REQUIRED),
+    Key("fsync", BOOLEAN, "fsync after every batch (survives a power cut, costs a disk "
+        "flush per batch).", False),
+))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -27,10 +34,12 @@ class FileSettings:
 class FileSink(Sink):
     """Append-only JSON-lines file."""
 
+    settings_table = SETTINGS
+
     @classmethod
     def parse_settings(cls, raw: Any, at: At) -> FileSettings:
-        m = get_map(raw, at, {"path", "fsync"})
-        return FileSettings(path=get_str(m, "path", at), fsync=get_bool(m, "fsync", at, False))
+        r = SETTINGS.read(raw, at)
+        return FileSettings(path=r.string("path"), fsync=r.boolean("fsync"))
 
     def __init__(self, settings: FileSettings, ctx: GearContext):
         super().__init__(settings, ctx)

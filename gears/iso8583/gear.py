@@ -26,7 +26,7 @@ from gears.base import Source
 from gears.coatcheck import KeyRing
 from gears.iso8583.core import SAF, stat_defs
 from gears.iso8583.saf import SafSender, dead_letter_stream, queue_subject
-from gears.iso8583.settings import SwitchSettings, parse_switch_settings
+from gears.iso8583.settings import SETTINGS, SwitchSettings, parse_switch_settings
 from gears.iso8583.switch import SwitchShell
 
 __all__ = ["SwitchGear", "saf_outlet", "spin_before_sleep"]
@@ -74,6 +74,7 @@ class SwitchGear(Source):
 
     replicated = True
     signals_ready = True  # once listening, and its issuers reached (or a moment passed)
+    settings_table = SETTINGS
 
     @classmethod
     def parse_settings(cls, raw: Any, at: At) -> SwitchSettings:

@@ -14,6 +14,7 @@ loop, as fast as the switch answers).
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -68,6 +69,7 @@ class LoadReport:
     seconds: float = 0.0
     latencies_ns: list[int] = field(default_factory=list)
     connect_errors: int = 0
+    connect_error: str = ""  # the last one, e.g. "127.0.0.1:8583: Connection refused"
 
     @property
     def ok(self) -> bool:
@@ -90,7 +92,8 @@ class LoadReport:
             "cross_wired": self.cross_wired, "lost": self.lost,
             "p50_ms": pct(50), "p90_ms": pct(90), "p99_ms": pct(99),
             "max_ms": None if lat is None else round(float(lat.max()) / 1e6, 3),
-            "connect_errors": self.connect_errors, "ok": self.ok,
+            "connect_errors": self.connect_errors, "connect_error": self.connect_error,
+            "ok": self.ok,
         }
 
 
@@ -199,8 +202,10 @@ class LoadGenerator:
             try:
                 _, conn = await loop.create_connection(
                     lambda t=terminal: _Conn(self, t, self._templates(t)), cfg.host, cfg.port)
-            except OSError:
+            except OSError as exc:
                 self.report.connect_errors += 1
+                reason = os.strerror(exc.errno) if exc.errno else str(exc)
+                self.report.connect_error = f"{cfg.host}:{cfg.port}: {reason}"
                 continue
             self.conns.append(conn)
         if not self.conns:

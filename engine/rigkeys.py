@@ -1,0 +1,149 @@
+"""Every key of a rig file, as key tables (``engine.keytable``): what ``engine.config``
+reads and what ``docs/reference.md`` lists (gear settings are in each gear's own table).
+
+Defaults, bounds and meanings live here once; the parser takes them from these entries.
+"""
+
+from __future__ import annotations
+
+import re
+
+from engine.keytable import (
+    CUSTOM,
+    DURATION,
+    INTEGER,
+    LIST,
+    MAP,
+    REQUIRED,
+    SECTION,
+    SECTIONS,
+    SIZE,
+    STRING,
+    Computed,
+    Key,
+    Table,
+)
+from engine.schema import NAME_RE, SUBJECT_RE
+
+NAME_RULE = "lowercase letters, digits, '-' or '_', at most 32 characters"
+STREAM_NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+RACK = Table("rack", "The rack itself.", (
+    Key("id", STRING, "The rack's name; its shared-memory segments, NATS users and stats "
+        "subject carry it.", REQUIRED, pattern=NAME_RE, rule=NAME_RULE),
+    Key("labels", MAP, "Free labels (site, role, ...) reported with the rack's stats.",
+        items="string"),
+    Key("data_dir", STRING, "Lock, state, logs, bus credentials and the JetStream store; a "
+        "relative path is taken from the rig file's folder.", Computed("var/<rack.id>")),
+))
+
+NATS_TLS = Table("nats.auth.tls", "TLS to an external NATS (files must exist).", (
+    Key("ca", STRING, "CA bundle (PEM) that signed the server's certificate.", ""),
+    Key("cert", STRING, "Client certificate (PEM).", ""),
+    Key("key", STRING, "Client private key (PEM).", ""),
+))
+
+NATS_AUTH = Table("nats.auth", "Credentials for an external ``nats.url``.", (
+    Key("user", STRING, "User name (with ``password_env``).", ""),
+    Key("password_env", STRING, "Environment variable holding the password.", ""),
+    Key("token_env", STRING, "Environment variable holding a token.", ""),
+    Key("creds_file", STRING, "NATS credentials file (JWT + seed).", ""),
+    Key("nkey_seed_file", STRING, "NKey seed file.", ""),
+    Key("tls", SECTION, "TLS settings.", table=NATS_TLS),
+))
+
+NATS_USER = Table("nats.users[]", "An operator's read-only user of the embedded server.", (
+    Key("name", STRING, "User name (not one of the rack's own: admin, egress, telemetry).",
+        REQUIRED, pattern=NAME_RE, rule=NAME_RULE),
+    Key("password_env", STRING, "Environment variable holding the user's password.",
+        REQUIRED),
+    Key("streams", LIST, "Streams the user may read.", REQUIRED, items="stream name"),
+))
+
+NATS = Table("nats", "The rack's NATS: an external server (``url``) or an embedded one.", (
+    Key("url", STRING, "External server, ``nats://`` or ``tls://``; absent: the rack runs "
+        "its own nats-server."),
+    Key("host", STRING, "Embedded server: listen address.", "127.0.0.1"),
+    Key("port", INTEGER, "Embedded server: port; 0 picks a free port at the first start "
+        "and keeps it.", 0, minimum=0, maximum=65535),
+    Key("auth", SECTION, "Credentials for ``url`` (the embedded server makes its own "
+        "users).", table=NATS_AUTH),
+    Key("users", SECTIONS, "Read-only users of the embedded server.", table=NATS_USER),
+))
+
+RINGS = Table("rings", "Shared-memory rings between processes.", (
+    Key("capacity", SIZE, "Bytes of each ring's data region: a power of two, at least "
+        "1024, at most 1 GiB and what /dev/shm holds.", 4 << 20),
+    Key("batch", INTEGER, "Frames read from a ring per batch.", 256, minimum=1,
+        maximum=65536),
+))
+
+CPU = Table("cpu", "Pinning processes to CPUs.", (
+    Key("placement", CUSTOM, "``auto`` pins each process to a CPU of its own where it can, "
+        "``none`` leaves placement to the kernel, a mapping names the CPU of each process.",
+        "auto", type_text="'auto', 'none' or a mapping: process name -> CPU number"),
+))
+
+PROMETHEUS = Table("telemetry.prometheus", "The Prometheus endpoint (absent or null: off).", (
+    Key("host", STRING, "Listen address.", "127.0.0.1"),
+    Key("port", INTEGER, "Port; 0 picks a free one (see rack.log).", 9464, minimum=0,
+        maximum=65535),
+))
+
+TELEMETRY = Table("telemetry", "Stats sampling and export.", (
+    Key("interval", DURATION, "Sampling interval (the rate window).", 1.0, minimum=0,
+        exclusive=True, maximum=3600),
+    Key("prometheus", SECTION, "Prometheus endpoint; absent or null: none.",
+        table=PROMETHEUS),
+    Key("subject", STRING, "NATS subject of the stats snapshots.",
+        Computed("fluxrig.stats.<rack.id>"), pattern=SUBJECT_RE,
+        rule="a NATS subject without wildcards"),
+))
+
+STREAM = Table("egress.streams[]", "A JetStream stream that egress creates and owns.", (
+    Key("name", STRING, "Stream name.", REQUIRED, pattern=STREAM_NAME_RE,
+        rule="letters, digits, '-' or '_'"),
+    Key("subjects", LIST, "Subjects it captures (wildcards allowed); every egress sink's "
+        "subject must be captured by exactly one stream.", REQUIRED, items="subject pattern"),
+    Key("storage", STRING, "Where JetStream keeps it.", "file", choices=("file", "memory")),
+    Key("max_age", DURATION, "Age at which messages are removed; 0: kept until removed "
+        "otherwise.", 0.0, minimum=0),
+    Key("duplicate_window", DURATION, "How long JetStream remembers message ids to drop "
+        "duplicates (a replayed batch).", 120.0, minimum=0, exclusive=True, maximum=86_400),
+))
+
+EGRESS = Table("egress", "Rings -> JetStream.", (
+    Key("streams", SECTIONS, "Streams egress creates and owns.", table=STREAM),
+    Key("batch", INTEGER, "Frames per publish batch.", 1000, minimum=1, maximum=100_000),
+    Key("max_inflight", INTEGER, "Batches published and not yet acknowledged.", 8,
+        minimum=1, maximum=1024),
+    Key("ack_timeout", DURATION, "How long to wait for JetStream's acknowledgement.", 5.0,
+        minimum=0, exclusive=True, maximum=600),
+))
+
+GEAR = Table("gear", "One gear of a pipeline.", (
+    Key("name", STRING, "Name in the pipeline (unique there).",
+        Computed("source, stage<i> or sink<i>"), pattern=NAME_RE, rule=NAME_RULE),
+    Key("gear", STRING, "The registered gear (see Gears below).", REQUIRED),
+    Key("settings", CUSTOM, "The gear's settings (see Gears below).",
+        type_text="mapping: the gear's settings"),
+))
+
+PIPELINE = Table("pipelines[]", "A chain: one source, stages in order, one sink.", (
+    Key("name", STRING, "Pipeline name.", REQUIRED, pattern=NAME_RE, rule=NAME_RULE),
+    Key("key", STRING, "Frame path choosing the lane of a frame (``headers.device``); "
+        "absent: round robin by source batch."),
+    Key("source", SECTION, "The source gear (required).", table=GEAR),
+    Key("stages", SECTIONS, "Stage gears, in order.", table=GEAR),
+    Key("sinks", SECTIONS, "Sink gears (one for now).", REQUIRED, table=GEAR),
+))
+
+RIG = Table("rig file", "The top level of a rig file.", (
+    Key("rack", SECTION, "The rack (``rack.id`` is required).", table=RACK),
+    Key("nats", SECTION, "NATS.", table=NATS),
+    Key("rings", SECTION, "Rings.", table=RINGS),
+    Key("cpu", SECTION, "CPU placement.", table=CPU),
+    Key("telemetry", SECTION, "Telemetry.", table=TELEMETRY),
+    Key("egress", SECTION, "Egress.", table=EGRESS),
+    Key("pipelines", SECTIONS, "The pipelines (at least one).", REQUIRED, table=PIPELINE),
+))

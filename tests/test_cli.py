@@ -1,0 +1,113 @@
+"""The ``engine`` command line as a user meets it: help, version, errors without tracebacks,
+the README's examples, exit codes."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from importlib.metadata import version
+from pathlib import Path
+
+import typer.main
+import yaml
+from rackutil import switch_rig, uid
+from typer.testing import CliRunner
+
+from engine.cli import app
+from engine.natsd import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+runner = CliRunner()
+
+
+def _engine(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "engine.cli", *args], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def _commands(group, prefix=()):
+    for name, cmd in group.commands.items():
+        if hasattr(cmd, "commands"):
+            yield from _commands(cmd, (*prefix, name))
+        else:
+            yield (*prefix, name), cmd
+
+
+def test_version_flag_and_command_agree():
+    out = runner.invoke(app, ["--version"])
+    assert out.exit_code == 0 and out.stdout.strip() == version("fluxrig")
+    assert runner.invoke(app, ["version"]).stdout.splitlines()[0].endswith(version("fluxrig"))
+
+
+def test_every_option_of_every_command_has_help_and_no_rst_markup():
+    root = typer.main.get_command(app)
+    missing = []
+    for path, cmd in _commands(root):
+        assert cmd.help and "``" not in cmd.help, path
+        for param in cmd.params:
+            if param.param_type_name == "option" and not param.help:
+                missing.append(f"{' '.join(path)} {param.opts[0]}")
+    assert missing == []
+
+
+def test_short_w_means_workers_only():
+    start = typer.main.get_command(app).commands["start"]  # type: ignore[attr-defined]
+    status = typer.main.get_command(app).commands["status"]  # type: ignore[attr-defined]
+    assert any("-w" in p.opts and "--workers" in p.opts for p in start.params)
+    assert not any("-w" in p.opts for p in status.params)
+
+
+def test_iso_encode_bad_json_is_an_error_not_a_traceback():
+    cases = {
+        "null": "expected a JSON object of fields, got NoneType",
+        "[" * 50_000 + "]" * 50_000: "invalid JSON: nested too deeply",
+        '{"t": "0800", "11": {"a": 1}}': "field 11: expected a string value, got dict",
+        "{": "invalid JSON: Expecting property name",
+    }
+    for text, message in cases.items():
+        out = runner.invoke(app, ["iso", "encode", text])
+        assert out.exit_code == 2, (text[:20], out.output)
+        assert message in out.stderr
+        assert out.exception is None or isinstance(out.exception, SystemExit)
+
+
+def test_readme_iso_examples_round_trip():
+    readme = (ROOT / "README.md").read_text()
+    encoded = re.search(r"^engine iso encode '(\{.*\})'", readme, re.M)
+    decoded = re.search(r"^engine iso decode ([0-9a-f]+)", readme, re.M)
+    assert encoded and decoded
+    out = runner.invoke(app, ["iso", "encode", encoded.group(1)])
+    assert out.exit_code == 0 and out.stdout.strip() == decoded.group(1)
+    out = runner.invoke(app, ["iso", "decode", decoded.group(1)])
+    assert out.exit_code == 0 and '"70": "301"' in out.stdout
+
+
+def test_iso_load_against_a_closed_port_says_why():
+    port = free_port()  # nobody listens there
+    out = _engine("iso", "load", "--port", str(port), "--connections", "2", "--count", "5")
+    assert out.returncode == 1
+    assert f"last error: 127.0.0.1:{port}: Connection refused" in out.stderr
+    assert "FAILED (nothing sent)" in out.stdout
+    assert "Traceback" not in out.stderr
+
+
+def test_keys_rotate_refuses_a_rig_without_coat_check(tmp_path):
+    path = switch_rig(tmp_path, uid("t-keys"), free_port(), free_port())
+    out = _engine("keys", "rotate", "--config", str(path))
+    assert out.returncode == 1
+    assert "no gear has coat check enabled" in out.stderr
+    assert not (tmp_path / "data" / "vault.keys").exists()
+    cfg = yaml.safe_load(path.read_text())
+    cfg["pipelines"][0]["source"]["settings"]["coatcheck"] = {"enabled": True}
+    path.write_text(yaml.safe_dump(cfg))
+    out = _engine("keys", "rotate", "--config", str(path))
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "data" / "vault.keys").exists()
+
+
+def test_readme_documents_every_exit_code():
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Exit codes"):]
+    for code in ("0", "1", "2", "3"):
+        assert re.search(rf"^\| `{code}` \|", section, re.M), code
