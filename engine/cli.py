@@ -493,6 +493,47 @@ def iso_encode(
 
 
 @app.command()
+def bench(
+    config: Path = typer.Argument(..., help="rig file (YAML) to run and drive",
+                                  show_default=False),
+    duration: str = typer.Option("20s", help="how long to drive it: seconds, or 20s, 2m"),
+    workers: int = typer.Option(1, "--workers", "-w", help="replicas of every stage, as "
+                                "engine start --workers"),
+    rate: float = typer.Option(None, help="ISO rigs: requests/s in total; default: max rate "
+                               "(closed loop)", show_default=False),
+    connections: int = typer.Option(None, help="ISO rigs: acquirer connections (default 50)",
+                                    show_default=False),
+    issuer_sim: bool = typer.Option(False, "--issuer-sim", help="ISO rigs: serve the "
+                                    "127.0.0.1 issuers nobody listens for with the issuer "
+                                    "simulator"),
+    json_out: Path = typer.Option(None, "--json", help="write the figures and the machine "
+                                  "fingerprint to this JSON file", show_default=False),
+    baseline: Path = typer.Option(None, "--compare", help="a previous engine bench --json of "
+                                  "the same rig: exit 1 when throughput fell or CPU per "
+                                  "message rose beyond --band", show_default=False),
+    band: str = typer.Option("10%", help="change allowed against --compare: 10% or 0.1"),
+    force: bool = typer.Option(False, "--force", help="compare with a baseline of other rig "
+                               "content or load options all the same"),
+) -> None:
+    """Run a rig as a rack, drive it with its source's load (ISO load generator, or the
+    generator itself) for a duration, drain it; print throughput, latency percentiles, CPU
+    per message and peak RSS/PSS. Figures compare only with a baseline from this machine."""
+    from engine.bench import BenchError, parse_band, parse_duration_option
+    from engine.benchrun import BenchFailed, prepare, run
+
+    try:
+        spec = prepare(config, duration=parse_duration_option(duration), workers=workers,
+                       rate=rate, connections=connections, issuer_sim=issuer_sim,
+                       baseline=baseline, band=parse_band(band), force=force)
+        code = run(spec, json_out=json_out, echo=typer.echo)
+    except BenchError as exc:
+        _fail(exc)
+    except BenchFailed as exc:
+        _fail(exc, exc.code)
+    raise typer.Exit(code)
+
+
+@app.command()
 def demo(seconds: float = typer.Option(20.0, help="how long to run"),
          pipeline: bool = typer.Option(False, "--pipeline",
                                        help="the generic generator rig instead of the switch")) -> None:
@@ -504,6 +545,13 @@ def demo(seconds: float = typer.Option(20.0, help="how long to run"),
 
 def main() -> None:
     """Console-script entry point."""
+    from engine._native import pure_forced
+
+    try:  # checked once here, so no command meets it as a traceback at its first import
+        pure_forced()
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise SystemExit(2) from None
     app()
 if __name__ == "__main__":
     main()

@@ -71,6 +71,9 @@ def _summary(file: str, cfg: RigConfig) -> CheckResult:
         (f"{p.name}.{g.name}", host, port)
         for p in cfg.pipelines for g in (p.source, *p.stages, *p.sinks)
         for host, port in gear_class(g.gear, Gear).listeners(g.settings))
+    tel = cfg.telemetry
+    if tel.prometheus_port is not None:  # bound by the supervisor too: it can be busy
+        listeners += (("telemetry.prometheus", tel.prometheus_host, tel.prometheus_port),)
     return CheckResult(
         file=file, ok=True, rack=cfg.rack_id, data_dir=str(cfg.data_dir),
         nats=masked_url(nats.url) if nats.url else

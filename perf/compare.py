@@ -43,8 +43,9 @@ from pathlib import Path
 
 from fingerprint import differences
 
-K = 2.0
-MAX_BAND = 0.5  # a baseline noisier than this cannot tell a regression from a bad run
+from engine.benchkit import MAX_BAND, K, spread, verdict
+from engine.benchkit import band as noise_band
+
 SCHEMA = "fluxrig-bench/1"
 
 
@@ -78,9 +79,7 @@ class FigureSeries:
     @property
     def spread(self) -> float:
         """Relative range of the repeats, ``(max - min) / median``; 0 for a single run."""
-        if len(self.values) < 2 or self.median == 0:
-            return 0.0
-        return (max(self.values) - min(self.values)) / abs(self.median)
+        return spread(self.values)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -193,16 +192,7 @@ def load_run(path: Path) -> dict[str, object]:
 
 def band_of(base: FigureSeries) -> float:
     """``max(K * spread, floor)`` of a baseline figure."""
-    return max(K * base.spread, base.floor)
-
-
-def verdict(base: float, now: float, band: float) -> str:
-    """``REGRESSED``, ``better`` or ``ok`` for a higher-is-better figure."""
-    if now < base * (1 - band):
-        return "REGRESSED"
-    if now > base * (1 + band):
-        return "better"
-    return "ok"
+    return noise_band(base.values, base.floor)
 
 
 def compare(baseline: dict[str, object], now: dict[str, object], baseline_source: str,

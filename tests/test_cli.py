@@ -111,3 +111,21 @@ def test_readme_documents_every_exit_code():
     section = readme[readme.index("## Exit codes"):]
     for code in ("0", "1", "2", "3"):
         assert re.search(rf"^\| `{code}` \|", section, re.M), code
+
+
+def test_a_bad_pure_python_switch_is_refused_by_every_command(tmp_path):
+    import os
+
+    env = dict(os.environ, FLUXRIG_PURE_PYTHON="maybe")
+    for args in (["check", str(ROOT / "configs" / "demo.yaml")], ["iso", "encode", "{}"]):
+        out = subprocess.run([sys.executable, "-m", "engine.cli", *args], capture_output=True,
+                             text=True, timeout=60, env=env)
+        assert out.returncode == 2, args
+        assert "invalid environment variable: FLUXRIG_PURE_PYTHON='maybe'" in out.stderr
+        assert "Traceback" not in out.stderr
+
+
+def test_check_lists_the_metrics_endpoint_among_the_listeners():
+    out = runner.invoke(app, ["check", str(ROOT / "configs" / "iso8583-switch.yaml")])
+    assert out.exit_code == 0
+    assert "  listens: telemetry.prometheus on 127.0.0.1:9464" in out.stdout

@@ -431,13 +431,15 @@ def test_cli_check_accepts_the_demo_config():
     assert result.returncode == 0, result.stderr
     assert result.stdout == (f"ok: {DEMO}: rack=demo, pipelines=1, stages=1\n"
                              f"  data_dir: {ROOT / 'var' / 'demo'}\n"
-                             f"  nats: embedded, nats://127.0.0.1:<free port chosen at start>\n")
+                             f"  nats: embedded, nats://127.0.0.1:<free port chosen at start>\n"
+                             f"  listens: telemetry.prometheus on 127.0.0.1:9465\n")
 
 
 def test_cli_check_names_the_listeners():
     result = _engine("check", str(ROOT / "configs" / "iso8583-switch.yaml"))
     assert result.returncode == 0, result.stderr
-    assert result.stdout.endswith("  listens: payments.switch on 127.0.0.1:8583\n")
+    assert result.stdout.endswith("  listens: payments.switch on 127.0.0.1:8583\n"
+                                  "  listens: telemetry.prometheus on 127.0.0.1:9464\n")
 
 
 def test_cli_check_refuses_a_bad_config_with_exit_2(tmp_path):

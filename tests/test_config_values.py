@@ -365,8 +365,9 @@ def test_check_json_lists_every_file(tmp_path):
     assert [r["ok"] for r in report] == [True, False]
     assert report[0]["file"] == str(good)
     assert (report[0]["rack"], report[0]["pipelines"], report[0]["stages"]) == ("switch", 1, 0)
-    assert report[0]["listeners"] == [{"gear": "payments.switch", "host": "127.0.0.1",
-                                       "port": 8583}]
+    assert report[0]["listeners"] == [
+        {"gear": "payments.switch", "host": "127.0.0.1", "port": 8583},
+        {"gear": "telemetry.prometheus", "host": "127.0.0.1", "port": 9464}]
     assert report[1] == {"file": str(bad), "ok": False, "error": {
         "path": "rack.colour", "message": "unknown key (allowed: data_dir, id, labels)",
         "text": f"{bad}: rack.colour: unknown key (allowed: data_dir, id, labels)"}}

@@ -168,3 +168,30 @@ def test_leak_scan_ten_thousand_transactions_leave_no_card_number_anywhere(tmp_p
             if needle in blob:
                 hits.append((where, what))
     assert hits == []
+
+
+def test_replicas_sharing_the_port_split_a_burst_of_connections_evenly(tmp_path):
+    """Without SO_REUSEPORT the replicas share the supervisor's socket; in a burst the first
+    to wake took more than its share (17/33 of 50 measured), and one replica's connections
+    queued behind each other while the other idled."""
+    import socket
+
+    port = free_port()
+    rack = RackProcess(_rig(tmp_path, port, free_port()), tmp_path / "data", workers=2)
+    conns: list[socket.socket] = []
+    try:
+        for _ in range(60):  # a terminal concentrator reconnecting everything at once
+            conns.append(socket.create_connection(("127.0.0.1", port)))
+
+        def held() -> list[int]:
+            return [rack.stats(f"payments.switch.{i}").get("iso8583.connections", 0)
+                    for i in range(2)]
+
+        rack.wait_for(lambda: sum(held()) == 60, 30, "60 connections accepted")
+        a, b = held()
+        assert abs(a - b) <= 6, (a, b)
+    finally:
+        for c in conns:
+            c.close()
+        rack.stop()
+        rack.close()

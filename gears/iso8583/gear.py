@@ -125,7 +125,8 @@ class SwitchGear(Source):
         shell = SwitchShell(s, outlets=ctx.outlets, journal=ctx.journal, stats=ctx.stats,
                             keyring=keyring, src=f"iso8583:{ctx.pipeline}.{ctx.replica}",
                             replica=ctx.replica)
-        port = await shell.start(ctx.listeners[0] if ctx.listeners else None)
+        port = await shell.start(ctx.listeners[0] if ctx.listeners else None,
+                                 siblings=ctx.replicas if ctx.listeners else 1)
         ctx.log.info("switch listening: port=%d, replica=%d", port, ctx.replica)
         await shell.links_up(READY_GRACE)  # ready = serving as configured, when it can
         ctx.ready()

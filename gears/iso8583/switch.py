@@ -111,8 +111,9 @@ class SwitchShell:
 
     # -- lifecycle --------------------------------------------------------------------------
 
-    async def start(self, sock: socket.socket | None = None) -> int:
-        """Settle the journal, connect issuer links, listen; returns the bound port."""
+    async def start(self, sock: socket.socket | None = None, siblings: int = 1) -> int:
+        """Settle the journal, connect issuer links, listen (on ``sock`` shared with
+        ``siblings`` replicas, when given); returns the bound port."""
         self.handle(self.core.recover(self.journal.take_over()))
         await self.settled()
         for issuer in self.s.issuers:
@@ -126,7 +127,7 @@ class SwitchShell:
         self.listener = TcpListener(
             sock, self._new_conn, ListenLimits(max_connections=lst.max_connections,
                                                max_per_address=lst.max_per_address),
-            self._refused, name=f"acquirer {lst.host}:{lst.port}")
+            self._refused, name=f"acquirer {lst.host}:{lst.port}", siblings=siblings)
         self.listener.start()
         self._sweeper = self.loop.call_later(SWEEP_INTERVAL, self._sweep)
         return sock.getsockname()[1]
