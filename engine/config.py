@@ -27,6 +27,7 @@ Shape of a rig file (all keys but ``rack.id`` and ``pipelines`` have defaults)::
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +47,7 @@ from engine.units import is_decimal_size
 from engine.yamlfile import load_yaml
 from gears.base import Gear, Sink, gear_class, known_gears, lookup_gear
 
+LABEL_RE = re.compile(r"^(?!__)[a-zA-Z_][a-zA-Z0-9_]{0,62}$")  # a Prometheus label name
 MAX_RING = 1 << 30  # bytes: no ring needs more, and a typo (2^80) must not reach shm_open
 
 
@@ -367,6 +369,12 @@ def parse_config(raw: Any, file: str = "<config>", base_dir: Path | None = None,
     rack_id = rack.string("id")
     labels = rack.mapping("labels")
     for k, v in labels.items():
+        if not isinstance(k, str) or not LABEL_RE.match(k):
+            # labels go on every metric series and into the Mixer's registry: Prometheus
+            # label names, refused here rather than rewritten on export
+            raise rack.where("labels").error(
+                f"invalid label name {k!r} (expected letters, digits and _, not starting "
+                f"with a digit or __)")
         if not isinstance(v, str):
             raise rack.where("labels").key(k).error(f"expected a string, got {_type_name(v)}")
     data_dir = Path(rack.string("data_dir", default=f"var/{rack_id}"))

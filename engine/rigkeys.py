@@ -31,7 +31,8 @@ STREAM_NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 RACK = Table("rack", "The rack itself.", (
     Key("id", STRING, "The rack's name; its shared-memory segments, NATS users and stats "
         "subject carry it.", REQUIRED, pattern=NAME_RE, rule=NAME_RULE),
-    Key("labels", MAP, "Free labels (site, role, ...) reported with the rack's stats.",
+    Key("labels", MAP, "Free labels (site, role, ...) reported with the rack's stats and on "
+        "every metric series; names as Prometheus label names (letters, digits, _).",
         items="string"),
     Key("data_dir", STRING, "Lock, state, logs, bus credentials and the JetStream store; a "
         "relative path is taken from the rig file's folder.", Computed("var/<rack.id>")),

@@ -294,8 +294,9 @@ def test_errors_never_show_a_value_from_the_environment(tmp_path, text, message)
 
 
 def test_keys_are_not_interpolated(tmp_path):
+    # K is unset: were keys interpolated, this would say so; the key is seen as written
     text = RIG_YAML.replace("{id: r1}", "{id: r1, labels: {'${K}': v}}")
-    assert load_config(_rig(tmp_path, text), {}).labels == {"${K}": "v"}
+    assert _refused(tmp_path, text).startswith("rack.labels: invalid label name '${K}'")
 
 
 # --- duplicate keys --------------------------------------------------------------------------
@@ -598,3 +599,14 @@ def test_a_key_read_with_the_wrong_method_is_a_programming_error():
         reader.raw("other")
     with pytest.raises(ValueError, match="duplicate keys in table 'u'"):
         Table("u", "", (Key("n", INTEGER, ""), Key("n", INTEGER, "")))
+
+
+def test_rack_label_names_must_be_prometheus_label_names():
+    """Labels go on every metric series: a name Prometheus cannot take is refused at check
+    time (it used to be rewritten with underscores on export, silently)."""
+    from engine.config import ConfigError, parse_config
+
+    for name in ("site-name", "__reserved", "1st", "ünï", ""):
+        raw = {"rack": {"id": "r", "labels": {name: "x"}}, "pipelines": []}
+        with pytest.raises(ConfigError, match=r"rack\.labels: invalid label name"):
+            parse_config(raw, "x.yaml")
