@@ -2,7 +2,7 @@
 hub's server certificate, so racks reach the hub over TLS they can verify without any public
 PKI (an industrial network rarely has one).
 
-What it makes (``mixer init``), all in the hub's data dir:
+What it makes (``mixer init``), in ``pki/`` of the hub's data dir (``docs/mixer-design.md``):
 
 * ``ca.pem`` / ``ca.key`` — a self-signed CA (ECDSA P-256, 10 years, path length 0: it signs
   the hub's certificate and nothing that could sign further);
@@ -48,9 +48,10 @@ class HubPki:
 
     @classmethod
     def in_dir(cls, data_dir: Path) -> HubPki:
-        """The file names ``mixer init`` uses in ``data_dir``."""
-        return cls(ca_cert=data_dir / "ca.pem", ca_key=data_dir / "ca.key",
-                   hub_cert=data_dir / "hub.pem", hub_key=data_dir / "hub.key")
+        """The file names ``mixer init`` uses in the hub's data dir (``pki/``)."""
+        pki = data_dir / "pki"
+        return cls(ca_cert=pki / "ca.pem", ca_key=pki / "ca.key",
+                   hub_cert=pki / "hub.pem", hub_key=pki / "hub.key")
 
 
 def _name(common_name: str) -> x509.Name:
@@ -150,6 +151,7 @@ def init_pki(data_dir: Path, hosts: Sequence[str], *, hub_name: str = "fluxrig-h
     for path in (pki.ca_cert, pki.ca_key, pki.hub_cert, pki.hub_key):
         if path.exists() or path.is_symlink():
             raise PkiError(f"refusing to overwrite existing key material: {path}")
+    pki.ca_key.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     when = now or dt.datetime.now(dt.UTC)
     ca_key, ca_cert = make_ca(f"{hub_name} CA", when)
     hub_key, hub_cert = make_server_cert(ca_key, ca_cert, hosts, when)

@@ -77,7 +77,7 @@ def test_mixer_init_cli(tmp_path):
     out = runner.invoke(app, ["init", str(hub), "--host", "10.0.0.5"])
     assert out.exit_code == 0, out.output
     assert stat.S_IMODE(hub.stat().st_mode) == 0o700
-    assert certificate_hosts(hub / "hub.pem") == ["10.0.0.5"]
+    assert certificate_hosts(hub / "pki" / "hub.pem") == ["10.0.0.5"]
     again = runner.invoke(app, ["init", str(hub)])
     assert again.exit_code == 1
     assert "refusing to overwrite existing key material" in again.stderr
