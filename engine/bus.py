@@ -154,6 +154,25 @@ def load_auth(data_dir: Path, user: str = ADMIN) -> BusAuth | None:
     return BusUser(name=user, password=passwords[user]).auth()
 
 
+def masked_url(url: str) -> str:
+    """``url`` (or a comma-separated list of them) with any password or token in its user
+    info replaced by ``***``: what logs, ``state.json``, ``engine status`` and ``engine
+    check`` show. It never raises: a password may hold ``/``, ``#``, ``?`` or ``@`` unescaped,
+    and a port may be garbage, so the URL is not parsed beyond ``scheme://`` and the last
+    ``@``."""
+    out = []
+    for one in url.split(","):
+        scheme, sep, rest = one.partition("://")
+        if not sep:
+            scheme, rest = "", one
+        at = rest.rfind("@")
+        if at >= 0:
+            user, colon, _ = rest[:at].partition(":")
+            rest = (f"{user}:***" if colon else "***") + rest[at:]
+        out.append(f"{scheme}{sep}{rest}")
+    return ",".join(out)
+
+
 def write_private(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` readable by its owner only (0600), atomically."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}")

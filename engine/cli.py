@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
+import stat
 import sys
 import time
 from pathlib import Path
@@ -129,6 +131,21 @@ def start(
     from engine.supervisor import RackAlreadyRunning, RackStartError, Supervisor
 
     cfg = _load(config)
+    if not math.isfinite(drain_timeout) or drain_timeout < 0:
+        _fail(f"--drain-timeout: expected a finite number of seconds >= 0, got {drain_timeout}")
+    if ready_fd >= 0:
+        try:
+            kind = os.fstat(ready_fd).st_mode
+        except OSError:
+            _fail(f"--ready-fd: {ready_fd} is not an open file descriptor")
+        if ready_fd <= 2 or not (stat.S_ISFIFO(kind) or stat.S_ISREG(kind)
+                                 or stat.S_ISSOCK(kind)):
+            _fail(f"--ready-fd: {ready_fd} must be a pipe, socket or file the caller passed "
+                  f"(not stdin/stdout/stderr)")
+    try:  # the lock, state, logs and store live there: say so before anything else fails
+        Path(cfg.data_dir).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        _fail(f"{config}: rack.data_dir: cannot use {cfg.data_dir}: {exc.strerror or exc}", 1)
     if log_format not in LOG_FORMATS:
         _fail(f"--log-format: expected one of {', '.join(LOG_FORMATS)}, got {log_format!r}")
     try:
@@ -137,6 +154,10 @@ def start(
         _fail(exc)
     path = None if log_file == "-" else (Path(log_file) if log_file
                                           else Path(cfg.data_dir) / "rack.log")
+    if path is not None:
+        problem = _unusable_log_file(path)
+        if problem:
+            _fail(f"--log-file: {path}: {problem}")
     setup_logging(path, fmt=log_format, verbose=verbose, max_bytes=log_max_bytes,
                   backups=log_backups)
     if path is not None:
@@ -157,6 +178,20 @@ def start(
     if code and path is not None:  # the reason is in the log; say it where the user looks
         typer.echo(f"error: rack stopped, not cleanly: {sup.outcome}", err=True)
     raise typer.Exit(code)
+
+
+def _unusable_log_file(path: Path) -> str:
+    """Why the rack could not write its log at ``path`` ("" when it can): every line would
+    otherwise be lost to a traceback on stderr while the rack looked fine."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.exists() and not path.is_file():
+            return "not a regular file"
+        with open(path, "a", encoding="utf-8"):
+            pass
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return ""
 
 
 def _data_dir(config: Path | None, data_dir: Path | None) -> Path:
@@ -194,7 +229,8 @@ def stop(
 def status(
     config: Path = typer.Option(None, "--config", "-c", help="rig file (YAML)"),
     data_dir: Path = typer.Option(None, "--data-dir", help="the rack's data dir"),
-    interval: float = typer.Option(1.0, help="seconds between samples (the rate window)"),
+    interval: float = typer.Option(1.0, min=0.05, max=3600,
+                                   help="seconds between samples (the rate window)"),
     as_json: bool = typer.Option(False, "--json", help="print JSON"),
     watch: bool = typer.Option(False, "--watch", help="refresh every interval until Ctrl-C "
                                "(redrawn in place on a terminal)"),
@@ -220,6 +256,21 @@ def status(
         shown = 0
         while True:
             time.sleep(interval)  # the rate window itself
+            if watch:  # the rack may have stopped, restarted a process or degraded
+                if running_pid(d) is None:
+                    _fail(f"rack stopped: data_dir={d}", 1)
+                try:
+                    fresh = read_state(d)
+                except (FileNotFoundError, ValueError):
+                    fresh = state  # being rewritten right now: next turn
+                if [p.get("pid") for p in fresh["processes"]] != \
+                        [p.get("pid") for p in state["processes"]]:
+                    probe.close()
+                    probe = RackProbe(fresh)
+                    prev = probe.sample()
+                    state = fresh
+                    continue
+                state = fresh
             cur = probe.sample()
             table = rows(prev, cur)
             prev = cur
@@ -343,7 +394,7 @@ def _spec(name: str):
 @iso.command("load")
 def iso_load(
     host: str = typer.Option("127.0.0.1", help="the switch's acquirer host"),
-    port: int = typer.Option(8583, help="the switch's acquirer port"),
+    port: int = typer.Option(8583, min=1, max=65535, help="the switch's acquirer port"),
     connections: int = typer.Option(10, min=1, help="acquirer connections (one terminal each)"),
     rate: float = typer.Option(0.0, min=0, help="requests/s in total; 0 = max (closed loop)"),
     window: int = typer.Option(4, min=1, help="outstanding requests per connection at max rate"),
@@ -373,7 +424,10 @@ def iso_load(
                                     weight=int(parts[3]) if len(parts) > 3 else 1))
         except (ValueError, IndexError):
             _fail(f"--mix: invalid entry {m!r} (expected PAN[:MTI[:AMOUNT[:WEIGHT]]])")
-    hdr = bytes.fromhex(header)
+    try:
+        hdr = bytes.fromhex(header)
+    except ValueError:
+        _fail(f"--header: expected hex, got {header!r}")
     gen = LoadGenerator(LoadConfig(
         host=host, port=port, spec=_spec(spec), framing=_framing(prefix, len(hdr), max_frame),
         header=hdr, connections=connections, rate=rate, window=window, duration=duration,
@@ -407,7 +461,8 @@ def iso_load(
 @iso.command("issuer")
 def iso_issuer(
     host: str = typer.Option("127.0.0.1", help="address to listen on"),
-    port: list[int] = typer.Option([9001], help="port(s) to serve, repeatable"),
+    port: list[int] = typer.Option([9001], min=0, max=65535,
+                                   help="port(s) to serve, repeatable"),
     rule: list[str] = typer.Option([], help="BIN[:min_amount]=DE39 or BIN=drop, repeatable"),
     delay: float = typer.Option(0.0, help="seconds before each answer"),
     jitter: float = typer.Option(0.0, help="extra random delay, uniform 0..jitter seconds"),
@@ -431,7 +486,10 @@ def iso_issuer(
 
     async def serve() -> None:
         for p in port:
-            bound = await sim.start(host, p)
+            try:
+                bound = await sim.start(host, p)
+            except OSError as exc:
+                _fail(f"cannot listen: host={host}, port={p}: {exc.strerror or exc}", 1)
             typer.echo(f"issuer simulator listening on {host}:{bound}", err=True)
         await asyncio.Event().wait()
 
@@ -453,10 +511,12 @@ def iso_decode(
     from gears.iso8583.core import mask_pan
 
     try:
-        doc = decode(bytes.fromhex(hex_message), _spec(spec))
-    except ValueError as exc:
-        _fail(exc, 1)
-    except CodecError as exc:
+        raw = bytes.fromhex(hex_message)
+    except ValueError:
+        _fail(f"expected the message as hex digits, got {hex_message[:40]!r}")
+    try:
+        doc = decode(raw, _spec(spec))
+    except (ValueError, CodecError) as exc:
         _fail(exc, 1)
     if not show_pan:
         if "2" in doc:

@@ -48,6 +48,7 @@ from engine.yamlfile import load_yaml
 from gears.base import Gear, Sink, gear_class, known_gears, lookup_gear
 
 LABEL_RE = re.compile(r"^(?!__)[a-zA-Z_][a-zA-Z0-9_]{0,62}$")  # a Prometheus label name
+MIN_JS_AGE = 0.1  # seconds: JetStream's smallest max_age / duplicate window
 MAX_RING = 1 << 30  # bytes: no ring needs more, and a typo (2^80) must not reach shm_open
 
 
@@ -260,10 +261,22 @@ def _egress(r: Reader) -> EgressConfig:
             if not isinstance(subj, str) or not SUBJECT_PATTERN_RE.match(subj):
                 where = s.where("subjects").index(j)
                 raise where.error(f"invalid subject pattern {where.show(subj)}")
+        max_age, window = s.seconds("max_age"), s.seconds("duplicate_window")
+        # what JetStream would refuse at stream creation, where egress could only retry
+        # for ever: say it here, with the key
+        if 0 < max_age < MIN_JS_AGE:
+            raise s.where("max_age").error(
+                f"must be 0 (kept) or at least {MIN_JS_AGE:g} s (JetStream's minimum), "
+                f"got {max_age:g} s")
+        if window < MIN_JS_AGE:
+            raise s.where("duplicate_window").error(
+                f"must be at least {MIN_JS_AGE:g} s, got {window:g} s")
+        if max_age and window > max_age:
+            raise s.where("duplicate_window").error(
+                f"must not be longer than max_age ({max_age:g} s), got {window:g} s")
         streams.append(StreamConfig(
             name=s.string("name"), subjects=tuple(map(str, subjects)),
-            storage=s.string("storage"), max_age=s.seconds("max_age"),
-            duplicate_window=s.seconds("duplicate_window")))
+            storage=s.string("storage"), max_age=max_age, duplicate_window=window))
     names = [s.name for s in streams]
     if len(set(names)) != len(names):
         raise r.where("streams").error(f"duplicate stream names: {names}")

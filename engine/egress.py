@@ -41,7 +41,7 @@ from typing import Any
 
 from nats.js.errors import NoStreamResponseError
 
-from engine.bus import close_quietly, connect
+from engine.bus import close_quietly, connect, masked_url
 from engine.counters import ERRORS, StatDef, Stats
 from engine.frame import frame_id_of, frame_ts_of
 from engine.logutil import RateLimitedLog
@@ -110,13 +110,13 @@ class EgressProcess:
                     pending_size=64 * 1024 * 1024, error_cb=self._on_error)
                 self.js = self.nc.jetstream(timeout=self.plan.ack_timeout)
                 self.tail_seq = await ensure_streams(self.js, self.plan.streams)
-                log.info("egress connected: url=%s, streams=%s", self.rt.nats_url,
+                log.info("egress connected: url=%s, streams=%s", masked_url(self.rt.nats_url),
                          ",".join(self.tail_seq))
                 signal_ready(self.rt, self.spec.name)
                 return
             except Exception as exc:
                 self.ratelog.warning("connect", "egress cannot reach nats yet: url=%s, "
-                                     "error=%r", self.rt.nats_url, exc)
+                                     "error=%r", masked_url(self.rt.nats_url), exc)
                 if self.nc is not None:
                     await self._close_quietly()
                 await asyncio.sleep(0.5)

@@ -9,7 +9,10 @@ thread. Each connection carries one request and is closed after the answer.
 
 Limits, because anything that can connect can call it:
 
-* at most ``MAX_CLIENTS`` connections at once; more are closed without an answer;
+* at most ``MAX_CLIENTS`` connections at once; a new one takes the place of the oldest that
+  is still sending its head (slow clients cannot hold the endpoint: with eight of them
+  trickling a byte a second, 2 of 40 scrapes got through before), and is closed without an
+  answer only when every place is busy answering;
 * the request head (request line + headers) must arrive whole within ``HEAD_TIMEOUT`` and
   fit in ``MAX_HEAD`` bytes (else 408 / 431); a body is never read;
 * only ``GET``/``HEAD`` of ``/metrics`` (405, 404 otherwise);
@@ -29,7 +32,7 @@ log = logging.getLogger("fluxrig.metrics")
 
 MAX_CLIENTS = 8  # a Prometheus pair and a few humans with curl
 MAX_HEAD = 8192  # bytes; Prometheus sends ~300
-HEAD_TIMEOUT = 5.0  # seconds for the request head to arrive whole
+HEAD_TIMEOUT = 2.0  # seconds for the request head to arrive whole
 WRITE_TIMEOUT = 10.0  # seconds for the client to take the answer
 PATH = "/metrics"
 
@@ -53,6 +56,8 @@ class MetricsEndpoint:
         self.render = render
         self.active = 0
         self.refused = 0  # connections closed because MAX_CLIENTS were being served
+        self.evicted = 0  # slow connections closed to make room for a new one
+        self._heading: dict[asyncio.Task[None], None] = {}  # still reading a head, oldest first
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -77,15 +82,24 @@ class MetricsEndpoint:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if self.active >= MAX_CLIENTS:
-            self.refused += 1
-            writer.transport.abort()
-            return
+            if not self._heading:
+                self.refused += 1
+                writer.transport.abort()
+                return
+            oldest = next(iter(self._heading))
+            self._heading.pop(oldest)
+            oldest.cancel()
+            self.evicted += 1
         self.active += 1
         task = asyncio.current_task()
         assert task is not None  # start_server runs each handler in a task of its own
         self._tasks.add(task)
         try:
-            status, head, body, send_body = await self._answer(reader)
+            self._heading[task] = None
+            try:
+                status, head, body, send_body = await self._answer(reader)
+            finally:
+                self._heading.pop(task, None)
             lines = [f"HTTP/1.1 {status} {_REASONS[status]}", *head,
                      f"Content-Length: {len(body)}", "Connection: close", "", ""]
             writer.write("\r\n".join(lines).encode("latin-1"))

@@ -11,8 +11,8 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from urllib.parse import urlsplit, urlunsplit
 
+from engine.bus import masked_url
 from engine.config import ConfigError, RigConfig, load_config
 from gears.base import Gear, gear_class
 
@@ -55,16 +55,6 @@ class CheckResult:
                 "listeners": [{"gear": g, "host": h, "port": p} for g, h, p in self.listeners]}
 
 
-def masked_url(url: str) -> str:
-    """``url`` with the password of its user info replaced by ``***``."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    netloc = f"{parts.username}:***@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
-
-
 def _summary(file: str, cfg: RigConfig) -> CheckResult:
     nats = cfg.nats
     listeners = tuple(
@@ -74,12 +64,34 @@ def _summary(file: str, cfg: RigConfig) -> CheckResult:
     tel = cfg.telemetry
     if tel.prometheus_port is not None:  # bound by the supervisor too: it can be busy
         listeners += (("telemetry.prometheus", tel.prometheus_host, tel.prometheus_port),)
+    bound = list(listeners)
+    if not nats.url and nats.port:
+        bound.append(("nats", nats.host, nats.port))
+    clash = _port_clash(bound)
+    if clash:
+        return CheckResult(file=file, ok=False, error_path=clash[0], error=clash[1],
+                           text=f"{file}: {clash[0]}: {clash[1]}")
     return CheckResult(
         file=file, ok=True, rack=cfg.rack_id, data_dir=str(cfg.data_dir),
         nats=masked_url(nats.url) if nats.url else
         f"embedded, nats://{nats.host}:{nats.port or '<free port chosen at start>'}",
         pipelines=len(cfg.pipelines), stages=sum(len(p.stages) for p in cfg.pipelines),
         listeners=listeners)
+
+
+_ANY = ("0.0.0.0", "::", "")
+
+
+def _port_clash(bound: list[tuple[str, str, int]]) -> tuple[str, str] | None:
+    """(where, what) for the first two listeners of one rig on the same port and an
+    overlapping address (the start would fail on the second bind), or None."""
+    for i, (name, host, port) in enumerate(bound):
+        for other, other_host, other_port in bound[:i]:
+            if port and port == other_port and (host == other_host or host in _ANY
+                                                 or other_host in _ANY):
+                return name, (f"port {port} is also used by {other} "
+                              f"({other_host}:{other_port})")
+    return None
 
 
 def check_file(path: str | os.PathLike[str], env: Mapping[str, str] | None = None

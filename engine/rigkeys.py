@@ -92,8 +92,8 @@ PROMETHEUS = Table("telemetry.prometheus", "The Prometheus endpoint (absent or n
 ))
 
 TELEMETRY = Table("telemetry", "Stats sampling and export.", (
-    Key("interval", DURATION, "Sampling interval (the rate window).", 1.0, minimum=0,
-        exclusive=True, maximum=3600),
+    Key("interval", DURATION, "Sampling interval (the rate window).", 1.0, minimum=0.05,
+        maximum=3600),
     Key("prometheus", SECTION, "Prometheus endpoint; absent or null: none.",
         table=PROMETHEUS),
     Key("subject", STRING, "NATS subject of the stats snapshots.",
@@ -119,7 +119,7 @@ EGRESS = Table("egress", "Rings -> JetStream.", (
     Key("max_inflight", INTEGER, "Batches published and not yet acknowledged.", 8,
         minimum=1, maximum=1024),
     Key("ack_timeout", DURATION, "How long to wait for JetStream's acknowledgement.", 5.0,
-        minimum=0, exclusive=True, maximum=600),
+        minimum=0.1, maximum=600),
 ))
 
 GEAR = Table("gear", "One gear of a pipeline.", (

@@ -54,7 +54,8 @@ class Notifier:
         pid = env.get("WATCHDOG_PID", "")
         watchdog = usec.isdigit() and int(usec) > 0 and (not pid or pid == str(os.getpid()))
         #: seconds between two ``WATCHDOG=1`` (half the manager's timeout), or None
-        self.watchdog_interval: float | None = int(usec) / 2e6 if watchdog else None
+        self.watchdog_interval: float | None = (
+            max(int(usec) / 2e6, 0.01) if watchdog else None)  # a 1 µs timeout: no storm
         self._next_ping = 0.0
         self._warned = False
 

@@ -45,6 +45,7 @@ from engine.bus import (
     BusAuth,
     BusUser,
     Permissions,
+    masked_url,
     rack_users,
     stream_admin,
     stream_reader,
@@ -414,6 +415,8 @@ class Supervisor:
             raise RackStartError(str(exc)) from None
         self.bind_listeners()
         (self.data_dir / CRASH_DIR).mkdir(exist_ok=True)
+        for old in (self.data_dir / CRASH_DIR).glob("*.last"):  # a past run's errors are
+            old.unlink(missing_ok=True)                          # not this run's
         if self.cfg.nats.embedded:
             self.bus_users = self._bus_users()
             self.nats = NatsServer(rack_id=self.cfg.rack_id, data_dir=self.data_dir,
@@ -511,7 +514,7 @@ class Supervisor:
             "pid": os.getpid(),
             "config": self.cfg.file,
             "workers": self.workers,
-            "nats_url": self.nats_url,
+            "nats_url": masked_url(self.nats_url),  # 0644: never a password
             "nats_pid": self.nats.pid if self.nats else None,
             "status": "failed" if self.failed else "degraded" if self.degraded else "running",
             "ready": self.ready,

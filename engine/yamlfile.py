@@ -85,6 +85,9 @@ def interpolate(text: str, env: Mapping[str, str], at: At) -> tuple[str, bool]:
         used = True
         value = env.get(name)
         default = match.group("default")
+        if default is not None and "${" in default:  # ${A:-${B}} would read as "${B" + "}"
+            raise at.error(f"nested reference in the default of ${{{name}}}: not supported "
+                           f"({_FORMS})")
         if default is not None and not value:
             value = default
         if value is None:
@@ -147,6 +150,26 @@ class RigLoader(yaml.SafeLoader):
             node.value = value
 
 
+MAX_RIG_BYTES = 4 * 1024 * 1024  # a rig file is a few KiB; /dev/zero is not one
+MAX_EXPANDED = 1_000_000  # values once aliases are expanded (a "billion laughs" file)
+
+
+def _expanded_size(node: Node, memo: dict[int, int]) -> int:
+    """How many values ``node`` stands for once every alias is copied out (linear in the
+    number of distinct nodes: an alias is the same node object, counted via ``memo``)."""
+    key = id(node)
+    if key in memo:
+        return memo[key]
+    memo[key] = 1  # a recursive alias counts once instead of for ever
+    total = 1
+    if isinstance(node, MappingNode):
+        total += sum(_expanded_size(k, memo) + _expanded_size(v, memo) for k, v in node.value)
+    elif isinstance(node, SequenceNode):
+        total += sum(_expanded_size(item, memo) for item in node.value)
+    memo[key] = min(total, MAX_EXPANDED + 1)
+    return memo[key]
+
+
 def _yaml_error(file: str, exc: yaml.YAMLError) -> ConfigError:
     mark = getattr(exc, "problem_mark", None)
     where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
@@ -166,6 +189,10 @@ def parse_yaml(text: str, file: str, env: Mapping[str, str] | None = None) -> Ri
         node = loader.get_single_node()
         if node is None:
             return RigYaml(None)
+        if _expanded_size(node, {}) > MAX_EXPANDED:
+            problem = (f"too many values once aliases are expanded (more than "
+                       f"{MAX_EXPANDED:,}): is an alias repeated into itself?")
+            raise ConfigError(f"{file}: {problem}", file=file, problem=problem)
         loader.walk(node, At(file))
         return RigYaml(loader.construct_document(node), dict(loader.origins))
     except yaml.YAMLError as exc:
@@ -182,7 +209,15 @@ def load_yaml(path: str | os.PathLike[str], env: Mapping[str, str] | None = None
     """
     file = str(path)
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        if Path(path).exists() and not Path(path).is_file():
+            raise ConfigError(f"{file}: not a regular file", file=file,
+                              problem="not a regular file")
+        with open(path, "rb") as f:
+            data = f.read(MAX_RIG_BYTES + 1)
+        if len(data) > MAX_RIG_BYTES:
+            problem = f"larger than {MAX_RIG_BYTES // (1024 * 1024)} MiB: not a rig file"
+            raise ConfigError(f"{file}: {problem}", file=file, problem=problem)
+        text = data.decode("utf-8")
     except OSError as exc:
         raise ConfigError(f"{file}: cannot read: {exc.strerror}", file=file,
                           problem=f"cannot read: {exc.strerror}") from exc

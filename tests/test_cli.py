@@ -9,6 +9,7 @@ import sys
 from importlib.metadata import version
 from pathlib import Path
 
+import pytest
 import typer.main
 import yaml
 from rackutil import switch_rig, uid
@@ -129,3 +130,44 @@ def test_check_lists_the_metrics_endpoint_among_the_listeners():
     out = runner.invoke(app, ["check", str(ROOT / "configs" / "iso8583-switch.yaml")])
     assert out.exit_code == 0
     assert "  listens: telemetry.prometheus on 127.0.0.1:9464" in out.stdout
+
+
+def test_start_refuses_unusable_options_before_anything_runs(tmp_path):
+    """Found by a hostile review: NaN drain timeouts crashed the drain, a bad --ready-fd
+    crash-looped every process, an unusable log file lost every line behind tracebacks."""
+    from rackutil import rig
+
+    config = rig(tmp_path, uid("t-opts"), count=1, rate=0)
+    (tmp_path / "adir").mkdir()
+    cases = [
+        (["--drain-timeout", "nan"], "--drain-timeout: expected a finite number of seconds"),
+        (["--drain-timeout", "-5"], "--drain-timeout: expected a finite number of seconds"),
+        (["--ready-fd", "99"], "--ready-fd: 99 is not an open file descriptor"),
+        (["--ready-fd", "2"], "--ready-fd: 2 must be a pipe, socket or file"),
+        (["--log-file", str(tmp_path / "adir")], "not a regular file"),
+        (["--log-file", "/dev/full"], "not a regular file"),
+    ]
+    for args, message in cases:
+        out = _engine("start", "--config", str(config), *args)
+        assert out.returncode == 2, (args, out.stderr)
+        assert message in out.stderr, (args, out.stderr)
+        assert "Traceback" not in out.stderr
+        assert not (tmp_path / "data" / "state.json").exists()
+
+
+@pytest.mark.parametrize(("args", "code", "message"), [
+    (["iso", "load", "--port", "70000"], 2, "65535"),
+    (["iso", "load", "--header", "zz"], 2, "--header: expected hex, got 'zz'"),
+    (["iso", "issuer", "--port", "70000"], 2, "65535"),
+    (["iso", "issuer", "--host", "192.0.2.1"], 1, "cannot listen: host=192.0.2.1, port=9001"),
+    (["iso", "decode", "zz"], 2, "expected the message as hex digits, got 'zz'"),
+    (["status", "--interval", "-1", "--data-dir", "/nonexistent"], 2, "0.05"),
+    (["iso", "load", "--host", "no-such-host.invalid", "--connections", "1", "--count", "1"],
+     1, "no-such-host.invalid:8583: Name or service not known"),
+])
+def test_bad_arguments_get_a_reason_and_no_traceback(args, code, message):
+    """Found by a hostile review: each of these printed a Python traceback."""
+    out = _engine(*args)
+    assert out.returncode == code, (args, out.stderr)
+    assert message in out.stderr + out.stdout
+    assert "Traceback" not in out.stderr

@@ -205,8 +205,8 @@ BAD = [
     ("placement-word", {"cpu.placement": "all"},
      "cpu.placement: expected 'auto', 'none' or a mapping process -> cpu, got 'all'"),
     # telemetry
-    ("interval-negative", {"telemetry.interval": -1}, "telemetry.interval: must be > 0.0, got -1"),
-    ("interval-zero", {"telemetry.interval": 0}, "telemetry.interval: must be > 0.0, got 0"),
+    ("interval-negative", {"telemetry.interval": -1}, "telemetry.interval: must be >= 0.05, got -1"),
+    ("interval-zero", {"telemetry.interval": 0}, "telemetry.interval: must be >= 0.05, got 0"),
     ("interval-str", {"telemetry.interval": "fast"},
      "telemetry.interval: expected a duration: seconds, or a number with a unit: 250ms, 1.5s, "
      "1m, 2h (us, ms, s, m, h); got 'fast'"),

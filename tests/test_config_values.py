@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -157,7 +158,7 @@ def test_duration_strings_are_accepted_wherever_a_duration_is_read():
     ({"telemetry": {"interval": True}},
      f"telemetry.interval: expected a duration: {DURATIONS}; got bool"),
     ({"telemetry": {"interval": "2h"}}, "telemetry.interval: must be <= 1h, got '2h'"),
-    ({"telemetry": {"interval": "0ms"}}, "telemetry.interval: must be > 0s, got '0ms'"),
+    ({"telemetry": {"interval": "0ms"}}, "telemetry.interval: must be >= 50ms, got '0ms'"),
     ({"telemetry": {"interval": float("nan")}},
      "telemetry.interval: expected a finite number <= 3600, got nan"),
     ({"telemetry": {"interval": 1e308}},
@@ -389,6 +390,21 @@ def test_check_masks_the_password_of_a_nats_url(tmp_path):
     assert masked_url("tls://h:4222") == "tls://h:4222"
 
 
+@pytest.mark.parametrize(("url", "shown"), [
+    # a token alone, a password with / # ? @ (base64 secrets), a garbage port, two servers
+    ("nats://s3cr3tT0ken@nats.example:4222", "nats://***@nats.example:4222"),
+    ("nats://app:S3cr/t#x?y@h:4222", "nats://app:***@h:4222"),
+    ("nats://app:p@ss@h:4222", "nats://app:***@h:4222"),
+    ("nats://app:pw@h:99999", "nats://app:***@h:99999"),
+    ("nats://a:pw@h1:4222,nats://b:pw2@h2:4222", "nats://a:***@h1:4222,nats://b:***@h2:4222"),
+    ("nats://[::1]:4222", "nats://[::1]:4222"),
+])
+def test_masked_url_never_shows_a_secret_and_never_raises(url, shown):
+    """Found by a hostile review: tokens, passwords with '/', and bad ports got through
+    (or raised ValueError in engine check)."""
+    assert masked_url(url) == shown
+
+
 # --- the reference cannot drift from the parser ----------------------------------------------
 
 
@@ -610,3 +626,62 @@ def test_rack_label_names_must_be_prometheus_label_names():
         raw = {"rack": {"id": "r", "labels": {name: "x"}}, "pipelines": []}
         with pytest.raises(ConfigError, match=r"rack\.labels: invalid label name"):
             parse_config(raw, "x.yaml")
+
+
+@pytest.mark.parametrize(("stream", "message"), [
+    ({"max_age": "1ms"}, "max_age: must be 0 (kept) or at least 0.1 s (JetStream's minimum)"),
+    ({"max_age": "1m"}, "duplicate_window: must not be longer than max_age (60 s), got 120 s"),
+    ({"duplicate_window": "10ms"}, "duplicate_window: must be at least 0.1 s, got 0.01 s"),
+])
+def test_stream_limits_jetstream_would_refuse_are_refused_at_check_time(stream, message):
+    """Found by a hostile review: these passed engine check, then egress retried the stream
+    creation for ever and the rack never became ready."""
+    raw = {"rack": {"id": "r"}, "egress": {"streams": [
+        {"name": "EV", "subjects": ["fluxrig.r.>"], **stream}]},
+        "pipelines": [{"name": "p", "source": {"gear": "generator", "settings": {}},
+                       "sinks": [{"name": "js", "gear": "egress",
+                                  "settings": {"subject": "fluxrig.r.ev"}}]}]}
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        parse_config(raw, "x.yaml")
+
+
+def test_hostile_rig_files_are_refused_quickly(tmp_path):
+    """Found by a hostile review: /dev/zero read until MemoryError, a 'billion laughs' alias
+    tree took 57 s and 3.8 GB, ${A:-${B}} silently gave the text '${B}'."""
+    import time
+
+    from engine.yamlfile import MAX_RIG_BYTES
+
+    with pytest.raises(ConfigError, match="/dev/zero: not a regular file"):
+        load_config("/dev/zero")
+    big = tmp_path / "big.yaml"
+    big.write_bytes(b"#" * (MAX_RIG_BYTES + 1))
+    with pytest.raises(ConfigError, match="larger than 4 MiB: not a rig file"):
+        load_config(big)
+    laughs = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    laughs += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 9)]
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text("\n".join(laughs) + "\n")
+    t0 = time.monotonic()
+    with pytest.raises(ConfigError, match="too many values once aliases are expanded"):
+        load_config(bomb)
+    assert time.monotonic() - t0 < 5
+    nested = tmp_path / "nested.yaml"
+    nested.write_text("rack: {id: '${A:-${B}}'}\npipelines: []\n")
+    with pytest.raises(ConfigError, match=r"nested reference in the default of \$\{A\}"):
+        load_config(nested, {})
+
+
+def test_check_refuses_two_listeners_of_one_rig_on_one_port(tmp_path):
+    """Found by a hostile review: switch, metrics and NATS on one port passed engine check;
+    the start then failed."""
+    path = tmp_path / "clash.yaml"
+    raw = {"rack": {"id": "r"}, "nats": {"port": 28590},
+           "telemetry": {"prometheus": {"port": 28590}},
+           "pipelines": [{"name": "p", "source": {"gear": "generator", "settings": {}},
+                          "sinks": [{"name": "s", "gear": "stdout"}]}]}
+    path.write_text(json.dumps(raw))
+    result = check_file(path, {})
+    assert not result.ok
+    assert result.text == (f"{path}: nats: port 28590 is also used by telemetry.prometheus "
+                           f"(127.0.0.1:28590)")

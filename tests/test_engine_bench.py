@@ -376,3 +376,15 @@ def test_compare_fails_against_a_baseline_claiming_twice_the_throughput(generato
     row = next(line for line in proc.stdout.splitlines() if line.startswith("throughput ("))
     assert row.endswith("REGRESSED"), proc.stdout
     assert "— FAIL" in proc.stdout
+
+
+def test_the_fingerprint_names_the_code_path_so_a_comparison_says_it_differs():
+    """Found by a hostile review: a pure-Python run compared with a C baseline read as a
+    20% regression with no hint why."""
+    from engine.benchkit import differences, fingerprint
+
+    base = fingerprint()
+    assert base["code_paths"] == {"ring": "C", "cbor": "C"}
+    other = {**base, "code_paths": {"ring": "python (forced by FLUXRIG_PURE_PYTHON=1)",
+                                    "cbor": "python (forced by FLUXRIG_PURE_PYTHON=1)"}}
+    assert any(line.startswith("code_paths: baseline") for line in differences(base, other))

@@ -204,7 +204,9 @@ class LoadGenerator:
                     lambda t=terminal: _Conn(self, t, self._templates(t)), cfg.host, cfg.port)
             except OSError as exc:
                 self.report.connect_errors += 1
-                reason = os.strerror(exc.errno) if exc.errno else str(exc)
+                # a resolver error (socket.gaierror) carries its own text; errno is negative
+                reason = (os.strerror(exc.errno) if exc.errno and exc.errno > 0
+                          else exc.strerror or str(exc))
                 self.report.connect_error = f"{cfg.host}:{cfg.port}: {reason}"
                 continue
             self.conns.append(conn)
