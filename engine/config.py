@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.bus import ADMIN, BusAuth
+from engine.identity import IdentityError, Passport, read_passport
 from engine.keytable import Reader
 from engine.rigkeys import RIG
 from engine.schema import (  # noqa: F401 - ConfigError and At are part of this module's API
@@ -146,6 +147,7 @@ class RigConfig:
     telemetry: TelemetryConfig
     egress: EgressConfig
     pipelines: tuple[PipelineConfig, ...] = field(default=())
+    passport: Passport | None = None  # the hub link (``mixer.passport``), or None
 
 
 def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = None
@@ -410,6 +412,10 @@ def parse_config(raw: Any, file: str = "<config>", base_dir: Path | None = None,
     if len(set(pnames)) != len(pnames):
         raise top.key("pipelines").error(f"duplicate pipeline names: {pnames}")
     _check_across(pipelines, egress, capacity, rack_id, top)
+    passport = None
+    if "mixer" in raw:
+        passport = _passport(root.section("mixer"), rack_id, nats, telemetry,
+                             base_dir or Path.cwd())
 
     return RigConfig(
         file=file,
@@ -423,4 +429,35 @@ def parse_config(raw: Any, file: str = "<config>", base_dir: Path | None = None,
         telemetry=telemetry,
         egress=egress,
         pipelines=pipelines,
+        passport=passport,
     )
+
+
+RESERVED_RACK_IDS = frozenset({"hub", "up", "down", "src", "stats", "mixer"})
+
+
+def _passport(m: Reader, rack_id: str, nats: NatsConfig, telemetry: TelemetryConfig,
+              base_dir: Path) -> Passport:
+    """The rack's passport, checked against the rig: its rack, an embedded NATS (the leaf
+    link is the embedded server's), the stats subject the hub lets it publish."""
+    path = Path(m.string("passport"))
+    if not path.is_absolute():
+        path = base_dir / path
+    try:
+        passport = read_passport(path)
+    except IdentityError as exc:
+        raise m.where("passport").error(str(exc)) from None
+    if passport.rack != rack_id:
+        raise m.where("passport").error(
+            f"the passport is for rack {passport.rack!r}, this rig is rack {rack_id!r}")
+    if rack_id in RESERVED_RACK_IDS:
+        raise m.where("passport").error(
+            f"rack id {rack_id!r} is reserved on a hub ({', '.join(sorted(RESERVED_RACK_IDS))})")
+    if not nats.embedded:
+        raise m.where("passport").error(
+            "a hub link needs the rack's embedded nats-server (remove nats.url)")
+    if telemetry.subject != f"fluxrig.stats.{rack_id}":
+        raise m.where("passport").error(
+            f"telemetry.subject must be fluxrig.stats.{rack_id} on a linked rack (the hub "
+            f"accepts only that), got {telemetry.subject}")
+    return passport

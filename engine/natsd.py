@@ -23,6 +23,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -66,8 +67,37 @@ LOG_MAX_BYTES = 16 * 1024 * 1024  # the server rotates its own log at this size
 LOG_BACKUPS = 5
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LeafRemote:
+    """The rack's link to a Mixer hub: the hub's leaf URLs, the rack's nkey seed (from its
+    passport), the CA file that pins the hub's certificate."""
+
+    urls: tuple[str, ...]
+    seed: str
+    ca_file: str
+
+
+def leaf_deny_imports(rack_id: str) -> list[str]:
+    """What the hub may not call on this rack's JetStream over the link: everything but
+    INFO/RESET of the source consumers (``docs/mixer-design.md`` sections 4 and 6; tested
+    there: the hub cannot delete, purge or read the rack's streams)."""
+    api = f"$JS.{rack_id}.API"
+    return [f"{api}.INFO", f"{api}.STREAM.>", f"{api}.CONSUMER.CREATE.>",
+            f"{api}.CONSUMER.DURABLE.>", f"{api}.CONSUMER.DELETE.>", f"{api}.CONSUMER.MSG.>",
+            f"{api}.CONSUMER.PAUSE.>", f"{api}.CONSUMER.UNPIN.>", f"{api}.CONSUMER.LEADER.>",
+            f"{api}.CONSUMER.LIST.>", f"{api}.CONSUMER.NAMES.>", f"{api}.DIRECT.>",
+            f"{api}.ACCOUNT.>", f"{api}.META.>", f"{api}.SERVER.>"]
+
+
+def leaf_deny_exports(rack_id: str) -> list[str]:
+    """The rack's business subjects never cross the link (they reach the hub only through
+    its sourced streams): whatever hub permissions say."""
+    return [f"fluxrig.{rack_id}.>"]
+
+
 def render_config(*, rack_id: str, host: str, port: int, store_dir: str,
-                  users: Sequence[BusUser] = (), log_file: str | None = None) -> str:
+                  users: Sequence[BusUser] = (), log_file: str | None = None,
+                  leaf: LeafRemote | None = None) -> str:
     """nats-server configuration text for a rack (JSON is valid nats-server config syntax);
     with ``users``, only they may connect (``engine.bus``: roles and permissions); with
     ``log_file``, the server writes its log there in UTC and rotates it by size."""
@@ -79,6 +109,13 @@ def render_config(*, rack_id: str, host: str, port: int, store_dir: str,
         "max_connections": 1024,
         "jetstream": {"store_dir": store_dir, "domain": rack_id},
     }
+    if leaf is not None:
+        conf["feature_flags"] = {"js_ack_fc_v2": True}  # flow control named per rack
+        conf["leafnodes"] = {"remotes": [{
+            "urls": list(leaf.urls), "nkey": leaf.seed,
+            "tls": {"ca_file": leaf.ca_file, "timeout": 2},
+            "deny_imports": leaf_deny_imports(rack_id),
+            "deny_exports": leaf_deny_exports(rack_id)}]}
     if log_file:
         conf.update(log_file=log_file, logfile_size_limit=LOG_MAX_BYTES,
                     logfile_max_num=LOG_BACKUPS, logtime_utc=True)
@@ -91,8 +128,9 @@ class NatsServer:
     """One embedded nats-server process; ``start`` may be called again after it died."""
 
     def __init__(self, *, rack_id: str, data_dir: Path, host: str, port: int,
-                 users: Sequence[BusUser] = ()):
+                 users: Sequence[BusUser] = (), leaf: LeafRemote | None = None):
         self.rack_id = rack_id
+        self.leaf = leaf
         self.users = tuple(users)
         self.host = host
         self.port = port or free_port(host)
@@ -117,7 +155,7 @@ class NatsServer:
         store = self.data_dir / "jetstream"
         write_private(self.conf_path, render_config(  # 0600: it holds the users' passwords
             rack_id=self.rack_id, host=self.host, port=self.port, store_dir=str(store),
-            users=self.users, log_file=str(self.log_path)))
+            users=self.users, log_file=str(self.log_path), leaf=self.leaf))
         log = open(self.log_path, "ab")  # what it prints before its log is set up (or a panic)
         try:
             self.proc = subprocess.Popen(

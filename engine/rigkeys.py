@@ -139,6 +139,12 @@ PIPELINE = Table("pipelines[]", "A chain: one source, stages in order, one sink.
     Key("sinks", SECTIONS, "Sink gears (one for now).", REQUIRED, table=GEAR),
 ))
 
+MIXER = Table("mixer", "The link to a Mixer hub (``docs/mixer-design.md``).", (
+    Key("passport", STRING, "The rack's passport file from ``mixer rack add`` (0600; a "
+        "relative path is taken from the rig file's folder): the embedded nats-server then "
+        "links to the hub as a leaf node over TLS.", REQUIRED),
+))
+
 RIG = Table("rig file", "The top level of a rig file.", (
     Key("rack", SECTION, "The rack (``rack.id`` is required).", table=RACK),
     Key("nats", SECTION, "NATS.", table=NATS),
@@ -146,5 +152,6 @@ RIG = Table("rig file", "The top level of a rig file.", (
     Key("cpu", SECTION, "CPU placement.", table=CPU),
     Key("telemetry", SECTION, "Telemetry.", table=TELEMETRY),
     Key("egress", SECTION, "Egress.", table=EGRESS),
+    Key("mixer", SECTION, "Mixer hub link; absent: the rack stands alone.", table=MIXER),
     Key("pipelines", SECTIONS, "The pipelines (at least one).", REQUIRED, table=PIPELINE),
 ))

@@ -58,7 +58,7 @@ from engine.journal import segment_size as journal_segment_size
 from engine.leftovers import LeftoverError, Leftovers
 from engine.listeners import ListenerError, bind
 from engine.logsetup import set_process_name
-from engine.natsd import NatsServer, set_parent_death_signal
+from engine.natsd import LeafRemote, NatsServer, set_parent_death_signal
 from engine.plan import (
     STATE_FILE,
     EgressPlan,
@@ -421,7 +421,8 @@ class Supervisor:
             self.bus_users = self._bus_users()
             self.nats = NatsServer(rack_id=self.cfg.rack_id, data_dir=self.data_dir,
                                    host=self.cfg.nats.host, port=self.cfg.nats.port,
-                                   users=tuple(self.bus_users.values()))
+                                   users=tuple(self.bus_users.values()),
+                                   leaf=self._leaf())
             self.nats.start()
             self.nats_url = self.nats.url
             log.info("nats-server started: url=%s, pid=%s", self.nats_url, self.nats.pid)
@@ -483,6 +484,17 @@ class Supervisor:
         child.restart_at = None
         log.info("process started: process=%s, pid=%d, cpu=%s", child.spec.name, pid,
                  child.spec.cpu)
+
+    def _leaf(self) -> LeafRemote | None:
+        """The hub link of a rig with a passport: its CA pinned in the data dir (the seed
+        goes into nats-server.conf, 0600 like the passport)."""
+        passport = self.cfg.passport
+        if passport is None:
+            return None
+        ca_file = self.data_dir / "mixer-ca.pem"
+        ca_file.write_text(passport.ca)
+        log.info("hub link: rack=%s, hub=%s", passport.rack, ", ".join(passport.hub))
+        return LeafRemote(urls=passport.hub, seed=passport.nkey_seed, ca_file=str(ca_file))
 
     def _title(self, spec: ProcessSpec) -> str:
         """``fluxrig <rack> <pipeline.gear> [replica]`` (``egress``, ``telemetry``)."""

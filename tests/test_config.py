@@ -163,7 +163,7 @@ BAD = [
      "rack.name: unknown key (allowed: data_dir, id, labels)"),
     ("label-not-str", {"rack.labels": {"site": 7}}, "rack.labels.site: expected a string, got int"),
     ("top-unknown-key", {"racks": {}},
-     "racks: unknown key (allowed: cpu, egress, nats, pipelines, rack, rings, telemetry)"),
+     "racks: unknown key (allowed: cpu, egress, mixer, nats, pipelines, rack, rings, telemetry)"),
     # nats
     ("nats-url-scheme", {"nats.url": "http://10.0.0.1:4222"},
      "nats.url: expected a nats:// or tls:// URL, got 'http://10.0.0.1:4222'"),

@@ -506,7 +506,10 @@ GEAR_SETTINGS: dict[str, dict[str, Any]] = {
 
 def _documented() -> list[tuple[str, Table, str, Key]]:
     """(where, table, path, key) of every key in the reference."""
-    out = [("rig", RIG, path, key) for path, key in walk(RIG)]
+    # a linked rig's keys need an embedded NATS and the stats subject the hub accepts, which
+    # the full rig (external nats.url) cannot give: they get a base of their own
+    out = [("linked" if path.startswith("mixer") else "rig", RIG, path, key)
+           for path, key in walk(RIG)]
     for name in known_gears():
         cls = lookup_gear(name)
         assert cls is not None
@@ -518,8 +521,23 @@ def _documented() -> list[tuple[str, Table, str, Key]]:
 DOCUMENTED = _documented()
 
 
+def _linked_rig(tmp_path: Path) -> dict[str, Any]:
+    """A small rig with a passport for rack r1 (the ``mixer`` keys)."""
+    from engine.identity import Passport, new_seed, write_passport
+
+    passport = tmp_path / "r1.passport"
+    if not passport.exists():
+        write_passport(passport, Passport(rack="r1", hub=("tls://127.0.0.1:7422",),
+                                          nkey_seed=new_seed(), ca="-----BEGIN CERT...",
+                                          issued="2026-11-28T00:00:00Z"))
+    return {"rack": {"id": "r1", "data_dir": str(tmp_path / "d")},
+            "mixer": {"passport": str(passport)},
+            "pipelines": [{"name": "p", "source": {"gear": "generator", "settings": {}},
+                           "sinks": [{"name": "out", "gear": "stdout"}]}]}
+
+
 def _parse(where: str, cfg: Any, tmp_path: Path) -> None:
-    if where == "rig":
+    if where in ("rig", "linked"):
         parse_config(cfg, FILE)
         return
     cls = lookup_gear(where)
@@ -528,6 +546,8 @@ def _parse(where: str, cfg: Any, tmp_path: Path) -> None:
 
 
 def _base(where: str, tmp_path: Path) -> Any:
+    if where == "linked":
+        return _linked_rig(tmp_path)
     return _full_rig(tmp_path) if where == "rig" else copy.deepcopy(GEAR_SETTINGS[where])
 
 
@@ -535,7 +555,7 @@ def test_every_gear_has_a_base_here():
     assert set(GEAR_SETTINGS) == set(known_gears())
 
 
-@pytest.mark.parametrize("where", ["rig", *known_gears()])
+@pytest.mark.parametrize("where", ["rig", "linked", *known_gears()])
 def test_the_bases_set_every_documented_key_and_parse(where, tmp_path, monkeypatch):
     monkeypatch.setenv("FX_TEST_PW", "pw")
     base = _base(where, tmp_path)
@@ -562,7 +582,7 @@ def test_every_documented_key_is_read_and_checked_by_the_parser(where, path, tmp
     steps = _concrete(base, path)
     with pytest.raises(ConfigError) as info:
         _parse(where, _put(base, steps, _bad_value(key)), tmp_path)
-    prefix = "" if where == "rig" else "s."
+    prefix = "" if where in ("rig", "linked") else "s."
     assert str(info.value).startswith(f"{FILE}: {prefix}{_at_path(steps)}: ")
 
 
@@ -585,7 +605,7 @@ def test_an_undocumented_key_is_refused_in_every_mapping(where, path, tmp_path, 
     cfg = _put(base, [*steps, "zz_undocumented"], 1)
     with pytest.raises(ConfigError) as info:
         _parse(where, cfg, tmp_path)
-    prefix = "s" if where != "rig" else ""
+    prefix = "s" if where not in ("rig", "linked") else ""
     located = ".".join(filter(None, [prefix, _at_path([*steps, "zz_undocumented"])]))
     assert str(info.value).startswith(f"{FILE}: {located}: unknown key (")
 

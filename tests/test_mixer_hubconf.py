@@ -20,7 +20,7 @@ from mixer.hubconf import (
     rack_permissions,
     render_hub_config,
 )
-from mixer.identity import new_seed, public_key
+from engine.identity import new_seed, public_key
 from mixer.pki import init_pki
 
 

@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from mixer.identity import (
+from engine.identity import (
     IdentityError,
     Passport,
     decode_seed,
