@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from engine.bench import LOAD_OPTIONS, SCHEMA, BenchError, Figures, Json
-from engine.benchkit import differences, verdict
+from engine.benchkit import FAILING, differences, verdict
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -146,7 +146,7 @@ class CompareRow:
     @property
     def failed(self) -> bool:
         """Whether this row fails the comparison."""
-        return self.verdict in ("REGRESSED", "MISSING")
+        return self.verdict in FAILING
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -66,6 +66,10 @@ def band(values: Sequence[float], floor: float) -> float:
     return max(K * spread(values), floor)
 
 
+#: verdicts that make a comparison fail (a figure worse beyond its band, or gone)
+FAILING = frozenset({"REGRESSED", "MISSING"})
+
+
 def verdict(base: float, now: float, band: float, *, higher_is_better: bool = True) -> str:
     """``REGRESSED``, ``better`` or ``ok`` for ``now`` against ``base`` within ``band``.
 

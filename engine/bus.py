@@ -182,6 +182,20 @@ def write_private(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def write_new(path: Path, data: bytes, mode: int) -> None:
+    """Create ``path`` with ``data`` and ``mode``, exclusively (never following a symlink,
+    never replacing a file: key material and passports are not overwritten), and fsync it.
+
+    Raises:
+        FileExistsError: ``path`` exists.
+    """
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 async def connect(url: str, auth: BusAuth | None, name: str, **options: object) -> Client:
     """Connect to ``url`` as ``auth`` (None: anonymous). ``options`` go to nats-py.
 

@@ -34,6 +34,8 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from engine.bus import write_new
+
 PREFIX_USER = 20 << 3  # 'U' in base32
 PREFIX_SEED = 18 << 3  # 'S'
 PASSPORT_FORMAT = "fluxrig-passport/1"
@@ -128,11 +130,9 @@ def write_passport(path: Path, passport: Passport) -> None:
         IdentityError: ``path`` exists (a passport is never overwritten).
     """
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        write_new(path, passport.to_json().encode(), 0o600)
     except FileExistsError:
         raise IdentityError(f"{path}: exists, refusing to overwrite a passport") from None
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(passport.to_json())
 
 
 def _field(doc: Mapping[str, object], key: str, path: Path) -> str:

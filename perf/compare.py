@@ -43,7 +43,7 @@ from pathlib import Path
 
 from fingerprint import differences
 
-from engine.benchkit import MAX_BAND, K, spread, verdict
+from engine.benchkit import FAILING, MAX_BAND, K, spread, verdict
 from engine.benchkit import band as noise_band
 
 SCHEMA = "fluxrig-bench/1"
@@ -108,7 +108,7 @@ class Row:
     @property
     def failed(self) -> bool:
         """Whether this row makes the comparison fail."""
-        return self.verdict in ("REGRESSED", "MISSING")
+        return self.verdict in FAILING
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
