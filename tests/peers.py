@@ -160,7 +160,7 @@ class Acquirer:
                 self.refused += 1
                 continue
             conns.append((term, reader, writer))
-        readers = [asyncio.create_task(self._read(t, r)) for t, r, _ in conns]
+        readers = [asyncio.create_task(self._read(t, r, w)) for t, r, w in conns]
         stan = 0
         t0 = time.monotonic()
         n = 0
@@ -187,7 +187,8 @@ class Acquirer:
         for _, _, w in conns:
             w.close()
 
-    async def _read(self, term: str, reader: asyncio.StreamReader) -> None:
+    async def _read(self, term: str, reader: asyncio.StreamReader,
+                    writer: asyncio.StreamWriter) -> None:
         while (doc := await read_message(reader)) is not None:
             key = (doc.get("41", ""), doc.get("11", ""))
             if key[0] != term or key not in self.sent:
@@ -196,3 +197,4 @@ class Acquirer:
             self.answers[key] = doc.get("39", "")
         self.gone.add(term)
         self.refused += 1
+        writer.close()  # the switch ended the connection: a terminal closes its end too

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 
 import pytest
 from switchkit import (
@@ -529,6 +530,54 @@ def test_a_full_ring_pauses_intake_and_loses_no_event(kit):
     assert report["received"] == report["sent"] >= 400 and report["lost"] == 0
     assert len(events) == report["received"]
     assert k.stat("iso8583.backpressure") >= 1
+
+
+def test_a_drained_connection_ends_with_its_answers_then_fin_not_a_reset(kit):
+    """Before: after the drain the switch closed connections over requests it had stopped
+    reading; the kernel sent a reset, which can destroy answers the peer has not read yet
+    (a CI run lost two that way). Now: the answer, then an orderly end of stream."""
+    framer = Framer(FramingConfig(prefix="2B"))
+
+    async def main():
+        sims, ports = await issuers({"a": ["4=drop"]})
+        k = kit(settings(ports, groups={"A": {"endpoints": ["a"]}},
+                         routes=[{"bins": ["4"], "group": "A"}], timeout=0.3))
+        port = await k.start()
+        await k.wait_links(["a"])
+        loop = asyncio.get_running_loop()
+        sock = socket.create_connection(("127.0.0.1", port))
+        sock.setblocking(False)
+
+        async def read_to_end():
+            data, end = b"", "fin"
+            try:
+                while chunk := await loop.sock_recv(sock, 4096):
+                    data += chunk
+            except ConnectionResetError:
+                end = "reset"
+            sock.close()  # a peer that sees our end of stream closes its own
+            return data, end
+
+        await loop.sock_sendall(sock, framer.frame(encode(request(f11="000001"), SPEC)))
+        while not len(k.shell.core.matcher):
+            await asyncio.sleep(0.005)  # the switch read it and forwarded it
+        reading = loop.create_task(read_to_end())
+        drain = loop.create_task(k.shell.drain(5.0))
+        await asyncio.sleep(0)  # the drain has paused intake
+        await loop.sock_sendall(sock, framer.frame(encode(request(f11="000002"), SPEC)))
+        assert await drain  # the first one timed out: answered 91
+        await k.stop()
+        await sims["a"].close()
+        return await reading
+
+    data, end = asyncio.run(main())
+    framer = Framer(FramingConfig(prefix="2B"))
+    framer.receive_data(data)
+    answers = []
+    while (msg := framer.next_message()) not in (NEED_DATA, None):
+        answers.append(decode(msg.payload, SPEC))
+    assert [(a["11"], a["39"]) for a in answers] == [("000001", "91")]
+    assert end == "fin"
 
 
 def test_listener_limits_refuse_at_once_and_close_idle_and_slow_connections(kit, caplog):

@@ -72,7 +72,12 @@ class AcquirerConn(FramedProtocol):
 
     def overdue(self, now: float) -> str | None:
         """Why the sweep should close this connection now ("frame_timeout", "idle"), or
-        None. A paused or closing connection is never overdue: it waits on us."""
+        None. A paused or closing connection is never overdue: it waits on us; one we are
+        ending (``finish``) is aborted here once its peer had ``finish_by`` to close."""
+        if self.finish_by is not None:
+            if now > self.finish_by:
+                self.abort()
+            return None
         if self.paused or self.closing:
             return None
         lst = self.shell.s.listen
@@ -81,6 +86,18 @@ class AcquirerConn(FramedProtocol):
         if lst.idle_timeout and now - self.last_rx > lst.idle_timeout:
             return "idle"
         return None
+
+
+async def finish_all(conns: list[AcquirerConn], linger: float) -> None:
+    """End ``conns`` in order (``FramedProtocol.finish``); abort those whose peer did not
+    close its end within ``linger``."""
+    for conn in conns:
+        conn.closing = True
+        conn.finish(linger)
+    if conns:
+        await asyncio.wait([c.gone for c in conns], timeout=linger)
+    for conn in conns:
+        conn.abort()
 
 
 class IssuerLink(FramedProtocol):

@@ -36,6 +36,8 @@ class FramedProtocol(asyncio.Protocol):
         self.last_rx = self.loop.time()
         self.partial_since: float | None = None
         self.paused = False
+        self.finish_by: float | None = None  # set by ``finish``: loop time to give up
+        self.gone: asyncio.Future[None] = self.loop.create_future()  # done once closed
         self._out: list[bytes] = []
 
     # -- hooks ----------------------------------------------------------------------------
@@ -69,12 +71,16 @@ class FramedProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
+        if not self.gone.done():
+            self.gone.set_result(None)
         self._out.clear()
         self.on_close(exc)
 
     def data_received(self, data: bytes) -> None:
-        self.framer.receive_data(data)
         self.last_rx = self.loop.time()
+        if self.finish_by is not None:
+            return  # finishing: the peer's bytes are read only so that no reset goes out
+        self.framer.receive_data(data)
         self._pump()
 
     def _pump(self) -> None:
@@ -112,7 +118,7 @@ class FramedProtocol(asyncio.Protocol):
 
     def send(self, payload: bytes, header: bytes = b"") -> bool:
         """Frame ``payload`` and queue it for the end of this loop turn; False if closed."""
-        if self.transport is None:
+        if self.transport is None or self.finish_by is not None:
             return False
         if not self._out:
             self.loop.call_soon(self._flush)
@@ -122,7 +128,7 @@ class FramedProtocol(asyncio.Protocol):
     def write_now(self, data: bytes) -> bool:
         """Write already framed bytes at once; False if the connection is closed."""
         t = self.transport
-        if t is None or t.is_closing():
+        if t is None or t.is_closing() or self.finish_by is not None:
             return False
         t.write(data)
         return True
@@ -138,6 +144,27 @@ class FramedProtocol(asyncio.Protocol):
         if self.transport is not None:
             self._flush()
             self.transport.close()
+
+    def finish(self, linger: float) -> None:
+        """End the connection in order: what is queued goes out, then our end of stream
+        (FIN); whatever the peer still sends is read and dropped until it closes too, which
+        ends the connection. Closing with unread input instead would send a reset, and a
+        reset can destroy answers the peer has not read yet. The owner aborts a connection
+        still open at ``finish_by`` (now + ``linger``)."""
+        t = self.transport
+        if t is None or self.finish_by is not None:
+            return
+        self.finish_by = self.loop.time() + linger
+        self._flush()
+        self.framer = Framer(self.framer.config)  # what was buffered will never be taken
+        self.partial_since = None
+        if t.can_write_eof():
+            t.write_eof()
+        else:
+            t.close()
+        if self.paused:
+            self.paused = False
+            t.resume_reading()
 
     def abort(self) -> None:
         """Drop the connection now."""

@@ -23,7 +23,8 @@ core's (``gears.iso8583.core``); this module only moves bytes and timers:
   is counted, logged (rate-limited) and the timer lives on;
 * at start the core settles what a predecessor left in the journal before anything is
   accepted; on stop the switch drains: no new connection, no new request read, everything
-  in flight answered or timed out (91 + reversal), every record written.
+  in flight answered or timed out (91 + reversal), every record written; then connections
+  end in order (``FramedProtocol.finish``: answers, FIN, linger), as for a bad message.
 
 Issuer links: ``connections`` persistent TCP links per issuer, reconnecting with backoff
 (0.1 s doubling to 5 s); a link idle for ``echo_interval`` sends a 0800 echo (DE70 301).
@@ -45,7 +46,7 @@ from engine.outlet import WAKE_INTERVAL, Outlet
 from engine.ring import RecordTooLargeError
 from gears.coatcheck import KeyRing
 from gears.io.tcp import ListenLimits, TcpListener
-from gears.iso8583.conns import AcquirerConn, IssuerLink
+from gears.iso8583.conns import AcquirerConn, IssuerLink, finish_all
 from gears.iso8583.core import (
     CLOSED_REASONS,
     REFUSED_REASONS,
@@ -65,6 +66,7 @@ log = logging.getLogger("fluxrig.iso.switch")
 
 TIMER_GRANULARITY = 0.01  # deadlines fire at most this late; bounds timer wake-ups
 SWEEP_INTERVAL = 1.0
+LINGER = 2.0  # how long an ending connection waits for the peer's FIN before an abort
 
 
 
@@ -180,8 +182,7 @@ class SwitchShell:
             if handle is not None:
                 handle.cancel()
         self._wake_outlets()
-        for conn in list(self.conns.values()):
-            conn.close()
+        await finish_all(list(self.conns.values()), LINGER)
         for links in self.links.values():
             for link in links:
                 link.close()
@@ -312,7 +313,7 @@ class SwitchShell:
             conn = self.conns.get(c.conn)
             if conn is not None:
                 conn.closing = True
-                conn.close()
+                conn.finish(LINGER)
                 self.stats.add(self._st_closed[c.reason])
         for a in undelivered:
             self.guarded(self.core.undeliverable, a, self.loop.time())
