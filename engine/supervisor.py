@@ -15,6 +15,9 @@ Start (``Supervisor.start``):
 6. write ``<data_dir>/state.json`` (pids, segments) for ``engine status``/``stop`` and the
    telemetry process; rewritten on every restart.
 
+Forking, restarts, crash loops, readiness and the lock are ``engine.procset``'s (the Mixer
+uses the same); this module is what makes the set a rack.
+
 Run: the main loop sleeps on a signal wake-up fd. A child that exits while the rack runs is
 restarted after a backoff (0.1 s doubling to 5 s, reset after 10 s of good health). Its input
 rings kept everything it had not committed, so nothing is lost; see ``engine.worker``. A dead
@@ -29,22 +32,23 @@ counted and reported in the log before the segments are removed.
 
 from __future__ import annotations
 
-import fcntl
+import functools
+import hashlib
 import json
 import logging
 import os
-import signal
 import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from engine._native import code_paths
+from engine.about import fluxrig_version
 from engine.bus import (
     BusAuth,
     BusUser,
     Permissions,
+    hub_consumer_admin,
     masked_url,
     rack_users,
     stream_admin,
@@ -57,8 +61,7 @@ from engine.journal import Journal
 from engine.journal import segment_size as journal_segment_size
 from engine.leftovers import LeftoverError, Leftovers
 from engine.listeners import ListenerError, bind
-from engine.logsetup import set_process_name
-from engine.natsd import LeafRemote, NatsServer, set_parent_death_signal
+from engine.natsd import LeafRemote, NatsServer
 from engine.plan import (
     STATE_FILE,
     EgressPlan,
@@ -67,6 +70,8 @@ from engine.plan import (
     Runtime,
     TelemetryPlan,
 )
+from engine.procset import AlreadyRunning, Child, ProcessSet
+from engine.procset import running_pid as procset_running_pid
 from engine.ring import Ring
 from engine.ring import segment_size as ring_segment_size
 from engine.service import Notifier, process_title, set_process_title
@@ -76,34 +81,12 @@ from gears.base import Gear, Sink, Source, gear_class
 
 log = logging.getLogger("fluxrig.supervisor")
 
-BACKOFF_MIN = 0.1
-BACKOFF_MAX = 5.0
-HEALTHY_AFTER = 10.0
-CRASH_WINDOW = 60.0  # seconds over which a process's deaths are counted
-DEGRADED_AFTER = 3  # deaths in the window: the rack is "degraded" (engine status says why)
-GIVE_UP_AFTER = 5  # deaths in the window: the rack stops, exit code 1, with the last error
-CRASH_DIR = "crash"  # <data_dir>/crash/<process>.last: the last error of each process
-
-
-class RackAlreadyRunning(RuntimeError):
-    """Another supervisor holds this data dir."""
+RackAlreadyRunning = AlreadyRunning  # the name engine.cli knows
+LOCK = "rack.lock"
 
 
 class RackStartError(RuntimeError):
     """The rack cannot work (a listener cannot be bound, ...): nothing was started."""
-
-
-@dataclass(slots=True)
-class _Child:
-    spec: ProcessSpec
-    pid: int | None = None
-    started: float = 0.0
-    restarts: int = 0
-    backoff: float = BACKOFF_MIN
-    restart_at: float | None = None
-    stopped: bool = False  # deliberately stopped (drain): do not restart
-    deaths: list[float] = field(default_factory=list)  # unexpected exits in CRASH_WINDOW
-    last_error: str = ""
 
 
 @dataclass(slots=True)
@@ -115,26 +98,8 @@ class _Plan:
 
 
 def running_pid(data_dir: str | os.PathLike[str]) -> int | None:
-    """Pid of the supervisor holding ``data_dir``'s lock, or None when no rack runs there.
-
-    The state file alone is not proof: a killed supervisor leaves it behind, and its pid may
-    since belong to another process. The lock is released by the kernel when the holder dies.
-    """
-    path = Path(data_dir) / "rack.lock"
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
-        return None
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            text = os.pread(fd, 32, 0).decode(errors="replace").strip()
-            return int(text) if text.isdigit() else None
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return None
-    finally:
-        os.close(fd)
+    """Pid of the supervisor holding ``data_dir``'s rack lock, or None (``engine.procset``)."""
+    return procset_running_pid(data_dir, LOCK)
 
 
 class Supervisor:
@@ -149,41 +114,17 @@ class Supervisor:
         self.drain_timeout = drain_timeout
         self.data_dir = Path(cfg.data_dir).resolve()
         self.nats: NatsServer | None = None
-        self.children: list[_Child] = []
         self.plan = _Plan()
-        self._lock_fd: int | None = None
-        self._wake_r, self._wake_w = -1, -1
-        self._stop_requested = False
+        self.procs: ProcessSet[ProcessSpec] = ProcessSet(
+            self.data_dir, LOCK, f"rack={cfg.rack_id}", ready_fd, notifier, self._write_state)
         self.nats_url = cfg.nats.url or ""
         self.listeners: dict[tuple[str, str], list[socket.socket]] = {}
         self.leftovers = Leftovers(cfg.rack_id, self.data_dir)
         self.bus_users: dict[str, BusUser] = {}
-        self.ready = False  # every process announced it serves
-        self.ready_names: set[str] = set()
-        self.ready_fd = ready_fd  # written "ready" once, then closed (``engine start``)
-        self._ready_r = self._ready_w = -1
-        self.degraded = ""  # why the rack is degraded (a process crash-looping), or ""
-        self.failed = ""  # why the rack gave up (stops with exit code 1), or ""
         self.left_in_rings = 0  # bytes a timed-out drain left behind
-        self.notifier = notifier or Notifier()
+        self.notifier = self.procs.notifier
 
     # --- start ----------------------------------------------------------------------------
-
-    def _lock(self) -> None:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.data_dir / "rack.lock", os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-            os.close(fd)
-            raise RackAlreadyRunning(
-                f"rack already running: rack={self.cfg.rack_id}, pid={holder}, "
-                f"data_dir={self.data_dir}"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self._lock_fd = fd
 
     def _segment(self, tag: str) -> str:
         return f"fx-{self.cfg.rack_id}-{tag}"
@@ -247,11 +188,33 @@ class Supervisor:
                 if perms is not None:
                     roles[self._gear_user(p.name, g.name)] = perms
         subjects = sorted({subject for st in streams for subject in st.subjects})
-        roles["egress"] = Permissions(publish=(*subjects, *stream_admin(s.name for s in streams)))
-        roles["telemetry"] = Permissions(publish=(cfg.telemetry.subject,))
+        roles["egress"] = Permissions(publish=(
+            *subjects, *stream_admin(s.name for s in streams),
+            *(p for s in self._hub_streams() for p in hub_consumer_admin(s))))
+        roles["telemetry"] = Permissions(publish=(
+            cfg.telemetry.subject, f"fluxrig.up.{cfg.rack_id}.hello",
+            *(f"$JS.API.CONSUMER.INFO.{s}.hub" for s in self._hub_streams())))
         extra = [BusUser(name=u.name, password=u.password,
                          permissions=stream_reader(u.streams)) for u in cfg.nats.users]
         return rack_users(self.data_dir, roles, extra)
+
+    def _hello(self) -> dict[str, object] | None:
+        """What a linked rack tells its hub about itself (``fluxrig.up.<r>.hello``)."""
+        if self.cfg.passport is None:
+            return None
+        try:
+            rig_hash = hashlib.sha256(Path(self.cfg.file).read_bytes()).hexdigest()
+        except OSError:
+            rig_hash = ""
+        return {"rack": self.cfg.rack_id, "version": fluxrig_version(), "rig_hash": rig_hash,
+                "labels": dict(self.cfg.labels), "streams": list(self._hub_streams()),
+                "started_ns": time.time_ns(), "workers": self.workers}
+
+    def _hub_streams(self) -> tuple[str, ...]:
+        """The streams a linked rack's hub keeps a copy of (none without a passport)."""
+        if self.cfg.passport is None:
+            return ()
+        return tuple(s.name for s in self.cfg.egress.streams if s.hub)
 
     @staticmethod
     def _gear_user(pipeline: str, gear: str) -> str:
@@ -365,7 +328,8 @@ class Supervisor:
             extra=TelemetryPlan(interval=cfg.telemetry.interval,
                                 prometheus_host=cfg.telemetry.prometheus_host,
                                 prometheus_port=cfg.telemetry.prometheus_port,
-                                subject=cfg.telemetry.subject, labels=dict(cfg.labels))))
+                                subject=cfg.telemetry.subject, labels=dict(cfg.labels),
+                                hello=self._hello(), hub_streams=self._hub_streams())))
         if egress_inputs:
             specs.append(ProcessSpec(
                 name="egress", role="egress", inputs=egress_inputs,
@@ -373,7 +337,8 @@ class Supervisor:
                 extra=EgressPlan(routes=routes,
                                  streams=list(cfg.egress.streams) + list(extra_streams.values()),
                                  batch=cfg.egress.batch, max_inflight=cfg.egress.max_inflight,
-                                 ack_timeout=cfg.egress.ack_timeout)))
+                                 ack_timeout=cfg.egress.ack_timeout,
+                                 hub_streams=self._hub_streams())))
         specs += sinks_specs + stage_specs + source_specs
         for spec in specs:
             if spec.role in ("egress", "telemetry"):
@@ -407,16 +372,14 @@ class Supervisor:
             RackAlreadyRunning: another supervisor holds the data dir.
             RackStartError: the rack cannot work (say why; nothing is left running).
         """
-        self._lock()
+        self.procs.lock()
         set_process_title(process_title(self.cfg.rack_id, "supervisor"))
         try:  # before binding: a survivor of the previous run may hold a port
             self.leftovers.scan()
         except LeftoverError as exc:
             raise RackStartError(str(exc)) from None
         self.bind_listeners()
-        (self.data_dir / CRASH_DIR).mkdir(exist_ok=True)
-        for old in (self.data_dir / CRASH_DIR).glob("*.last"):  # a past run's errors are
-            old.unlink(missing_ok=True)                          # not this run's
+        self.procs.clear_crash_files()
         if self.cfg.nats.embedded:
             self.bus_users = self._bus_users()
             self.nats = NatsServer(rack_id=self.cfg.rack_id, data_dir=self.data_dir,
@@ -431,59 +394,19 @@ class Supervisor:
         except LeftoverError as exc:
             raise RackStartError(str(exc)) from None
         self.leftovers.settle()
-        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self._ready_r, self._ready_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        signal.set_wakeup_fd(self._wake_w)
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._on_stop_signal)
-        signal.signal(signal.SIGCHLD, lambda *_: None)  # only to wake the loop
+        self.procs.install_signals()
         self.runtime = Runtime(rack_id=self.cfg.rack_id, data_dir=str(self.data_dir),
                                nats_url=self.nats_url, batch=self.cfg.ring_batch,
-                               ready_fd=self._ready_w)
-        self.children = [_Child(spec) for spec in self.plan.specs]
-        for child in self.children:
-            self._fork(child)
+                               ready_fd=self.procs.ready_w)
+        self.procs.children = [Child(name=spec.name, role=spec.role, cpu=spec.cpu,
+                                     title=self._title(spec), spec=spec,
+                                     run=functools.partial(run_process, spec, self.runtime))
+                               for spec in self.plan.specs]
+        for child in self.procs.children:
+            self.procs.fork(child)
         self._write_state()
         log.info("rack started: rack=%s, processes=%d, workers=%d",
-                 self.cfg.rack_id, len(self.children), self.workers)
-
-    def _on_stop_signal(self, signum: int, frame: Any) -> None:
-        self._stop_requested = True
-
-    def _fork(self, child: _Child) -> None:
-        pid = os.fork()
-        if pid == 0:  # child
-            code = 0
-            try:
-                signal.set_wakeup_fd(-1)
-                os.close(self._wake_r)
-                os.close(self._wake_w)
-                os.close(self._ready_r)
-                if self.ready_fd >= 0:
-                    os.close(self.ready_fd)
-                if self._lock_fd is not None:
-                    os.close(self._lock_fd)
-                signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-                signal.signal(signal.SIGTERM, signal.SIG_DFL)
-                set_parent_death_signal(signal.SIGTERM)
-                set_process_name(child.spec.name)
-                set_process_title(self._title(child.spec))
-                if os.getppid() == 1:  # the supervisor died before prctl took effect
-                    os._exit(1)
-                run_process(child.spec, self.runtime)
-            except SystemExit as exc:
-                code = exc.code if isinstance(exc.code, int) else 1
-            except BaseException as exc:
-                log.exception("process crashed: process=%s", child.spec.name)
-                code = 1
-                self._record_error(child.spec.name, f"{type(exc).__name__}: {exc}")
-            finally:
-                os._exit(code)
-        child.pid = pid
-        child.started = time.monotonic()
-        child.restart_at = None
-        log.info("process started: process=%s, pid=%d, cpu=%s", child.spec.name, pid,
-                 child.spec.cpu)
+                 self.cfg.rack_id, len(self.procs.children), self.workers)
 
     def _leaf(self) -> LeafRemote | None:
         """The hub link of a rig with a passport: its CA pinned in the data dir (the seed
@@ -504,22 +427,6 @@ class Supervisor:
         return process_title(self.cfg.rack_id, role,
                              spec.replica if spec.name == f"{role}.{spec.replica}" else None)
 
-    def _record_error(self, name: str, text: str) -> None:
-        """(In a dying child) leave the last error where the supervisor reads it."""
-        try:
-            path = self.data_dir / CRASH_DIR / f"{name}.last"
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w") as f:
-                f.write(text[:2000])
-        except OSError:
-            pass
-
-    def _last_error(self, name: str) -> str:
-        try:
-            return (self.data_dir / CRASH_DIR / f"{name}.last").read_text()[:2000]
-        except OSError:
-            return ""
-
     def _write_state(self) -> None:
         state = {
             "rack": self.cfg.rack_id,
@@ -528,10 +435,13 @@ class Supervisor:
             "workers": self.workers,
             "nats_url": masked_url(self.nats_url),  # 0644: never a password
             "nats_pid": self.nats.pid if self.nats else None,
-            "status": "failed" if self.failed else "degraded" if self.degraded else "running",
-            "ready": self.ready,
-            "reason": self.failed or self.degraded,
+            "status": "failed" if self.procs.failed else "degraded" if self.procs.degraded
+            else "running",
+            "ready": self.procs.ready,
+            "reason": self.procs.failed or self.procs.degraded,
             "code_paths": code_paths(),  # C or pure Python per part; children inherit it
+            "data_dir": str(self.data_dir),
+            "hub": list(self.cfg.passport.hub) if self.cfg.passport else None,
             "processes": [
                 {
                     "name": c.spec.name,
@@ -545,7 +455,7 @@ class Supervisor:
                     "stats": [d.to_json() for d in c.spec.stat_defs],
                     "journal": c.spec.journal.segment.name if c.spec.journal else None,
                 }
-                for c in self.children
+                for c in self.procs.children
             ],
         }
         tmp = self.data_dir / (STATE_FILE + ".tmp")
@@ -555,179 +465,52 @@ class Supervisor:
     # --- run --------------------------------------------------------------------------------
 
     def _reap(self) -> None:
-        while True:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
-            if self.nats is not None and self.nats.proc is not None and pid == self.nats.proc.pid:
-                self.nats.proc.returncode = os.waitstatus_to_exitcode(status)
-                continue
-            for child in self.children:
-                if child.pid == pid:
-                    child.pid = None
-                    code = os.waitstatus_to_exitcode(status)
-                    if child.stopped:
-                        log.info("process stopped: process=%s, code=%s", child.spec.name, code)
-                    else:
-                        self._died(child, code)
-                    break
+        self.procs.reap(self._nats_exited)
 
-    def _died(self, child: _Child, code: int) -> None:
-        """An unexpected exit: restart with back-off; count it; degrade or give up."""
-        now = time.monotonic()
-        if now - child.started > HEALTHY_AFTER:
-            child.backoff = BACKOFF_MIN
-        child.restart_at = now + child.backoff
-        child.deaths = [t for t in child.deaths if now - t < CRASH_WINDOW] + [now]
-        child.last_error = self._last_error(child.spec.name) or f"exit code {code}"
-        log.error("process died, restarting: process=%s, code=%s, in=%.1fs, error=%s",
-                  child.spec.name, code, child.backoff, child.last_error.splitlines()[-1])
-        child.backoff = min(child.backoff * 2, BACKOFF_MAX)
-        n = len(child.deaths)
-        reason = (f"process {child.spec.name} died {n} times in {CRASH_WINDOW:.0f} s; last "
-                  f"error: {child.last_error.splitlines()[-1]}")
-        if n >= GIVE_UP_AFTER:
-            self.failed = reason
-            child.restart_at = None
-            log.error("rack giving up: %s", reason)
-            self.notifier.send(f"STATUS=giving up: {reason}")
-            self._stop_requested = True
-        elif n >= DEGRADED_AFTER and not self.degraded:
-            self.degraded = reason
-            log.error("rack degraded: %s", reason)
-            self.notifier.send(f"STATUS=degraded: {reason}")
-        self._write_state()
+    def _nats_exited(self, pid: int, status: int) -> bool:
+        if self.nats is not None and self.nats.proc is not None and pid == self.nats.proc.pid:
+            self.nats.proc.returncode = os.waitstatus_to_exitcode(status)
+            return True
+        return False
 
     def _restart_due(self) -> float:
-        """Restart children whose backoff elapsed; return seconds to the next one (or 1)."""
-        now = time.monotonic()
-        next_in = 1.0
-        changed = False
-        for child in self.children:
-            if child.pid is None and not child.stopped and child.restart_at is not None:
-                if child.restart_at <= now:
-                    child.restarts += 1
-                    self._fork(child)
-                    changed = True
-                else:
-                    next_in = min(next_in, child.restart_at - now)
+        """Restart children whose backoff elapsed and a dead embedded nats-server; return
+        seconds to the next restart (or 1)."""
+        next_in = self.procs.restart_due()
         if self.nats is not None and self.nats.proc is not None and self.nats.proc.poll() is not None:
             log.error("nats-server died, restarting: code=%s", self.nats.proc.returncode)
             try:
                 self.nats.start()
-                changed = True
+                self._write_state()
             except Exception as exc:
                 log.error("nats-server restart failed: error=%s", exc)
                 next_in = min(next_in, 1.0)
-        if self.degraded and all(len([t for t in c.deaths if now - t < CRASH_WINDOW])
-                                 < DEGRADED_AFTER for c in self.children):
-            log.info("rack no longer degraded: %s", self.degraded)
-            self.degraded = ""
-            self.notifier.send("STATUS=serving")
-            changed = True
-        if changed:
-            self._write_state()
         return next_in
-
-    def _sleep(self, timeout: float) -> None:
-        import select
-
-        fds = [self._wake_r] + ([self._ready_r] if self._ready_r >= 0 else [])
-        r, _, _ = select.select(fds, [], [], max(0.0, timeout))
-        if self._wake_r in r:
-            try:
-                while os.read(self._wake_r, 512):
-                    pass
-            except BlockingIOError:
-                pass
-        if self._ready_r in r:
-            self._read_ready()
-
-    def _read_ready(self) -> None:
-        """Processes announce they serve (``engine.plan.signal_ready``); once all have,
-        the rack is ready: state file, ``--ready-fd``, systemd's ``NOTIFY_SOCKET``."""
-        data = b""
-        try:
-            while chunk := os.read(self._ready_r, 4096):
-                data += chunk
-        except BlockingIOError:
-            pass
-        self.ready_names.update(line for line in data.decode(errors="replace").splitlines())
-        if not self.ready and {c.spec.name for c in self.children} <= self.ready_names:
-            self.ready = True
-            self._write_state()
-            log.info("rack ready: rack=%s, processes=%d", self.cfg.rack_id, len(self.children))
-            self._announce_ready()
-
-    def _announce_ready(self) -> None:
-        """Tell whoever waits for us: the ``--ready-fd`` pipe ("ready", then closed) and the
-        service manager (``engine.service.Notifier``)."""
-        if self.ready_fd >= 0:
-            try:
-                os.write(self.ready_fd, b"ready\n")
-                os.close(self.ready_fd)
-            except OSError:
-                pass
-            self.ready_fd = -1
-        self.notifier.send("READY=1", f"STATUS={self.degraded and 'degraded: '}"
-                           f"{self.degraded or 'serving'}", f"MAINPID={os.getpid()}")
 
     @property
     def outcome(self) -> str:
         """Why the rack stopped the way it did (for the exit message)."""
         if self.left_in_rings:
             return f"drain timed out: bytes_left_in_rings={self.left_in_rings}"
-        return self.failed or self.degraded or "clean"
+        return self.procs.failed or self.procs.degraded or "clean"
 
     def run(self) -> int:
         """Supervise until a stop signal, then drain; returns the exit code. The service
         manager's watchdog is fed from this loop, so a stuck supervisor gets restarted, and
         no longer once the rack gave up."""
-        while not self._stop_requested:
+        while not self.procs.stop_requested:
             self._reap()
             timeout = self._restart_due()
-            if not self.failed and (ping := self.notifier.ping()) is not None:
+            if (ping := self.procs.ping()) is not None:
                 timeout = min(timeout, ping)
-            self._sleep(timeout)
+            self.procs.sleep(timeout)
         return self.drain()
 
     def request_stop(self) -> None:
         """Ask ``run`` to drain and return (from a signal handler or another thread)."""
-        self._stop_requested = True
-        if self._wake_w >= 0:
-            try:
-                os.write(self._wake_w, b"\0")
-            except OSError:
-                pass
+        self.procs.request_stop()
 
     # --- drain -----------------------------------------------------------------------------
-
-    def _stop_children(self, roles: set[str], timeout: float) -> None:
-        targets = [c for c in self.children if c.spec.role in roles]
-        for c in targets:
-            c.stopped = True
-            if c.pid is not None:
-                try:
-                    os.kill(c.pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
-        deadline = time.monotonic() + timeout
-        while any(c.pid is not None for c in targets) and time.monotonic() < deadline:
-            self._reap()
-            self._sleep(0.05)
-        for c in targets:
-            if c.pid is not None:
-                log.error("process did not stop, killing: process=%s", c.spec.name)
-                try:
-                    os.kill(c.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-        while any(c.pid is not None for c in targets):
-            self._reap()
-            self._sleep(0.05)
 
     def rings_empty(self) -> bool:
         """True when every ring's head has caught up with its tail."""
@@ -740,24 +523,24 @@ class Supervisor:
         budget = self.drain_timeout + 20.0 + 15.0 + 5.0 + 10.0
         self.notifier.send("STOPPING=1", "STATUS=draining",
                            f"EXTEND_TIMEOUT_USEC={int(budget * 1e6)}")
-        self._stop_children({"source"}, 20.0)  # a switch answers what is in flight first
+        self.procs.stop_children({"source"}, 20.0)  # a switch answers what is in flight first
         deadline = time.monotonic() + self.drain_timeout
         while not self.rings_empty() and time.monotonic() < deadline:
             self._reap()
             self._restart_due()  # a stage that dies while draining still has to finish
-            self._sleep(0.05)  # ring positions live in shared memory: no event to wait on
+            self.procs.sleep(0.05)  # ring positions live in shared memory: no event to wait on
         left = self.left_in_rings = sum(r.statistics().used for r in self.plan.rings)
-        self._stop_children({"stage", "sink", "egress"}, 15.0)
-        self._stop_children({"telemetry"}, 5.0)
+        self.procs.stop_children({"stage", "sink", "egress"}, 15.0)
+        self.procs.stop_children({"telemetry"}, 5.0)
         if self.nats is not None:
             self.nats.stop()
         self.cleanup()
         if left:
             log.error("drain timed out: bytes_left_in_rings=%d", left)
             return 1
-        if self.failed or self.degraded:
+        if self.procs.failed or self.procs.degraded:
             log.error("rack stopped, not cleanly: rack=%s, reason=%s", self.cfg.rack_id,
-                      self.failed or self.degraded)
+                      self.procs.failed or self.procs.degraded)
             return 1
         log.info("rack stopped cleanly: rack=%s", self.cfg.rack_id)
         return 0
@@ -789,15 +572,8 @@ class Supervisor:
             (self.data_dir / STATE_FILE).unlink()
         except FileNotFoundError:
             pass
-        signal.set_wakeup_fd(-1)
-        for fd in (self._ready_r, self._ready_w):
-            if fd >= 0:
-                os.close(fd)
-        self._ready_r = self._ready_w = -1
         for socks in self.listeners.values():
             for sock in socks:
                 sock.close()
         self.listeners.clear()
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
-            self._lock_fd = None
+        self.procs.close()
