@@ -107,6 +107,15 @@ def pull_consumer(stream: str, durable: str) -> tuple[str, ...]:
             f"$JS.ACK.{stream}.{durable}.>")
 
 
+def hub_consumer_admin(stream: str) -> tuple[str, ...]:
+    """JetStream API subjects egress needs to make the durable ``hub`` consumer of
+    ``stream`` (a Mixer hub sources the stream through it)."""
+    return (f"$JS.API.CONSUMER.INFO.{stream}.hub",
+            f"$JS.API.CONSUMER.CREATE.{stream}.hub",
+            f"$JS.API.CONSUMER.CREATE.{stream}.hub.>",
+            f"$JS.API.CONSUMER.DURABLE.CREATE.{stream}.hub")
+
+
 def stream_reader(streams: Iterable[str]) -> Permissions:
     """Read-only access to ``streams``: consumers of its own, message gets, stream info."""
     pub: list[str] = []

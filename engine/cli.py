@@ -286,13 +286,21 @@ def status(
         probe.close()
 
 
+def _hub_link(state: dict) -> str | None:
+    """The rack's link to its Mixer hub (None: no passport)."""
+    from engine.hublink import read_link_state
+
+    return read_link_state(Path(state["data_dir"])) if state.get("hub") else None
+
+
 def _print_status(state: dict, table: list[dict], as_json: bool) -> None:
     if as_json:
         typer.echo(json.dumps({"rack": state["rack"], "pid": state["pid"],
                                "nats_url": state["nats_url"],
                                "status": state.get("status", "running"),
                                "reason": state.get("reason", ""),
-                               "code_paths": state.get("code_paths", {}), "processes": table},
+                               "code_paths": state.get("code_paths", {}),
+                               "hub_link": _hub_link(state), "processes": table},
                               indent=1))
         return
     typer.echo(f"rack {state['rack']}  {state.get('status', 'running')}  supervisor pid "
@@ -301,6 +309,8 @@ def _print_status(state: dict, table: list[dict], as_json: bool) -> None:
         typer.echo(f"  {state['reason']}")
     if state.get("code_paths"):
         typer.echo("  code: " + ", ".join(f"{k} {v}" for k, v in state["code_paths"].items()))
+    if state.get("hub"):
+        typer.echo(f"  hub link: {_hub_link(state)} ({', '.join(state['hub'])})")
     head = (f"{'process':<24} {'pid':>7} {'cpu':>3} {'cpu%':>6} {'rss MB':>7} {'in/s':>9} "
             f"{'out/s':>9} {'errors':>6} {'fill':>6} {'p50 ms':>7} {'p99 ms':>7}")
     typer.echo(head)

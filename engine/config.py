@@ -278,7 +278,8 @@ def _egress(r: Reader) -> EgressConfig:
                 f"must not be longer than max_age ({max_age:g} s), got {window:g} s")
         streams.append(StreamConfig(
             name=s.string("name"), subjects=tuple(map(str, subjects)),
-            storage=s.string("storage"), max_age=max_age, duplicate_window=window))
+            storage=s.string("storage"), max_age=max_age, duplicate_window=window,
+            hub=s.boolean("hub")))
     names = [s.name for s in streams]
     if len(set(names)) != len(names):
         raise r.where("streams").error(f"duplicate stream names: {names}")

@@ -47,7 +47,7 @@ from engine.frame import frame_id_of, frame_ts_of
 from engine.logutil import RateLimitedLog
 from engine.plan import EgressPlan, ProcessSpec, Runtime, signal_ready
 from engine.ring import Consumer, wait_any
-from engine.streams import ensure_streams
+from engine.streams import ensure_hub_consumer, ensure_streams
 
 log = logging.getLogger("fluxrig.egress")
 
@@ -110,6 +110,8 @@ class EgressProcess:
                     pending_size=64 * 1024 * 1024, error_cb=self._on_error)
                 self.js = self.nc.jetstream(timeout=self.plan.ack_timeout)
                 self.tail_seq = await ensure_streams(self.js, self.plan.streams)
+                for stream in self.plan.hub_streams:  # before the first event of this run
+                    await ensure_hub_consumer(self.js, self.rt.rack_id, stream)
                 log.info("egress connected: url=%s, streams=%s", masked_url(self.rt.nats_url),
                          ",".join(self.tail_seq))
                 signal_ready(self.rt, self.spec.name)

@@ -23,8 +23,8 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from engine.bus import BusUser, write_private
@@ -152,10 +152,7 @@ class NatsServer:
                 carries the end of its log).
         """
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        store = self.data_dir / "jetstream"
-        write_private(self.conf_path, render_config(  # 0600: it holds the users' passwords
-            rack_id=self.rack_id, host=self.host, port=self.port, store_dir=str(store),
-            users=self.users, log_file=str(self.log_path), leaf=self.leaf))
+        write_private(self.conf_path, self.config_text())  # 0600: it holds secrets
         log = open(self.log_path, "ab")  # what it prints before its log is set up (or a panic)
         try:
             self.proc = subprocess.Popen(
@@ -166,6 +163,18 @@ class NatsServer:
         finally:
             log.close()
         self._wait_ready(timeout)
+
+    def config_text(self) -> str:
+        """The server's config (a rack's; the Mixer's hub overrides it)."""
+        return render_config(rack_id=self.rack_id, host=self.host, port=self.port,
+                             store_dir=str(self.data_dir / "jetstream"), users=self.users,
+                             log_file=str(self.log_path), leaf=self.leaf)
+
+    def reload(self) -> None:
+        """Rewrite the config and have the running server reload it (SIGHUP)."""
+        write_private(self.conf_path, self.config_text())
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGHUP)
 
     def _wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout

@@ -37,6 +37,7 @@ class EgressPlan:
     batch: int
     max_inflight: int
     ack_timeout: float
+    hub_streams: tuple[str, ...] = ()  # linked to a Mixer: make their ``hub`` consumers
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -48,6 +49,8 @@ class TelemetryPlan:
     prometheus_port: int | None
     subject: str
     labels: dict[str, str]
+    hello: dict[str, object] | None = None  # linked to a Mixer: announced on fluxrig.up.<r>
+    hub_streams: tuple[str, ...] = ()  # linked: their ``hub`` consumers' backlog is reported
 
 
 @dataclass(slots=True, kw_only=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 
 from engine.keytable import (
+    BOOLEAN,
     CUSTOM,
     DURATION,
     INTEGER,
@@ -111,6 +112,9 @@ STREAM = Table("egress.streams[]", "A JetStream stream that egress creates and o
         "otherwise.", 0.0, minimum=0),
     Key("duplicate_window", DURATION, "How long JetStream remembers message ids to drop "
         "duplicates (a replayed batch).", 120.0, minimum=0, exclusive=True, maximum=86_400),
+    Key("hub", BOOLEAN, "With a Mixer passport (`mixer.passport`): the hub keeps a copy "
+        "(egress makes the durable consumer `hub` the hub sources it through, and the rack's "
+        "hello lists the stream).", True),
 ))
 
 EGRESS = Table("egress", "Rings -> JetStream.", (

@@ -5,7 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from nats.js import JetStreamContext
-from nats.js.api import RetentionPolicy, StorageType
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
+    RetentionPolicy,
+    StorageType,
+)
 from nats.js.api import StreamConfig as JsStreamConfig
 from nats.js.errors import NotFoundError
 
@@ -20,6 +26,7 @@ class StreamConfig:
     max_age: float = 0.0  # seconds, 0 = unlimited
     duplicate_window: float = 120.0  # seconds
     retention: str = "limits"  # or "work_queue": a message leaves when a consumer acks it
+    hub: bool = False  # a Mixer hub sources it (through the durable consumer ``hub``)
 
 
 def js_stream_config(s: StreamConfig) -> JsStreamConfig:
@@ -46,6 +53,26 @@ async def ensure_stream(js: JetStreamContext, s: StreamConfig) -> int:
     except NotFoundError:
         info = await js.add_stream(cfg)
     return info.state.last_seq
+
+
+HUB_CONSUMER = "hub"
+
+
+def hub_deliver_subject(rack_id: str, stream: str) -> str:
+    """Where the ``hub`` consumer of ``stream`` delivers: the rack's own ``src`` subject,
+    which its hub permissions let cross the leaf link."""
+    return f"fluxrig.src.{rack_id}.{stream}"
+
+
+async def ensure_hub_consumer(js: JetStreamContext, rack_id: str, stream: str) -> None:
+    """The durable push consumer a Mixer hub sources ``stream`` through: flow-control acks
+    (its ack floor is what the hub stored), heartbeats so a hub that lost the race with its
+    leaf link probes again within a second (``docs/mixer-design.md`` section 1)."""
+    await js.add_consumer(stream, ConsumerConfig(
+        durable_name=HUB_CONSUMER, name=HUB_CONSUMER,
+        deliver_subject=hub_deliver_subject(rack_id, stream),
+        ack_policy=AckPolicy.FLOW_CONTROL, flow_control=True, idle_heartbeat=1.0,
+        deliver_policy=DeliverPolicy.ALL))
 
 
 async def ensure_streams(js: JetStreamContext, streams: list[StreamConfig]) -> dict[str, int]:

@@ -38,14 +38,17 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+from nats.aio.client import Client
 
 from engine.bus import close_quietly, connect
 from engine.cbor import dumps
 from engine.counters import Counters, CountersSnapshot, StatDef, percentiles
+from engine.hublink import read_link_state
 from engine.metrics import RackCollector
 from engine.metrics_http import MetricsEndpoint
 from engine.plan import STATE_FILE, ProcessSpec, Runtime, TelemetryPlan, signal_ready
 from engine.ring import Ring
+from engine.streams import HUB_CONSUMER
 
 log = logging.getLogger("fluxrig.telemetry")
 
@@ -197,15 +200,37 @@ def rows(prev: RackSample | None, cur: RackSample) -> list[dict[str, Any]]:
 
 
 def snapshot_message(rack_id: str, labels: dict[str, str], sample: RackSample,
-                     table: list[dict[str, Any]]) -> bytes:
-    """The CBOR snapshot published on ``fluxrig.stats.<rack>``."""
+                     table: list[dict[str, Any]], hub: dict[str, Any] | None = None) -> bytes:
+    """The CBOR snapshot published on ``fluxrig.stats.<rack>``; a rack linked to a Mixer
+    adds ``hub``: ``hub_backlog`` (events stored here, not yet at the hub) and ``link``."""
     return dumps({
         "rack": rack_id,
         "ts": time.time_ns(),
         "labels": labels,
         "host": {"cpu_pct": sample.host_cpu, "mem_used": sample.host_mem_used},
         "processes": [{k: v for k, v in r.items() if v is not None} for r in table],
+        **(hub or {}),
     })
+
+
+async def hub_figures(nc: Client, rack_id: str, data_dir: str,
+                      streams: list[str]) -> dict[str, Any]:
+    """A linked rack's ``hub_backlog`` (the ``hub`` consumers' pending and unacked
+    events: their ack floor is what the hub stored) and ``link`` state."""
+    backlog: int | None = 0
+    js = nc.jetstream(timeout=1.0)
+    for stream in streams:
+        try:
+            info = await js.consumer_info(stream, HUB_CONSUMER)
+        except Exception:  # not made yet (egress starting): unknown, not zero
+            backlog = None
+            break
+        assert backlog is not None
+        backlog += (info.num_pending or 0) + (info.num_ack_pending or 0)
+    return {"hub_backlog": backlog, "link": read_link_state(Path(data_dir))}
+
+
+HELLO_EVERY = 10.0  # seconds between hellos to the hub of a linked rack
 
 
 def run_telemetry(spec: ProcessSpec, rt: Runtime) -> None:
@@ -234,7 +259,16 @@ async def _telemetry_main(spec: ProcessSpec, rt: Runtime) -> None:
     prev = None
     probe = None
     state_mtime = 0.0
+    hello_at = 0.0
     while not stopping.is_set():
+        if cfg.hello is not None and nc is not None and nc.is_connected \
+                and time.monotonic() >= hello_at:
+            # again every HELLO_EVERY: a hello sent while the leaf link was down is lost
+            try:
+                await nc.publish(f"fluxrig.up.{rt.rack_id}.hello", dumps(cfg.hello))
+                hello_at = time.monotonic() + HELLO_EVERY
+            except Exception as exc:
+                log.warning("telemetry hello failed: error=%r", exc)
         try:
             mtime = os.stat(Path(rt.data_dir) / STATE_FILE).st_mtime
             if probe is None or mtime != state_mtime:
@@ -246,8 +280,11 @@ async def _telemetry_main(spec: ProcessSpec, rt: Runtime) -> None:
             prev = cur
             collector.update(cur.processes)
             if nc is not None and nc.is_connected:
+                hub = None
+                if cfg.hello is not None:
+                    hub = await hub_figures(nc, rt.rack_id, rt.data_dir, list(cfg.hub_streams))
                 await nc.publish(cfg.subject,
-                                 snapshot_message(rt.rack_id, cfg.labels, cur, table))
+                                 snapshot_message(rt.rack_id, cfg.labels, cur, table, hub))
         except Exception as exc:
             log.warning("telemetry sample failed: error=%r", exc)
         try:

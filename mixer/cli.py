@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import time
 from pathlib import Path
+from typing import TYPE_CHECKING, NoReturn
 
 import typer
+
+if TYPE_CHECKING:
+    from mixer.settings import MixerSettings
 
 app = typer.Typer(
     help="fluxrig mixer: registry, fleet telemetry and audit trail for many racks.",
@@ -26,23 +34,230 @@ def init(
     data_dir: Path = typer.Argument(..., help="the hub's data dir (created 0700)"),
     host: list[str] = typer.Option(["127.0.0.1", "localhost"], "--host", help=(
         "a name or address racks dial to reach the hub, repeatable (the hub certificate's "
-        "subject alternative names)")),
+        "subject alternative names and the passports' URLs)")),
+    port: int = typer.Option(4222, min=1, max=65535, help="the hub's client port"),
+    leaf_port: int = typer.Option(7422, min=1, max=65535, help="the port racks link to"),
 ) -> None:
     """Create a hub's data dir: its certificate authority and the hub's TLS certificate
-    (private keys 0600, never overwritten)."""
+    (private keys 0600, never overwritten), the hub's own users and mixer.yaml."""
+    from mixer.hubfiles import HubFileError, local_users
     from mixer.pki import PkiError, init_pki
+    from mixer.settings import SETTINGS_FILE, settings_text
 
     try:
         data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         pki = init_pki(data_dir, host)
-    except (PkiError, OSError, ValueError) as exc:
+        local_users(data_dir)
+        settings = data_dir / SETTINGS_FILE
+        if not settings.exists():
+            settings.write_text(settings_text(host, port, leaf_port))
+    except (PkiError, HubFileError, OSError, ValueError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
     typer.echo(f"hub initialised: data_dir={data_dir}")
     typer.echo(f"  CA certificate (give to racks): {pki.ca_cert}")
     typer.echo(f"  hub certificate for: {', '.join(host)}")
+    typer.echo(f"  settings: {settings} (leaf port {leaf_port}, client port {port})")
+
+
+DATA_DIR = typer.Argument(..., help="the hub's data dir (made by `mixer init`)")
+
+
+def _fail(message: object, code: int = 2) -> NoReturn:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _settings(data_dir: Path) -> MixerSettings:
+    from mixer.settings import ConfigError, load_settings
+
+    try:
+        return load_settings(data_dir)
+    except ConfigError as exc:
+        _fail(exc)
+
+
+@app.command()
+def start(
+    data_dir: Path = DATA_DIR,
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="log at DEBUG level"),
+    log_file: str = typer.Option("", help="log file (size-rotated); '-' for stderr; "
+                                          "default: mixer.log in the data dir"),
+    log_format: str = typer.Option("text", help="log line format: text or json"),
+    ready_fd: int = typer.Option(-1, help="write 'ready' to this inherited file descriptor "
+                                            "once every process serves, then close it"),
+) -> None:
+    """Run the Mixer in the foreground until SIGTERM/SIGINT: the hub's nats-server (leaf
+    listener for racks, JetStream domain hub) and the registry process.
+
+    Exit codes: 0 stopped cleanly, 1 could not start or gave up, 2 bad settings, 3 already
+    running.
+    """
+    from engine.logsetup import LOG_FORMATS, setup_logging
+    from engine.service import Notifier
+    from mixer.supervisor import MixerAlreadyRunning, MixerStartError, MixerSupervisor
+
+    settings = _settings(data_dir)
+    if log_format not in LOG_FORMATS:
+        _fail(f"--log-format: expected one of {', '.join(LOG_FORMATS)}, got {log_format!r}")
+    path = None if log_file == "-" else (Path(log_file) if log_file
+                                          else data_dir / "mixer.log")
+    setup_logging(path, fmt=log_format, verbose=verbose)
+    sup = MixerSupervisor(data_dir, settings, ready_fd=ready_fd, notifier=Notifier())
+    try:
+        sup.start()
+    except MixerAlreadyRunning as exc:
+        _fail(exc, 3)
+    except MixerStartError as exc:
+        _fail(exc, 1)
+    code = sup.run()
+    if code:
+        typer.echo(f"error: mixer stopped, not cleanly: {sup.procs.failed}", err=True)
+    raise typer.Exit(code)
+
+
+@app.command()
+def stop(data_dir: Path = DATA_DIR,
+         timeout: float = typer.Option(30.0, help="seconds to wait")) -> None:
+    """Ask a running Mixer to stop; waits until it has."""
+    from mixer.supervisor import running_pid
+
+    pid = running_pid(data_dir)
+    if pid is None:
+        _fail(f"no mixer running: data_dir={data_dir}", 1)
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if running_pid(data_dir) != pid:
+            typer.echo(f"stopped: pid={pid}")
+            return
+        time.sleep(0.1)  # another process's exit has no event to wait on here
+    _fail(f"mixer still running after {timeout}s: pid={pid}", 1)
+
+
+@app.command()
+def status(data_dir: Path = DATA_DIR,
+           as_json: bool = typer.Option(False, "--json", help="print JSON")) -> None:
+    """What a running Mixer runs: hub, leaf listener, processes, restarts."""
+    from engine.plan import STATE_FILE
+    from mixer.supervisor import running_pid
+
+    if running_pid(data_dir) is None:
+        _fail(f"no mixer running: data_dir={data_dir}", 1)
+    state = json.loads((data_dir / STATE_FILE).read_text())
+    if as_json:
+        typer.echo(json.dumps(state, indent=1))
+        return
+    typer.echo(f"mixer: {state['status']}{' (ready)' if state['ready'] else ''}, "
+               f"pid={state['pid']}")
+    typer.echo(f"  hub: {state['hub_url']} (nats-server pid {state['hub_pid']}), "
+               f"leaf listener {state['leaf']}, racks dial {', '.join(state['leaf_urls'])}")
+    if state.get("prometheus"):
+        typer.echo(f"  prometheus: http://{state['prometheus']}/metrics")
+    if state.get("reason"):
+        typer.echo(f"  reason: {state['reason']}")
+    for p in state["processes"]:
+        typer.echo(f"  {p['name']:<12} pid={p['pid']} restarts={p['restarts']}"
+                   + (f" last_error={p['last_error']!r}" if p["last_error"] else ""))
+
+
+rack_app = typer.Typer(help="Enrol and revoke racks.", no_args_is_help=True)
+app.add_typer(rack_app, name="rack")
+
+
+@rack_app.command("add")
+def rack_add(
+    data_dir: Path = DATA_DIR,
+    rack: str = typer.Argument(..., help="the rack's id (its rig's rack.id)"),
+    label: list[str] = typer.Option([], "--label", help="k=v, repeatable: what "
+                                    "`mixer racks --label` selects on"),
+    out: Path = typer.Option(None, "--out", help="where to write the passport (0600); "
+                             "default: <rack>.passport in the current directory"),
+) -> None:
+    """Enrol a rack: its passport (nkey seed, hub URLs, CA certificate) and its user at the
+    hub, limited to the rack's own subjects. A running hub takes it at once (reload)."""
+    from mixer.enrol import EnrolError, add_rack
+    from mixer.registry import parse_selector
+
+    settings = _settings(data_dir)
+    try:
+        labels = parse_selector(label)
+        path = add_rack(data_dir, settings, rack, labels, out or Path(f"{rack}.passport"))
+    except (EnrolError, ValueError) as exc:
+        _fail(exc, 1)
+    typer.echo(f"rack {rack!r} enrolled; passport: {path} (mode 0600: it holds the rack's "
+               f"key; give it to the rack and name it in its rig: mixer: {{passport: ...}})")
+
+
+@rack_app.command("revoke")
+def rack_revoke(data_dir: Path = DATA_DIR,
+                rack: str = typer.Argument(..., help="the rack's id")) -> None:
+    """Revoke a rack: its user leaves the hub and a live link is dropped at once."""
+    from mixer.enrol import EnrolError, revoke_rack
+
+    try:
+        kicked = revoke_rack(data_dir, _settings(data_dir), rack)
+    except EnrolError as exc:
+        _fail(exc, 1)
+    typer.echo(f"rack {rack!r} revoked" + (f"; {kicked} live link(s) dropped" if kicked else ""))
+
+
+@app.command()
+def racks(
+    data_dir: Path = DATA_DIR,
+    label: list[str] = typer.Option([], "--label", help="k=v, repeatable: only racks with "
+                                    "all these enrolled labels"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON"),
+) -> None:
+    """Every enrolled rack: state (online, offline, never-seen), labels, version, rig."""
+    from mixer.enrol import EnrolError, ask_racks
+    from mixer.registry import parse_selector
+
+    try:
+        selector = parse_selector(label)
+        infos, text = ask_racks(data_dir, _settings(data_dir), selector, as_json)
+    except (EnrolError, ValueError) as exc:
+        _fail(exc, 1)
+    typer.echo(text, nl=not text.endswith("\n"))
+
+
+@app.command()
+def top(
+    data_dir: Path = DATA_DIR,
+    interval: float = typer.Option(1.0, min=0.2, max=3600, help="seconds between tables"),
+    count: int = typer.Option(0, min=0, help="stop after this many tables (0: until Ctrl-C)"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON table and stop"),
+) -> None:
+    """A live fleet table: rack, state, frames/s, p99, errors, CPU, RSS, backlog not yet at
+    the hub, age of its last snapshot."""
+    from mixer.enrol import EnrolError, ask_top
+    from mixer.fleet import format_top
+
+    settings = _settings(data_dir)
+    shown = 0
+    try:
+        while True:
+            rows = ask_top(data_dir, settings)
+            if as_json:
+                typer.echo(json.dumps(rows, indent=1))
+                return
+            if os.isatty(1):
+                typer.echo("\x1b[H\x1b[2J", nl=False)  # home + clear: redraw, not scroll
+            typer.echo(format_top(rows))
+            shown += 1
+            if count and shown >= count:
+                return
+            time.sleep(interval)  # the refresh period itself
+    except EnrolError as exc:
+        _fail(exc, 1)
+    except KeyboardInterrupt:
+        return
 
 
 def main() -> None:
     """Console-script entry point."""
     app()
+
+
+if __name__ == "__main__":
+    main()

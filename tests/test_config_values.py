@@ -464,7 +464,7 @@ def _full_rig(tmp_path: Path) -> dict[str, Any]:
         "telemetry": {"interval": "1s", "prometheus": {"host": "127.0.0.1", "port": 0},
                       "subject": "fx.stats"},
         "egress": {"streams": [{"name": "EV", "subjects": ["fx.>"], "storage": "file",
-                                "max_age": 0, "duplicate_window": "2m"}],
+                                "max_age": 0, "duplicate_window": "2m", "hub": True}],
                    "batch": 1000, "max_inflight": 8, "ack_timeout": "5s"},
         "pipelines": [{"name": "p", "key": "headers.device",
                        "source": {"name": "src", "gear": "generator", "settings": {}},

@@ -1,0 +1,127 @@
+"""The Mixer's settings file (``<hub data dir>/mixer.yaml``, written by ``mixer init``).
+
+Read with the rig loader (``engine.yamlfile``: ``${VAR}``, duplicate keys refused) and
+checked like a rig: a wrong value names the file, the key path and the rule. Defaults are
+what a hub on one machine with its racks needs; ``configs/mixer.yaml`` documents every key.
+
+```yaml
+hub:
+  host: 127.0.0.1        # the hub's client port: the Mixer's own processes and the CLI
+  port: 4222
+leaf:
+  host: 0.0.0.0          # where racks link in (TLS, nkeys)
+  port: 7422
+  urls: [tls://hub.example:7422]   # what passports tell racks to dial
+registry:
+  offline_after: 10s     # a rack silent this long is offline
+prometheus: {host: 127.0.0.1, port: 9464}   # the fleet's endpoint; omit or null: off
+rollup_interval: 10s
+```
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from engine.schema import (
+    At,
+    ConfigError,
+    get_duration,
+    get_int,
+    get_list,
+    get_map,
+    get_str,
+)
+from engine.yamlfile import load_yaml
+
+SETTINGS_FILE = "mixer.yaml"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MixerSettings:
+    """What ``mixer start`` runs with (see the module docstring)."""
+
+    hub_host: str = "127.0.0.1"
+    hub_port: int = 4222
+    leaf_host: str = "0.0.0.0"
+    leaf_port: int = 7422
+    leaf_urls: tuple[str, ...] = ()
+    offline_after: float = 10.0
+    prometheus_host: str = "127.0.0.1"
+    prometheus_port: int | None = None
+    rollup_interval: float = 10.0
+
+    @property
+    def hub_url(self) -> str:
+        """The hub's client URL."""
+        return f"nats://{self.hub_host}:{self.hub_port}"
+
+
+def _port(m: dict[str, object], key: str, at: At, default: int) -> int:
+    return get_int(m, key, at, default, minimum=1, maximum=65535)
+
+
+def parse_settings(raw: object, file: str) -> MixerSettings:
+    """Check ``raw`` (the parsed YAML) and return the settings.
+
+    Raises:
+        ConfigError: file, key path and rule of the first wrong value.
+    """
+    at = At(file)
+    top = dict(get_map(raw if raw is not None else {}, at,
+                       ("hub", "leaf", "registry", "prometheus", "rollup_interval")))
+    hub = dict(get_map(top.get("hub") or {}, at.key("hub"), ("host", "port")))
+    leaf = dict(get_map(top.get("leaf") or {}, at.key("leaf"), ("host", "port", "urls")))
+    reg = dict(get_map(top.get("registry") or {}, at.key("registry"), ("offline_after",)))
+    leaf_port = _port(leaf, "port", at.key("leaf"), 7422)
+    urls = tuple(str(u) for u in get_list(leaf, "urls", at.key("leaf")))
+    for i, url in enumerate(urls):
+        if not url.startswith("tls://"):
+            raise at.key("leaf").key("urls").index(i).error(
+                f"invalid URL {url!r} (expected tls://HOST:PORT: racks link over TLS only)")
+    prom_host, prom_port = "127.0.0.1", None
+    if top.get("prometheus") is not None:
+        prom = dict(get_map(top["prometheus"], at.key("prometheus"), ("host", "port")))
+        prom_host = get_str(prom, "host", at.key("prometheus"), "127.0.0.1")
+        # 0: a free port, logged and in `mixer status`
+        prom_port = get_int(prom, "port", at.key("prometheus"), 9464, minimum=0, maximum=65535)
+    return MixerSettings(
+        hub_host=get_str(hub, "host", at.key("hub"), "127.0.0.1"),
+        hub_port=_port(hub, "port", at.key("hub"), 4222),
+        leaf_host=get_str(leaf, "host", at.key("leaf"), "0.0.0.0"),
+        leaf_port=leaf_port,
+        leaf_urls=urls or (f"tls://127.0.0.1:{leaf_port}",),
+        offline_after=get_duration(reg, "offline_after", at.key("registry"), 10.0,
+                                   minimum=1.0, exclusive=False),
+        prometheus_host=prom_host,
+        prometheus_port=prom_port,
+        rollup_interval=get_duration(top, "rollup_interval", at, 10.0, minimum=1.0, exclusive=False),
+    )
+
+
+def load_settings(data_dir: Path) -> MixerSettings:
+    """The settings of the hub in ``data_dir`` (defaults when it has no ``mixer.yaml``).
+
+    Raises:
+        ConfigError: a wrong value (file, key path, rule) or an unreadable file.
+    """
+    path = data_dir / SETTINGS_FILE
+    if not path.exists():
+        return MixerSettings(leaf_urls=("tls://127.0.0.1:7422",))
+    return parse_settings(load_yaml(path).data, str(path))
+
+
+def settings_text(hosts: list[str], hub_port: int = 4222, leaf_port: int = 7422) -> str:
+    """The ``mixer.yaml`` that ``mixer init`` writes: the leaf URLs from its ``--host``s."""
+    urls = ", ".join(f"tls://{h}:{leaf_port}" for h in hosts)
+    return (f"# fluxrig Mixer settings (see configs/mixer.yaml for every key)\n"
+            f"hub: {{host: 127.0.0.1, port: {hub_port}}}\n"
+            f"leaf:\n  host: 0.0.0.0\n  port: {leaf_port}\n  urls: [{urls}]\n"
+            f"registry: {{offline_after: 10s}}\n"
+            f"prometheus: null\n"
+            f"rollup_interval: 10s\n")
+
+
+__all__ = ["ConfigError", "MixerSettings", "SETTINGS_FILE", "load_settings",
+           "parse_settings", "settings_text"]

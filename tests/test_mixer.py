@@ -1,0 +1,213 @@
+"""The Mixer end to end: `mixer start` (hub nats-server + registry under the rack's process
+machinery), racks enrolled with the real CLI linking as leaf nodes over TLS, their events
+sourced into the hub exactly once through a hub SIGKILL and a cut link, registry states,
+revocation, and the rack's own view of its link."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+from mixerutil import (
+    LinkProxy,
+    MixerProcess,
+    enrol,
+    hub_count,
+    hub_ports,
+    hub_stream,
+    init_hub,
+    mixer,
+    racks,
+    wait_until,
+    write_settings,
+)
+from peers import PeerThread
+from rackutil import RackProcess, rig, uid
+
+
+def _status(data_dir) -> str:
+    done = subprocess.run([sys.executable, "-m", "engine.cli", "status", "--data-dir",
+                           str(data_dir), "--interval", "0.1"], capture_output=True, text=True,
+                          timeout=30)
+    return done.stdout + done.stderr
+
+
+def _linked_rig(tmp_path, rack_id, passport, count, rate, name="r"):
+    d = tmp_path / name
+    d.mkdir()
+    return rig(d, rack_id, count=count, rate=rate, mixer={"passport": str(passport)},
+               telemetry={"interval": 0.5}), d / "data"
+
+
+@pytest.fixture
+def peers():
+    p = PeerThread()
+    yield p
+    p.stop()
+
+
+def test_mixer_start_status_restart_and_stop(tmp_path):
+    hub = init_hub(tmp_path)
+    assert (hub / "pki" / "ca.key").stat().st_mode & 0o777 == 0o600
+    assert (hub / "nats-users.json").stat().st_mode & 0o777 == 0o600
+    m = MixerProcess(hub)
+    try:
+        again = mixer("start", str(hub), "--log-file", "-")
+        assert again.returncode == 3 and "mixer already running" in again.stderr
+        status = json.loads(mixer("status", str(hub), "--json").stdout)
+        assert status["ready"] and [p["name"] for p in status["processes"]] == ["registry"]
+        registry = status["processes"][0]["pid"]
+        os.kill(registry, signal.SIGKILL)  # the process set restarts it
+        wait_until(lambda: m.state()["processes"][0]["restarts"] == 1
+                   and m.state()["processes"][0]["pid"] not in (None, registry), 20,
+                   "the registry restarted")
+        hub_pid = m.state()["hub_pid"]
+        os.kill(hub_pid, signal.SIGKILL)  # and the hub's nats-server on its port and store
+        wait_until(lambda: m.state()["hub_pid"] not in (None, hub_pid), 20,
+                   "the hub restarted")
+        text = mixer("status", str(hub)).stdout
+        assert "mixer: running (ready)" in text and "restarts=1" in text
+        stopped = mixer("stop", str(hub))
+        assert stopped.returncode == 0, stopped.stderr
+        assert m.proc.wait(30) == 0
+    finally:
+        m.close()
+    assert "mixer stopped cleanly" in m.output()
+    assert mixer("status", str(hub)).returncode == 1
+
+
+def test_a_linked_rack_goes_online_and_its_events_reach_the_hub_exactly_once_through_a_hub_kill(
+        tmp_path):
+    hub = init_hub(tmp_path, offline_after="2s", prometheus=True)
+    m = MixerProcess(hub)
+    rack_id = uid("src")
+    passport = enrol(hub, rack_id, "site=lab", "line=7")
+    enrol(hub, uid("quiet"), "site=elsewhere")
+    assert passport.stat().st_mode & 0o777 == 0o600
+    total = 3000
+    config, data = _linked_rig(tmp_path, rack_id, passport, count=total, rate=300)
+    rack = RackProcess(config, data)
+    try:
+        wait_until(lambda: any(r["id"] == rack_id and r["state"] == "online"
+                               for r in racks(hub)), 30, "the rack online")
+        assert [r["id"] for r in racks(hub, "site=lab")] == [rack_id]
+        assert [r["state"] for r in racks(hub, "site=elsewhere")] == ["never-seen"]
+        online = next(r for r in racks(hub) if r["id"] == rack_id)
+        assert online["labels"] == {"site": "lab", "line": "7"} and online["version"]
+        assert len(online["rig_hash"]) == 64
+        stream = f"EV_{rack_id}"
+        wait_until(lambda: asyncio.run(hub_count(hub, stream)) >= 500, 30, "events at the hub")
+        os.kill(m.state()["hub_pid"], signal.SIGKILL)
+        killed = time.monotonic()
+        old = m.state()["hub_pid"]
+        wait_until(lambda: m.state()["hub_pid"] not in (None, old), 20, "the hub restarted")
+        back = time.monotonic()
+        rack.wait_for(lambda: rack.counters("source").snapshot().frames_out >= total, 60,
+                      "the generator done")
+        catch_up = wait_until(lambda: asyncio.run(hub_count(hub, stream)) >= total, 60,
+                              "every event at the hub")
+        count, seqs = asyncio.run(hub_stream(hub, stream))
+        assert "hub link: up" in _status(data)
+        port = m.state()["prometheus"]
+        scrape = urllib.request.urlopen(f"http://{port}/metrics", timeout=5).read().decode()
+        top = json.loads(mixer("top", str(hub), "--json").stdout)
+        assert rack.stop() == 0
+        wait_until(lambda: next(r for r in racks(hub) if r["id"] == rack_id)["state"]
+                   == "offline", 20, "the rack offline")
+        assert m.stop() == 0
+    finally:
+        rack.close()
+        m.close()
+    print(f"hub down {back - killed:.2f} s; all at the hub {catch_up:.2f} s after the rack's "
+          f"last event")
+    assert count == total and sorted(seqs) == list(range(total))  # none lost, none twice
+    assert seqs == sorted(seqs)  # in order
+    assert f'rack="{rack_id}"' in scrape and 'site="lab"' in scrape
+    row = next(r for r in top if r["rack"] == rack_id)
+    assert row["backlog"] is not None
+    stopped = racks(hub)  # the Mixer is stopped: the CLI reads the registry's file
+    assert next(r for r in stopped if r["id"] == rack_id)["state"] == "offline"
+
+
+def test_a_cut_link_loses_nothing_and_catches_up(tmp_path, peers):
+    hub = init_hub(tmp_path)
+    port, leaf = hub_ports(hub)
+    proxy = LinkProxy(peers, leaf)  # passports send racks through the proxy
+    write_settings(hub, port, leaf, [f"tls://127.0.0.1:{proxy.port}"])
+    m = MixerProcess(hub)
+    rack_id = uid("cut")
+    passport = enrol(hub, rack_id)
+    total = 2000
+    config, data = _linked_rig(tmp_path, rack_id, passport, count=total, rate=500)
+    rack = RackProcess(config, data)
+    stream = f"EV_{rack_id}"
+    try:
+        wait_until(lambda: asyncio.run(hub_count(hub, stream)) >= 300, 30, "events at the hub")
+        proxy.cut()
+        wait_until(lambda: "hub link: down" in _status(data), 20, "the rack sees the cut")
+        before = asyncio.run(hub_count(hub, stream))
+        # the rack goes on alone: its generator finishes during the outage
+        rack.wait_for(lambda: rack.counters("source").snapshot().frames_out >= total, 60,
+                      "the generator done")
+        assert asyncio.run(hub_count(hub, stream)) == before < total  # nothing crossed
+        proxy.mend()
+        catch_up = wait_until(lambda: asyncio.run(hub_count(hub, stream)) >= total, 60,
+                              "every event at the hub")
+        count, seqs = asyncio.run(hub_stream(hub, stream))
+        assert rack.stop() == 0
+        assert m.stop() == 0
+    finally:
+        rack.close()
+        m.close()
+        proxy.close()
+    print(f"catch-up after the link came back {catch_up:.2f} s")
+    assert count == total and seqs == list(range(total))
+
+
+def test_revoked_unknown_and_untrusting_racks_are_refused_and_say_so(tmp_path):
+    hub = init_hub(tmp_path)
+    other = init_hub(tmp_path / "other")  # another hub's CA: the rack will not trust ours
+    m = MixerProcess(hub)
+    rack_id, stranger, wrong_ca = uid("rev"), uid("stranger"), uid("wrongca")
+    passport = enrol(hub, rack_id)
+    foreign = enrol(other, stranger)  # a passport this hub never issued
+    untrusting = enrol(hub, wrong_ca)
+    doc = json.loads(untrusting.read_text())
+    doc["ca"] = (other / "pki" / "ca.pem").read_text()
+    untrusting.chmod(0o600)
+    untrusting.write_text(json.dumps(doc))
+    # the stranger's passport points at the other hub: aim it at ours
+    doc = json.loads(foreign.read_text())
+    doc["hub"] = [f"tls://127.0.0.1:{hub_ports(hub)[1]}"]
+    doc["ca"] = (hub / "pki" / "ca.pem").read_text()
+    foreign.write_text(json.dumps(doc))
+    rigs = {name: _linked_rig(tmp_path, name, p, count=0, rate=20, name=name)
+            for name, p in ((rack_id, passport), (stranger, foreign), (wrong_ca, untrusting))}
+    running = {name: RackProcess(cfg, data) for name, (cfg, data) in rigs.items()}
+    try:
+        wait_until(lambda: "hub link: up" in _status(rigs[rack_id][1]), 30, "the link up")
+        revoked = mixer("rack", "revoke", str(hub), rack_id)
+        assert revoked.returncode == 0 and "1 live link(s) dropped" in revoked.stdout
+        wait_until(lambda: "hub link: refused (authorization)" in _status(rigs[rack_id][1]),
+                   20, "the revoked rack refused")
+        wait_until(lambda: "hub link: refused (authorization)" in _status(rigs[stranger][1]),
+                   20, "the stranger refused")
+        wait_until(lambda: "hub link: refused (tls: " in _status(rigs[wrong_ca][1]), 20,
+                   "the untrusting rack refused")
+        assert all(r["id"] != rack_id for r in racks(hub))
+        again = mixer("rack", "add", str(hub), rack_id, "--out", str(tmp_path / "again"))
+        assert again.returncode == 1 and "enrolled already" in again.stderr
+        assert m.stop() == 0
+        wait_until(lambda: "hub link: down (connection refused)" in _status(rigs[rack_id][1]),
+                   20, "the hub down")
+    finally:
+        for r in running.values():
+            r.close()
+        m.close()
