@@ -111,6 +111,7 @@ def hub_consumer_admin(stream: str) -> tuple[str, ...]:
     """JetStream API subjects egress needs to make the durable ``hub`` consumer of
     ``stream`` (a Mixer hub sources the stream through it)."""
     return (f"$JS.API.CONSUMER.INFO.{stream}.hub",
+            f"$JS.API.CONSUMER.DELETE.{stream}.hub",
             f"$JS.API.CONSUMER.CREATE.{stream}.hub",
             f"$JS.API.CONSUMER.CREATE.{stream}.hub.>",
             f"$JS.API.CONSUMER.DURABLE.CREATE.{stream}.hub")

@@ -276,7 +276,7 @@ def status(
             prev = cur
             if watch and not as_json and sys.stdout.isatty():
                 typer.echo("\x1b[H\x1b[2J", nl=False)  # home + clear: redraw, not scroll
-            _print_status(state, table, as_json)
+            print_status(state, table, as_json)
             shown += 1
             if not watch or (count and shown >= count):
                 break
@@ -287,13 +287,18 @@ def status(
 
 
 def _hub_link(state: dict) -> str | None:
-    """The rack's link to its Mixer hub (None: no passport)."""
+    """The rack's link to its Mixer hub (None: no passport); ``hub_link`` when the state
+    came from elsewhere (``mixer rack status`` asks the rack, which reads its own log)."""
     from engine.hublink import read_link_state
 
+    if "hub_link" in state:
+        return state["hub_link"]
     return read_link_state(Path(state["data_dir"])) if state.get("hub") else None
 
 
-def _print_status(state: dict, table: list[dict], as_json: bool) -> None:
+def print_status(state: dict, table: list[dict], as_json: bool) -> None:
+    """The ``engine status`` table (or JSON) of ``state`` (the rack's state file) and
+    ``table`` (``engine.telemetry.rows``); ``mixer rack status`` prints a rack's with it."""
     if as_json:
         typer.echo(json.dumps({"rack": state["rack"], "pid": state["pid"],
                                "nats_url": state["nats_url"],

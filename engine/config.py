@@ -279,7 +279,7 @@ def _egress(r: Reader) -> EgressConfig:
         streams.append(StreamConfig(
             name=s.string("name"), subjects=tuple(map(str, subjects)),
             storage=s.string("storage"), max_age=max_age, duplicate_window=window,
-            hub=s.boolean("hub")))
+            hub=s.boolean("hub"), max_bytes=s.size("max_bytes")))
     names = [s.name for s in streams]
     if len(set(names)) != len(names):
         raise r.where("streams").error(f"duplicate stream names: {names}")

@@ -47,7 +47,7 @@ from engine.frame import frame_id_of, frame_ts_of
 from engine.logutil import RateLimitedLog
 from engine.plan import EgressPlan, ProcessSpec, Runtime, signal_ready
 from engine.ring import Consumer, wait_any
-from engine.streams import ensure_hub_consumer, ensure_streams
+from engine.streams import drop_hub_consumer, ensure_hub_consumer, ensure_streams
 
 log = logging.getLogger("fluxrig.egress")
 
@@ -56,7 +56,11 @@ STAT_DEFS = (
             "them (recovery)"),
     StatDef("egress.retries", "counter", "publish attempts that failed and were retried"),
     StatDef("egress.streams_recreated", "counter", "streams found missing and created again"),
+    StatDef("egress.budget_full", "counter", "publishes refused because a stream reached its "
+            "max_bytes budget (a linked rack: the hub has not taken the events yet); they "
+            "wait in the rings"),
 )
+BUDGET_FULL = 10077  # JetStream's err_code for "maximum bytes exceeded" with discard new
 
 
 def hpub(subject: bytes, msg_id: bytes, payload: bytes | memoryview) -> bytes:
@@ -97,7 +101,7 @@ class EgressProcess:
         # the stats live in shared memory when the supervisor sized the segment for them
         self.stats = (spec.counters.stats(spec.stat_defs) if spec.stat_defs
                       else Stats.local(STAT_DEFS))
-        self._st_waiting, self._st_retries, self._st_recreated = range(3)
+        self._st_waiting, self._st_retries, self._st_recreated, self._st_budget = range(4)
         self.ratelog = RateLimitedLog(log)
 
     async def connect(self) -> None:
@@ -110,8 +114,11 @@ class EgressProcess:
                     pending_size=64 * 1024 * 1024, error_cb=self._on_error)
                 self.js = self.nc.jetstream(timeout=self.plan.ack_timeout)
                 self.tail_seq = await ensure_streams(self.js, self.plan.streams)
-                for stream in self.plan.hub_streams:  # before the first event of this run
-                    await ensure_hub_consumer(self.js, self.rt.rack_id, stream)
+                for s in self.plan.streams:  # before the first event of this run
+                    if s.name in self.plan.hub_streams:
+                        await ensure_hub_consumer(self.js, self.rt.rack_id, s.name)
+                    elif s.hub:
+                        await drop_hub_consumer(self.js, s.name)
                 log.info("egress connected: url=%s, streams=%s", masked_url(self.rt.nats_url),
                          ",".join(self.tail_seq))
                 signal_ready(self.rt, self.spec.name)
@@ -195,6 +202,7 @@ class EgressProcess:
             if batch.ack is not None and not batch.ack.done():
                 batch.ack.cancel()
         for batch in pending:
+            remaining = list(batch.messages)
             while True:
                 if self.stopping.is_set():
                     # told to stop while NATS is away: what is not stored stays in the rings,
@@ -205,15 +213,31 @@ class EgressProcess:
                     return
                 try:
                     await self._wait_connected()
-                    futures = [await self.js.publish_async(s, p, headers={"Nats-Msg-Id": m})
-                               for s, m, p in batch.messages]
-                    await asyncio.wait_for(asyncio.gather(*futures),
-                                           self.plan.ack_timeout * 2)
-                    break
+                    # request-style publishes, not publish_async: nats-py 2.16 loses the
+                    # error of an async ack ("maximum bytes exceeded" only times out). The
+                    # first alone: while JetStream refuses, one request per attempt
+                    s, m, p = remaining[0]
+                    await self.js.publish(s, p, headers={"Nats-Msg-Id": m})
+                    results = await asyncio.wait_for(asyncio.gather(*[
+                        self.js.publish(s, p, headers={"Nats-Msg-Id": m})
+                        for s, m, p in remaining[1:]], return_exceptions=True),
+                        self.plan.ack_timeout * 2)
+                    failed = [(msg, r) for msg, r in zip(remaining[1:], results)
+                              if isinstance(r, BaseException)]
+                    if not failed:
+                        break
+                    remaining = [msg for msg, _ in failed]  # the stored ones are done
+                    raise failed[0][1]
                 except Exception as exc:
                     self.stats.add(self._st_retries)
-                    self.ratelog.warning("republish", "egress republish failed, retrying: "
-                                         "stream=%s, error=%r", batch.stream, exc)
+                    if getattr(exc, "err_code", None) == BUDGET_FULL:
+                        self.stats.add(self._st_budget)
+                        self.ratelog.error("budget", "stream budget full, events wait in the "
+                                           "rings until the hub takes some: stream=%s "
+                                           "(intake stops when the rings fill)", batch.stream)
+                    else:
+                        self.ratelog.warning("republish", "egress republish failed, retrying: "
+                                             "stream=%s, error=%r", batch.stream, exc)
                     if isinstance(exc, NoStreamResponseError):
                         await self._recreate_streams(batch.stream)
                     await asyncio.sleep(0.2)

@@ -28,7 +28,11 @@ NEVER = "connecting (no answer from the hub yet)"
 
 def link_state(lines: Iterable[str]) -> str:
     """The link's state after ``lines`` (a nats-server log, oldest first)."""
-    state = NEVER
+    return _verdict(lines) or NEVER
+
+
+def _verdict(lines: Iterable[str]) -> str | None:
+    state: str | None = None
     for line in lines:
         if "Leafnode" not in line and "leafnode" not in line and "JetStream using" not in line:
             continue
@@ -49,14 +53,26 @@ def link_state(lines: Iterable[str]) -> str:
     return state
 
 
+def _read(path: Path, tail: int | None) -> list[str]:
+    with open(path, "rb") as f:
+        size = f.seek(0, 2)
+        start = 0 if tail is None else max(0, size - tail)
+        f.seek(start)
+        lines = f.read().decode(errors="replace").splitlines()
+    return lines[1:] if start else lines  # the first line of a tail may be cut
+
+
 def read_link_state(data_dir: Path) -> str:
-    """``link_state`` of the tail of ``<data_dir>/nats-server.log`` (NEVER without one)."""
+    """``link_state`` of ``<data_dir>/nats-server.log``: its last MiB, else the whole file
+    (the server rotates it at 16 MiB), else the newest rotated file; NEVER without any."""
     path = Path(data_dir) / "nats-server.log"
-    try:
-        with open(path, "rb") as f:
-            size = f.seek(0, 2)
-            f.seek(max(0, size - TAIL_BYTES))
-            text = f.read().decode(errors="replace")
-    except OSError:
-        return NEVER
-    return link_state(text.splitlines())
+    rotated = sorted(path.parent.glob(path.name + ".*"),
+                     key=lambda p: p.stat().st_mtime, reverse=True)
+    for candidate, tail in ((path, TAIL_BYTES), (path, None), *((r, None) for r in rotated[:1])):
+        try:
+            verdict = _verdict(_read(candidate, tail))
+        except OSError:
+            continue
+        if verdict is not None:
+            return verdict
+    return NEVER

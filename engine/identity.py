@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import ipaddress
 import json
 import os
 import stat
@@ -180,5 +181,13 @@ def read_passport(path: Path) -> Passport:
 
 
 def hub_urls(hosts: Sequence[str], port: int) -> tuple[str, ...]:
-    """``tls://host:port`` for each host racks dial."""
-    return tuple(f"tls://{h}:{port}" for h in hosts)
+    """``tls://host:port`` for each host racks dial (an IPv6 address in brackets)."""
+    return tuple(f"tls://{url_host(h)}:{port}" for h in hosts)
+
+
+def url_host(host: str) -> str:
+    """``host`` as a URL writes it: an IPv6 address in brackets."""
+    try:
+        return f"[{host}]" if ipaddress.ip_address(host).version == 6 else host
+    except ValueError:
+        return host

@@ -112,6 +112,10 @@ STREAM = Table("egress.streams[]", "A JetStream stream that egress creates and o
         "otherwise.", 0.0, minimum=0),
     Key("duplicate_window", DURATION, "How long JetStream remembers message ids to drop "
         "duplicates (a replayed batch).", 120.0, minimum=0, exclusive=True, maximum=86_400),
+    Key("max_bytes", SIZE, "Disk budget: at this size the stream refuses new events "
+        "(egress keeps them in the rings and raises the alarm) instead of dropping old ones "
+        "when the rack is linked to a Mixer; 0: JetStream's own limits. A linked rack's hub "
+        "streams keep an event only until the hub has it.", 0, minimum=0),
     Key("hub", BOOLEAN, "With a Mixer passport (`mixer.passport`): the hub keeps a copy "
         "(egress makes the durable consumer `hub` the hub sources it through, and the rack's "
         "hello lists the stream).", True),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 from nats.js import JetStreamContext
@@ -9,11 +10,14 @@ from nats.js.api import (
     AckPolicy,
     ConsumerConfig,
     DeliverPolicy,
+    DiscardPolicy,
     RetentionPolicy,
     StorageType,
 )
 from nats.js.api import StreamConfig as JsStreamConfig
 from nats.js.errors import NotFoundError
+
+log = logging.getLogger("fluxrig.egress")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -27,18 +31,27 @@ class StreamConfig:
     duplicate_window: float = 120.0  # seconds
     retention: str = "limits"  # or "work_queue": a message leaves when a consumer acks it
     hub: bool = False  # a Mixer hub sources it (through the durable consumer ``hub``)
+    max_bytes: int = 0  # 0: no budget of its own
+    linked: bool = False  # hub and the rack is linked: interest retention, discard new
 
 
 def js_stream_config(s: StreamConfig) -> JsStreamConfig:
-    """nats-py StreamConfig for one configured stream."""
+    """nats-py StreamConfig for one configured stream. A stream a Mixer hub keeps a copy of
+    (``linked``) keeps an event until the hub has it (interest retention: the ``hub``
+    consumer's ack) and refuses new events at its ``max_bytes`` instead of dropping old ones
+    (discard new): nothing leaves the rack unstored, and a full budget is backpressure."""
+    retention = (RetentionPolicy.INTEREST if s.linked else
+                 RetentionPolicy.WORK_QUEUE if s.retention == "work_queue"
+                 else RetentionPolicy.LIMITS)
     return JsStreamConfig(
         name=s.name,
         subjects=list(s.subjects),
         storage=StorageType.FILE if s.storage == "file" else StorageType.MEMORY,
-        max_age=s.max_age or None,
+        max_age=None if s.linked else (s.max_age or None),
+        max_bytes=s.max_bytes or None,
+        discard=DiscardPolicy.NEW if s.linked else DiscardPolicy.OLD,
         duplicate_window=s.duplicate_window,
-        retention=(RetentionPolicy.WORK_QUEUE if s.retention == "work_queue"
-                   else RetentionPolicy.LIMITS),
+        retention=retention,
     )
 
 
@@ -48,7 +61,15 @@ async def ensure_stream(js: JetStreamContext, s: StreamConfig) -> int:
     cfg = js_stream_config(s)
     try:
         info = await js.stream_info(s.name)
-        if sorted(info.config.subjects or []) != sorted(s.subjects):
+        if info.config.retention != cfg.retention:
+            # JetStream cannot change a stream's retention: keep the stream as it is
+            log.warning("stream keeps its retention (made before the rack was linked or "
+                        "unlinked; recreate it to change): stream=%s, retention=%s, wanted=%s",
+                        s.name, info.config.retention, cfg.retention)
+            cfg.retention = info.config.retention
+        if (sorted(info.config.subjects or []) != sorted(s.subjects)
+                or (info.config.max_bytes or -1) != (cfg.max_bytes or -1)
+                or info.config.discard != cfg.discard):
             info = await js.update_stream(cfg)
     except NotFoundError:
         info = await js.add_stream(cfg)
@@ -73,6 +94,18 @@ async def ensure_hub_consumer(js: JetStreamContext, rack_id: str, stream: str) -
         deliver_subject=hub_deliver_subject(rack_id, stream),
         ack_policy=AckPolicy.FLOW_CONTROL, flow_control=True, idle_heartbeat=1.0,
         deliver_policy=DeliverPolicy.ALL))
+
+
+async def drop_hub_consumer(js: JetStreamContext, stream: str) -> bool:
+    """Remove ``stream``'s ``hub`` consumer left from when the rack was linked (with interest
+    retention it would keep every event until the budget is full); True if there was one."""
+    try:
+        await js.consumer_info(stream, HUB_CONSUMER)
+    except NotFoundError:
+        return False
+    await js.delete_consumer(stream, HUB_CONSUMER)
+    log.warning("hub consumer removed, the rack is no longer linked for it: stream=%s", stream)
+    return True
 
 
 async def ensure_streams(js: JetStreamContext, streams: list[StreamConfig]) -> dict[str, int]:

@@ -32,6 +32,7 @@ counted and reported in the log before the segments are removed.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -190,10 +191,13 @@ class Supervisor:
         subjects = sorted({subject for st in streams for subject in st.subjects})
         roles["egress"] = Permissions(publish=(
             *subjects, *stream_admin(s.name for s in streams),
-            *(p for s in self._hub_streams() for p in hub_consumer_admin(s))))
+            *(p for s in cfg.egress.streams if s.hub for p in hub_consumer_admin(s.name))))
         roles["telemetry"] = Permissions(publish=(
             cfg.telemetry.subject, f"fluxrig.up.{cfg.rack_id}.hello",
-            *(f"$JS.API.CONSUMER.INFO.{s}.hub" for s in self._hub_streams())))
+            f"fluxrig.up.{cfg.rack_id}.reply.>",
+            *(f"$JS.API.CONSUMER.INFO.{s}.hub" for s in self._hub_streams()),
+            *(f"$JS.API.STREAM.INFO.{s}" for s in self._hub_streams())),
+            subscribe=(f"fluxrig.down.{cfg.rack_id}.req.>",))
         extra = [BusUser(name=u.name, password=u.password,
                          permissions=stream_reader(u.streams)) for u in cfg.nats.users]
         return rack_users(self.data_dir, roles, extra)
@@ -330,12 +334,15 @@ class Supervisor:
                                 prometheus_port=cfg.telemetry.prometheus_port,
                                 subject=cfg.telemetry.subject, labels=dict(cfg.labels),
                                 hello=self._hello(), hub_streams=self._hub_streams())))
+        hub = set(self._hub_streams())
         if egress_inputs:
             specs.append(ProcessSpec(
                 name="egress", role="egress", inputs=egress_inputs,
                 counters=self._counters("egress", EGRESS_STATS), stat_defs=EGRESS_STATS,
                 extra=EgressPlan(routes=routes,
-                                 streams=list(cfg.egress.streams) + list(extra_streams.values()),
+                                 streams=[dataclasses.replace(s, linked=s.name in hub)
+                                          for s in cfg.egress.streams]
+                                 + list(extra_streams.values()),
                                  batch=cfg.egress.batch, max_inflight=cfg.egress.max_inflight,
                                  ack_timeout=cfg.egress.ack_timeout,
                                  hub_streams=self._hub_streams())))

@@ -37,13 +37,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import orjson
 import psutil
 from nats.aio.client import Client
+from nats.aio.msg import Msg
 
 from engine.bus import close_quietly, connect
 from engine.cbor import dumps
 from engine.counters import Counters, CountersSnapshot, StatDef, percentiles
 from engine.hublink import read_link_state
+from engine.logutil import RateLimitedLog
 from engine.metrics import RackCollector
 from engine.metrics_http import MetricsEndpoint
 from engine.plan import STATE_FILE, ProcessSpec, Runtime, TelemetryPlan, signal_ready
@@ -51,6 +54,7 @@ from engine.ring import Ring
 from engine.streams import HUB_CONSUMER
 
 log = logging.getLogger("fluxrig.telemetry")
+RATELOG = RateLimitedLog(log)
 
 
 def read_state(data_dir: str | os.PathLike[str]) -> dict[str, Any]:
@@ -216,21 +220,31 @@ def snapshot_message(rack_id: str, labels: dict[str, str], sample: RackSample,
 async def hub_figures(nc: Client, rack_id: str, data_dir: str,
                       streams: list[str]) -> dict[str, Any]:
     """A linked rack's ``hub_backlog`` (the ``hub`` consumers' pending and unacked
-    events: their ack floor is what the hub stored) and ``link`` state."""
+    events: their ack floor is what the hub stored), ``hub_budget_ratio`` (the fullest hub
+    stream's bytes over its ``max_bytes``; None without a budget) and ``link`` state."""
     backlog: int | None = 0
+    ratio: float | None = None
     js = nc.jetstream(timeout=1.0)
     for stream in streams:
         try:
             info = await js.consumer_info(stream, HUB_CONSUMER)
+            sinfo = await js.stream_info(stream)
         except Exception:  # not made yet (egress starting): unknown, not zero
             backlog = None
             break
         assert backlog is not None
         backlog += (info.num_pending or 0) + (info.num_ack_pending or 0)
-    return {"hub_backlog": backlog, "link": read_link_state(Path(data_dir))}
+        if sinfo.config.max_bytes and sinfo.config.max_bytes > 0:
+            ratio = max(ratio or 0.0, sinfo.state.bytes / sinfo.config.max_bytes)
+    if ratio is not None and ratio >= BUDGET_WARN:
+        RATELOG.warning("budget", "hub streams at %.0f%% of their budget: the hub has not "
+                        "taken them (link: %s)", ratio * 100, read_link_state(Path(data_dir)))
+    return {"hub_backlog": backlog, "hub_budget_ratio": ratio,
+            "link": read_link_state(Path(data_dir))}
 
 
 HELLO_EVERY = 10.0  # seconds between hellos to the hub of a linked rack
+BUDGET_WARN = 0.8  # a hub stream this full of events the hub has not taken: warn
 
 
 def run_telemetry(spec: ProcessSpec, rt: Runtime) -> None:
@@ -255,11 +269,21 @@ async def _telemetry_main(spec: ProcessSpec, rt: Runtime) -> None:
                            max_reconnect_attempts=-1, reconnect_time_wait=1)
     except Exception as exc:  # stats are best effort; the rack runs without them
         log.warning("telemetry cannot reach nats: error=%r", exc)
+    latest: list[dict[str, Any]] = []  # the last sample's table, for ``mixer rack status``
+    if cfg.hello is not None and nc is not None:
+        async def answer_status(msg: Msg) -> None:
+            state = read_state(rt.data_dir)
+            state["hub_link"] = read_link_state(Path(rt.data_dir))
+            await msg.respond(orjson.dumps({"state": state, "processes": latest}))
+
+        # asked by the hub over the leaf link; the answer goes to fluxrig.up.<r>.reply.*
+        await nc.subscribe(f"fluxrig.down.{rt.rack_id}.req.status", cb=answer_status)
     signal_ready(rt, spec.name)
     prev = None
     probe = None
     state_mtime = 0.0
     hello_at = 0.0
+    link = ""
     while not stopping.is_set():
         if cfg.hello is not None and nc is not None and nc.is_connected \
                 and time.monotonic() >= hello_at:
@@ -277,12 +301,16 @@ async def _telemetry_main(spec: ProcessSpec, rt: Runtime) -> None:
                 probe, state_mtime, prev = RackProbe(read_state(rt.data_dir)), mtime, None
             cur = probe.sample()
             table = rows(prev, cur)
+            latest[:] = table
             prev = cur
             collector.update(cur.processes)
             if nc is not None and nc.is_connected:
                 hub = None
                 if cfg.hello is not None:
                     hub = await hub_figures(nc, rt.rack_id, rt.data_dir, list(cfg.hub_streams))
+                    if hub["link"] == "up" and link != "up":
+                        hello_at = 0.0  # the link came (back) up: say hello at once
+                    link = hub["link"]
                 await nc.publish(cfg.subject,
                                  snapshot_message(rt.rack_id, cfg.labels, cur, table, hub))
         except Exception as exc:

@@ -202,6 +202,21 @@ def rack_revoke(data_dir: Path = DATA_DIR,
     typer.echo(f"rack {rack!r} revoked" + (f"; {kicked} live link(s) dropped" if kicked else ""))
 
 
+@rack_app.command("status")
+def rack_status(data_dir: Path = DATA_DIR,
+                rack: str = typer.Argument(..., help="the rack's id"),
+                as_json: bool = typer.Option(False, "--json", help="print JSON")) -> None:
+    """Ask a linked rack how it is (over its link: the table `engine status` prints)."""
+    from engine.cli import print_status
+    from mixer.enrol import EnrolError, ask_rack_status
+
+    try:
+        answer = ask_rack_status(data_dir, _settings(data_dir), rack)
+    except EnrolError as exc:
+        _fail(exc, 1)
+    print_status(answer["state"], answer["processes"], as_json)
+
+
 @app.command()
 def racks(
     data_dir: Path = DATA_DIR,

@@ -18,10 +18,12 @@ import asyncio
 import datetime as dt
 import json
 import os
+import secrets
 import signal
 import time
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from engine.identity import (
     IdentityError,
@@ -38,6 +40,7 @@ from mixer.hubfiles import (
     HubServer,
     editing_racks,
     local_users,
+    read_racks,
 )
 from mixer.pki import HubPki
 from mixer.registry import RackInfo
@@ -199,11 +202,20 @@ def ask_racks(data_dir: Path, settings: MixerSettings, selector: Mapping[str, st
         infos = [_info(d) for d in json.loads(raw)]
         return infos, racks_table(infos, time.time_ns())
     reg = Registry(int(settings.offline_after * 1e9))
-    try:
-        with RegistryStore.open(data_dir / "registry.duckdb", read_only=True) as store:
-            store.load(reg)
-    except RegistryStoreError as exc:
-        raise EnrolError(f"{exc} (is the Mixer started?)") from None
+    db = data_dir / "registry.duckdb"
+    if db.exists():
+        try:
+            with RegistryStore.open(db, read_only=True) as store:
+                store.load(reg)
+        except RegistryStoreError as exc:
+            raise EnrolError(str(exc)) from None
+    else:  # never started: what racks.json says, nobody heard yet
+        try:
+            for r in read_racks(data_dir):
+                if not r.revoked:
+                    reg.add(r.id, r.labels, time.time_ns())
+        except HubFileError as exc:
+            raise EnrolError(str(exc)) from None
     infos = reg.select(selector)
     if as_json:
         return infos, racks_json(infos).decode() + "\n"
@@ -221,6 +233,49 @@ def ask_top(data_dir: Path, settings: MixerSettings) -> list[dict[str, object]]:
     raw = asyncio.run(_ask(settings, local_users(data_dir)["admin"], "fluxrig.mixer.top", {}))
     rows = json.loads(raw)
     return rows if isinstance(rows, list) else []
+
+
+def ask_rack_status(data_dir: Path, settings: MixerSettings, rack: str) -> dict[str, Any]:
+    """A linked rack's answer to ``fluxrig.down.<rack>.req.status``: its state file and
+    process table. The reply comes back under the rack's own name
+    (``fluxrig.up.<rack>.reply.<token>``): a rack can only publish its own subjects.
+
+    Raises:
+        EnrolError: no Mixer, or no answer (the message says what the registry knows).
+    """
+    if _running_hub(data_dir) is None:
+        raise EnrolError(f"no mixer running: data_dir={data_dir}")
+    try:
+        return asyncio.run(_ask_rack(settings, local_users(data_dir)["admin"], rack))
+    except TimeoutError:
+        known = {i.id: i.state for i in ask_racks(data_dir, settings, {}, False)[0]}
+        state = known.get(rack)
+        why = ("not enrolled" if state is None else
+               f"the registry has it {state}" if state != "online" else
+               "online, but it did not answer (an older fluxrig, or busy)")
+        raise EnrolError(f"rack {rack!r}: no answer ({why})") from None
+
+
+async def _ask_rack(settings: MixerSettings, password: str, rack: str) -> dict[str, Any]:
+    import nats
+
+    nc = await nats.connect(settings.hub_url, user="admin", password=password,
+                            connect_timeout=2, max_reconnect_attempts=0)
+    try:
+        reply = f"fluxrig.up.{rack}.reply.{secrets.token_hex(8)}"
+        sub = await nc.subscribe(reply, max_msgs=1)
+        await nc.publish(f"fluxrig.down.{rack}.req.status", b"{}", reply=reply)
+        msg = await sub.next_msg(timeout=ASK_TIMEOUT)
+        if not msg.data and (msg.headers or {}).get("Status") == "503":
+            raise TimeoutError  # no responders: the rack is not linked (or not listening)
+        answer = json.loads(msg.data)
+        if not isinstance(answer, dict) or "state" not in answer:
+            raise EnrolError(f"rack {rack!r}: unexpected answer")
+        return answer
+    except nats.errors.TimeoutError:
+        raise TimeoutError from None
+    finally:
+        await nc.close()
 
 
 def _info(d: Mapping[str, object]) -> RackInfo:

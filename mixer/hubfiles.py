@@ -37,7 +37,7 @@ from mixer.settings import MixerSettings
 
 RACKS_FILE = "racks.json"
 USERS_FILE = "nats-users.json"
-LOCAL_USERS = ("registry", "admin", "sys")
+LOCAL_USERS = ("registry", "admin", "sys", "sim")
 
 
 class HubFileError(RuntimeError):
@@ -121,14 +121,15 @@ def local_users(data_dir: Path) -> dict[str, str]:
     return users
 
 
-def user_entries(users: dict[str, str]) -> list[dict[str, object]]:
-    """The hub's own users as nats-server entries (``sys`` lives in the SYS account).
+def user_entries(users: dict[str, str], simulator: bool = False) -> list[dict[str, object]]:
+    """The hub's own users as nats-server entries (``sys`` lives in the SYS account);
+    ``sim`` (it may speak for every rack: fleet load tests) only with ``simulator``.
 
     ``registry`` hears the racks' stats, hellos and the CLI's questions and manages the
     hub's streams; no hub user may subscribe ``fluxrig.src.>`` or ``fluxrig.>`` (sourced
     deliveries would reach it under the racks' business subjects).
     """
-    return [
+    entries: list[dict[str, object]] = [
         {"user": "registry", "password": users["registry"], "permissions": {
             "publish": {"allow": [f"$JS.{HUB_DOMAIN}.API.>", "$JS.API.>", "fluxrig.down.>",
                                   "_INBOX.>"]},
@@ -140,6 +141,11 @@ def user_entries(users: dict[str, str]) -> list[dict[str, object]]:
                                   "$JS.API.>", "_INBOX.>"]},
             "subscribe": {"allow": ["fluxrig.up.*.reply.>", "_INBOX.>"]}}},
     ]
+    if simulator:
+        entries.append({"user": "sim", "password": users["sim"], "permissions": {
+            "publish": {"allow": ["fluxrig.stats.*", "fluxrig.up.*.hello"]},
+            "subscribe": {"allow": ["_INBOX.>"]}}})
+    return entries
 
 
 class HubServer(NatsServer):
@@ -165,4 +171,4 @@ class HubServer(NatsServer):
             if not r.revoked:
                 check_rack_id(r.id)
                 racks.append(RackUser(rack=r.id, nkey=r.nkey))
-        return render_hub_config(plan, racks, user_entries(users))
+        return render_hub_config(plan, racks, user_entries(users, self.settings.simulator))

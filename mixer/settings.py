@@ -16,17 +16,23 @@ registry:
   offline_after: 10s     # a rack silent this long is offline
 prometheus: {host: 127.0.0.1, port: 9464}   # the fleet's endpoint; omit or null: off
 rollup_interval: 10s
+simulator: false         # true: a `sim` user may publish any rack's stats (load tests only)
 ```
 """
 
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
+from engine.identity import hub_urls
 from engine.schema import (
     At,
     ConfigError,
+    get_bool,
     get_duration,
     get_int,
     get_list,
@@ -51,6 +57,7 @@ class MixerSettings:
     prometheus_host: str = "127.0.0.1"
     prometheus_port: int | None = None
     rollup_interval: float = 10.0
+    simulator: bool = False  # a ``sim`` hub user may speak for any rack (load tests only)
 
     @property
     def hub_url(self) -> str:
@@ -62,22 +69,25 @@ def _port(m: dict[str, object], key: str, at: At, default: int) -> int:
     return get_int(m, key, at, default, minimum=1, maximum=65535)
 
 
-def parse_settings(raw: object, file: str) -> MixerSettings:
-    """Check ``raw`` (the parsed YAML) and return the settings.
+def parse_settings(raw: object, file: str,
+                   origins: Mapping[str, str] | None = None) -> MixerSettings:
+    """Check ``raw`` (the parsed YAML) and return the settings; ``origins`` (from the
+    loader) marks values that came from ``${VAR}``, so errors do not show them.
 
     Raises:
         ConfigError: file, key path and rule of the first wrong value.
     """
-    at = At(file)
+    at = At(file, origins=origins or {})
     top = dict(get_map(raw if raw is not None else {}, at,
-                       ("hub", "leaf", "registry", "prometheus", "rollup_interval")))
+                       ("hub", "leaf", "registry", "prometheus", "rollup_interval",
+                        "simulator")))
     hub = dict(get_map(top.get("hub") or {}, at.key("hub"), ("host", "port")))
     leaf = dict(get_map(top.get("leaf") or {}, at.key("leaf"), ("host", "port", "urls")))
     reg = dict(get_map(top.get("registry") or {}, at.key("registry"), ("offline_after",)))
     leaf_port = _port(leaf, "port", at.key("leaf"), 7422)
     urls = tuple(str(u) for u in get_list(leaf, "urls", at.key("leaf")))
     for i, url in enumerate(urls):
-        if not url.startswith("tls://"):
+        if not _tls_url(url):
             raise at.key("leaf").key("urls").index(i).error(
                 f"invalid URL {url!r} (expected tls://HOST:PORT: racks link over TLS only)")
     prom_host, prom_port = "127.0.0.1", None
@@ -96,8 +106,21 @@ def parse_settings(raw: object, file: str) -> MixerSettings:
                                    minimum=1.0, exclusive=False),
         prometheus_host=prom_host,
         prometheus_port=prom_port,
-        rollup_interval=get_duration(top, "rollup_interval", at, 10.0, minimum=1.0, exclusive=False),
+        rollup_interval=get_duration(top, "rollup_interval", at, 10.0, minimum=1.0,
+                                     exclusive=False),
+        simulator=get_bool(top, "simulator", at, False),
     )
+
+
+def _tls_url(url: str) -> bool:
+    """``tls://HOST:PORT`` with a host and a port in range."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        return False
+    return (parts.scheme == "tls" and bool(parts.hostname) and port is not None
+            and 0 < port < 65536 and parts.path in ("", "/"))
 
 
 def load_settings(data_dir: Path) -> MixerSettings:
@@ -109,12 +132,13 @@ def load_settings(data_dir: Path) -> MixerSettings:
     path = data_dir / SETTINGS_FILE
     if not path.exists():
         return MixerSettings(leaf_urls=("tls://127.0.0.1:7422",))
-    return parse_settings(load_yaml(path).data, str(path))
+    doc = load_yaml(path)
+    return parse_settings(doc.data, str(path), doc.origins)
 
 
 def settings_text(hosts: list[str], hub_port: int = 4222, leaf_port: int = 7422) -> str:
     """The ``mixer.yaml`` that ``mixer init`` writes: the leaf URLs from its ``--host``s."""
-    urls = ", ".join(f"tls://{h}:{leaf_port}" for h in hosts)
+    urls = ", ".join(json.dumps(u) for u in hub_urls(hosts, leaf_port))  # quoted: [ ] in IPv6
     return (f"# fluxrig Mixer settings (see configs/mixer.yaml for every key)\n"
             f"hub: {{host: 127.0.0.1, port: {hub_port}}}\n"
             f"leaf:\n  host: 0.0.0.0\n  port: {leaf_port}\n  urls: [{urls}]\n"
