@@ -125,12 +125,13 @@ def start(
     its state file ready. Exit codes: 0 drained cleanly, 1 could not start or stopped with
     work left or a process given up on, 2 bad config or arguments, 3 already running.
     """
+    from engine.deployed import choose, fail_trying, trying
     from engine.logsetup import LOG_FORMATS, setup_logging
     from engine.natsd import NatsServerError
     from engine.service import Notifier, NotifyError
     from engine.supervisor import RackAlreadyRunning, RackStartError, Supervisor
 
-    cfg = _load(config)
+    cfg = choose(_load(config))  # a linked rack: the config revision it runs, if any
     if not math.isfinite(drain_timeout) or drain_timeout < 0:
         _fail(f"--drain-timeout: expected a finite number of seconds >= 0, got {drain_timeout}")
     if ready_fd >= 0:
@@ -163,21 +164,55 @@ def start(
     if path is not None:
         typer.echo(f"rack {cfg.rack_id!r}: logging to {path}", err=True)
     sup = Supervisor(cfg, workers=workers, drain_timeout=drain_timeout, ready_fd=ready_fd,
-                     notifier=notifier)
+                     notifier=notifier, bootstrap=config)
     try:
         sup.start()
     except RackAlreadyRunning as exc:
         _fail(exc, 3)
     except (RackStartError, NatsServerError) as exc:
         sup.cleanup()
+        if trying(cfg.data_dir) is not None:  # a deployed rig that cannot start here:
+            fail_trying(cfg.data_dir, str(exc))  # back to the last applied one
+            _restart_self(1)
         _fail(exc, 1)
     except BaseException:
         sup.cleanup()
         raise
     code = sup.run()
+    # a deployed config to apply, or one that gave up before it was ready: start again
+    # (same pid: service managers and terminals keep following the rack)
+    if code and trying(cfg.data_dir) is not None:
+        fail_trying(cfg.data_dir, sup.procs.failed or sup.outcome)
+        _restart_self(code)
+    if sup.reexec:
+        _restart_self(code)
     if code and path is not None:  # the reason is in the log; say it where the user looks
         typer.echo(f"error: rack stopped, not cleanly: {sup.outcome}", err=True)
     raise typer.Exit(code)
+
+
+def _restart_self(code: int) -> NoReturn:
+    """``engine start`` again in this process (``execv``: the pid, the service manager's
+    view and the terminal stay); ``--ready-fd`` only if it was not used yet (still open)."""
+    import logging
+
+    argv, skip = [], False
+    for i, arg in enumerate(sys.argv[1:], 1):
+        if skip:
+            skip = False
+        elif arg == "--ready-fd" and i + 1 < len(sys.argv):
+            skip = True
+            try:
+                os.fstat(int(sys.argv[i + 1]))
+                argv += [arg, sys.argv[i + 1]]
+            except (OSError, ValueError):
+                pass
+        else:
+            argv.append(arg)
+    logging.getLogger("fluxrig.supervisor").info("restarting on the new config (drain code "
+                                                 "%d)", code)
+    logging.shutdown()
+    os.execv(sys.executable, [sys.executable, "-m", "engine.cli", *argv])
 
 
 def _unusable_log_file(path: Path) -> str:

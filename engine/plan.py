@@ -41,6 +41,13 @@ class EgressPlan:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class HublinkPlan:
+    """A linked rack's hublink process: where its bootstrap rig is (the rack's own keys)."""
+
+    bootstrap: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class TelemetryPlan:
     """The telemetry process's part of the rig."""
 
@@ -88,7 +95,7 @@ class ProcessSpec:
     counters: Counters | None = None
     key: str | None = None
     cpu: int | None = None
-    extra: EgressPlan | TelemetryPlan | None = None
+    extra: EgressPlan | TelemetryPlan | HublinkPlan | None = None
     outlets: dict[str, Ring] = field(default_factory=dict)
     listeners: list[socket.socket] = field(default_factory=list)
     bus_auth: BusAuth | None = None

@@ -109,16 +109,20 @@ class ProcessSet(Generic[P]):
         ready_fd: written "ready" once every child announced it, then closed; -1: none.
         notifier: the service manager (``engine.service``).
         on_change: called after a restart or a state change (the owner rewrites its state).
+        on_ready: called once, when every child announced it serves.
     """
 
     def __init__(self, data_dir: Path, lock: str, what: str, ready_fd: int = -1,
-                 notifier: Notifier | None = None, on_change: Callable[[], None] = lambda: None):
+                 notifier: Notifier | None = None, on_change: Callable[[], None] = lambda: None,
+                 on_ready: Callable[[], None] = lambda: None):
         self.data_dir = data_dir
         self.lock_name = lock
         self.what = what
         self.ready_fd = ready_fd
         self.notifier = notifier or Notifier()
         self.on_change = on_change
+        self.on_ready = on_ready
+        self.reload_requested = False  # SIGHUP: the owner decides what a reload is
         self.children: list[Child[P]] = []
         self.ready = False
         self.ready_names: set[str] = set()
@@ -164,10 +168,14 @@ class ProcessSet(Generic[P]):
         signal.set_wakeup_fd(self._wake_w)
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_stop_signal)
+        signal.signal(signal.SIGHUP, self._on_reload_signal)
         signal.signal(signal.SIGCHLD, lambda *_: None)  # only to wake the loop
 
     def _on_stop_signal(self, signum: int, frame: object) -> None:
         self.stop_requested = True
+
+    def _on_reload_signal(self, signum: int, frame: object) -> None:
+        self.reload_requested = True
 
     def request_stop(self) -> None:
         """Ask the owner's loop to stop (from a signal handler or another thread)."""
@@ -193,6 +201,7 @@ class ProcessSet(Generic[P]):
                         os.close(fd)
                 signal.signal(signal.SIGCHLD, signal.SIG_DFL)
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                signal.signal(signal.SIGHUP, signal.SIG_DFL)
                 set_parent_death_signal(signal.SIGTERM)
                 set_process_name(child.name)
                 set_process_title(child.title)
@@ -326,6 +335,7 @@ class ProcessSet(Generic[P]):
         self.ready_names.update(line for line in data.decode(errors="replace").splitlines())
         if not self.ready and {c.name for c in self.children} <= self.ready_names:
             self.ready = True
+            self.on_ready()
             self.on_change()
             log.info("%s ready: %s, processes=%d", self.what.partition("=")[0], self.what,
                      len(self.children))

@@ -43,6 +43,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from engine import deployed
 from engine._native import code_paths
 from engine.about import fluxrig_version
 from engine.bus import (
@@ -55,7 +56,7 @@ from engine.bus import (
     stream_admin,
     stream_reader,
 )
-from engine.config import GearConfig, RigConfig, StreamConfig
+from engine.config import ConfigError, GearConfig, RigConfig, StreamConfig, load_config
 from engine.counters import Counters, StatDef
 from engine.egress import STAT_DEFS as EGRESS_STATS
 from engine.journal import Journal
@@ -66,6 +67,7 @@ from engine.natsd import LeafRemote, NatsServer
 from engine.plan import (
     STATE_FILE,
     EgressPlan,
+    HublinkPlan,
     ProcessSpec,
     Route,
     Runtime,
@@ -83,6 +85,7 @@ from gears.base import Gear, Sink, Source, gear_class
 log = logging.getLogger("fluxrig.supervisor")
 
 RackAlreadyRunning = AlreadyRunning  # the name engine.cli knows
+GAVE_UP_DRAIN = 2.0  # seconds the rings get to empty when the rack gave up
 LOCK = "rack.lock"
 
 
@@ -107,7 +110,8 @@ class Supervisor:
     """One rack on this machine."""
 
     def __init__(self, cfg: RigConfig, workers: int = 1, drain_timeout: float = 30.0,
-                 ready_fd: int = -1, notifier: Notifier | None = None):
+                 ready_fd: int = -1, notifier: Notifier | None = None,
+                 bootstrap: Path | None = None):
         if workers < 1:
             raise ValueError(f"invalid workers: workers={workers}, rule=>= 1")
         self.cfg = cfg
@@ -117,7 +121,12 @@ class Supervisor:
         self.nats: NatsServer | None = None
         self.plan = _Plan()
         self.procs: ProcessSet[ProcessSpec] = ProcessSet(
-            self.data_dir, LOCK, f"rack={cfg.rack_id}", ready_fd, notifier, self._write_state)
+            self.data_dir, LOCK, f"rack={cfg.rack_id}", ready_fd, notifier, self._write_state,
+            self._on_ready)
+        # a linked rack's own rig file (``engine start --config``): hublink anchors deployed
+        # rigs on it; ``reexec`` asks the caller to start again (a deployed rig to apply)
+        self.bootstrap = Path(bootstrap or cfg.file).resolve()
+        self.reexec = False
         self.nats_url = cfg.nats.url or ""
         self.listeners: dict[tuple[str, str], list[socket.socket]] = {}
         self.leftovers = Leftovers(cfg.rack_id, self.data_dir)
@@ -192,6 +201,8 @@ class Supervisor:
         roles["egress"] = Permissions(publish=(
             *subjects, *stream_admin(s.name for s in streams),
             *(p for s in cfg.egress.streams if s.hub for p in hub_consumer_admin(s.name))))
+        if cfg.passport is not None:
+            roles["hublink"] = self._hublink_permissions()
         roles["telemetry"] = Permissions(publish=(
             cfg.telemetry.subject, f"fluxrig.up.{cfg.rack_id}.hello",
             f"fluxrig.up.{cfg.rack_id}.reply.>",
@@ -214,11 +225,41 @@ class Supervisor:
                 "labels": dict(self.cfg.labels), "streams": list(self._hub_streams()),
                 "started_ns": time.time_ns(), "workers": self.workers}
 
+    def _on_ready(self) -> None:
+        if self.cfg.passport is not None:
+            deployed.ready(self.data_dir)  # a revision being tried becomes the applied one
+
+    def _candidate_ok(self) -> bool:
+        """SIGHUP from hublink: is there a candidate rig this rack can run? (Checked again
+        here: a bad config never takes a running rack down.)"""
+        rev = deployed.candidate(self.data_dir)
+        if rev is None:
+            return False
+        try:
+            load_config(deployed.rig_path(self.data_dir, rev))
+        except ConfigError as exc:
+            deployed.refuse_candidate(self.data_dir, str(exc))
+            return False
+        log.info("applying config rev %d: draining, then starting on it", rev)
+        return True
+
     def _hub_streams(self) -> tuple[str, ...]:
         """The streams a linked rack's hub keeps a copy of (none without a passport)."""
         if self.cfg.passport is None:
             return ()
         return tuple(s.name for s in self.cfg.egress.streams if s.hub)
+
+    def _hublink_permissions(self) -> Permissions:
+        """The hublink process: pull its own config consumer at the hub (answers come to
+        ``fluxrig.down.<r>.inbox``), keep values in the local CONFIG stream, report."""
+        r = self.cfg.rack_id
+        consumer = f"KV_fluxrig_config.cfg_{r}"
+        return Permissions(publish=(
+            f"$JS.hub.API.CONSUMER.INFO.{consumer}", f"$JS.hub.API.CONSUMER.MSG.NEXT.{consumer}",
+            f"$JS.ACK.hub.*.{consumer}.>", f"$JS.ACK.{consumer}.>",
+            f"fluxrig.up.{r}.applied", f"fxlocal.{r}.config",
+            "$JS.API.STREAM.INFO.CONFIG", "$JS.API.STREAM.CREATE.CONFIG"),
+            subscribe=(f"fluxrig.down.{r}.inbox.>",))
 
     @staticmethod
     def _gear_user(pipeline: str, gear: str) -> str:
@@ -334,6 +375,9 @@ class Supervisor:
                                 prometheus_port=cfg.telemetry.prometheus_port,
                                 subject=cfg.telemetry.subject, labels=dict(cfg.labels),
                                 hello=self._hello(), hub_streams=self._hub_streams())))
+        if cfg.passport is not None:
+            specs.append(ProcessSpec(name="hublink", role="hublink", counters=None,
+                                     extra=HublinkPlan(bootstrap=str(self.bootstrap))))
         hub = set(self._hub_streams())
         if egress_inputs:
             specs.append(ProcessSpec(
@@ -348,7 +392,7 @@ class Supervisor:
                                  hub_streams=self._hub_streams())))
         specs += sinks_specs + stage_specs + source_specs
         for spec in specs:
-            if spec.role in ("egress", "telemetry"):
+            if spec.role in ("egress", "telemetry", "hublink"):
                 spec.bus_auth = self._auth(spec.role)
             elif spec.gear is not None:
                 spec.bus_auth = self._auth(self._gear_user(spec.pipeline, spec.gear.name))
@@ -506,6 +550,11 @@ class Supervisor:
         manager's watchdog is fed from this loop, so a stuck supervisor gets restarted, and
         no longer once the rack gave up."""
         while not self.procs.stop_requested:
+            if self.procs.reload_requested:
+                self.procs.reload_requested = False
+                if self._candidate_ok():
+                    self.reexec = True
+                    break
             self._reap()
             timeout = self._restart_due()
             if (ping := self.procs.ping()) is not None:
@@ -531,14 +580,17 @@ class Supervisor:
         self.notifier.send("STOPPING=1", "STATUS=draining",
                            f"EXTEND_TIMEOUT_USEC={int(budget * 1e6)}")
         self.procs.stop_children({"source"}, 20.0)  # a switch answers what is in flight first
-        deadline = time.monotonic() + self.drain_timeout
+        # a rack that gave up has a process that will not consume its rings: what they hold
+        # is kept for the next start (below), so there is no point waiting for it long
+        deadline = time.monotonic() + (min(self.drain_timeout, GAVE_UP_DRAIN)
+                                       if self.procs.failed else self.drain_timeout)
         while not self.rings_empty() and time.monotonic() < deadline:
             self._reap()
             self._restart_due()  # a stage that dies while draining still has to finish
             self.procs.sleep(0.05)  # ring positions live in shared memory: no event to wait on
         left = self.left_in_rings = sum(r.statistics().used for r in self.plan.rings)
         self.procs.stop_children({"stage", "sink", "egress"}, 15.0)
-        self.procs.stop_children({"telemetry"}, 5.0)
+        self.procs.stop_children({"telemetry", "hublink"}, 5.0)
         if self.nats is not None:
             self.nats.stop()
         self.cleanup()

@@ -149,6 +149,10 @@ def run_process(spec: ProcessSpec, rt: Runtime) -> None:
         from engine.egress import run_egress
 
         run_egress(spec, rt)
+    elif spec.role == "hublink":
+        from engine.hublinkproc import run_hublink
+
+        run_hublink(spec, rt)
     elif spec.role == "telemetry":
         from engine.telemetry import run_telemetry
 

@@ -218,20 +218,77 @@ def rack_status(data_dir: Path = DATA_DIR,
 
 
 @app.command()
+def deploy(
+    data_dir: Path = DATA_DIR,
+    rig: Path = typer.Argument(None, help="the rig file to deploy (not with --status or "
+                               "--rollback)"),
+    rack: list[str] = typer.Option([], "--rack", help="a target rack, repeatable"),
+    label: list[str] = typer.Option([], "--label", help="k=v, repeatable: every enrolled "
+                                    "rack with all these labels"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="check for every target, store "
+                                 "nothing"),
+    show_status: bool = typer.Option(False, "--status", help="what each target was given "
+                                     "and what it reported"),
+    rollback: bool = typer.Option(False, "--rollback", help="deploy an earlier revision "
+                                  "again (the one applied before the current one, or --to)"),
+    to: int = typer.Option(None, "--to", help="with --rollback: the revision to go back to"),
+) -> None:
+    """Config as code: check a rig for each target rack (as `engine check` would, the rack's
+    id set), store it as a new revision in the hub; each linked rack pulls it, checks it
+    again, applies it (drain, restart on it) and reports `applied` or the error. A running
+    rack is never stopped for a config it cannot run."""
+    from mixer.enrol import EnrolError, RigRefused, run_deploy
+    from mixer.registry import parse_selector
+
+    try:
+        selector = parse_selector(label)
+        text = run_deploy(data_dir, _settings(data_dir), rig=rig, racks=rack,
+                          selector=selector, dry_run=dry_run, status=show_status,
+                          rollback=rollback, to=to)
+    except RigRefused as exc:
+        _fail(exc, 2)
+    except (EnrolError, ValueError) as exc:
+        _fail(exc, 1)
+    typer.echo(text, nl=not text.endswith("\n"))
+
+
+@app.command()
 def racks(
     data_dir: Path = DATA_DIR,
     label: list[str] = typer.Option([], "--label", help="k=v, repeatable: only racks with "
                                     "all these enrolled labels"),
     as_json: bool = typer.Option(False, "--json", help="print JSON"),
 ) -> None:
-    """Every enrolled rack: state (online, offline, never-seen), labels, version, rig."""
-    from mixer.enrol import EnrolError, ask_racks
-    from mixer.registry import parse_selector
+    """Every enrolled rack: state (online, offline, never-seen), labels, version, rig.
+
+    A running Mixer's registry answers from memory; a stopped one's file is read."""
+    from mixer.ask import AskError, ask, running
+    from mixer.registry import RackInfo, parse_selector
 
     try:
         selector = parse_selector(label)
-        infos, text = ask_racks(data_dir, _settings(data_dir), selector, as_json)
-    except (EnrolError, ValueError) as exc:
+    except ValueError as exc:
+        _fail(exc)
+    if running(data_dir):  # the light path: no DuckDB, no Arrow, no rig checker
+        from mixer.views import racks_table
+
+        try:
+            raw = ask(data_dir, "fluxrig.mixer.racks", {"labels": selector})
+        except AskError as exc:
+            _fail(exc, 1)
+        if as_json:
+            typer.echo(raw.decode())
+            return
+        fields = set(RackInfo.__dataclass_fields__)
+        infos = [RackInfo(**{k: v for k, v in d.items() if k in fields})
+                 for d in json.loads(raw)]
+        typer.echo(racks_table(infos, time.time_ns()), nl=False)
+        return
+    from mixer.enrol import EnrolError, ask_racks
+
+    try:
+        _, text = ask_racks(data_dir, _settings(data_dir), selector, as_json)
+    except EnrolError as exc:
         _fail(exc, 1)
     typer.echo(text, nl=not text.endswith("\n"))
 
@@ -245,14 +302,13 @@ def top(
 ) -> None:
     """A live fleet table: rack, state, frames/s, p99, errors, CPU, RSS, backlog not yet at
     the hub, age of its last snapshot."""
-    from mixer.enrol import EnrolError, ask_top
-    from mixer.fleet import format_top
+    from mixer.ask import AskError, ask
+    from mixer.views import format_top
 
-    settings = _settings(data_dir)
     shown = 0
     try:
         while True:
-            rows = ask_top(data_dir, settings)
+            rows = json.loads(ask(data_dir, "fluxrig.mixer.top", {}))
             if as_json:
                 typer.echo(json.dumps(rows, indent=1))
                 return
@@ -263,7 +319,7 @@ def top(
             if count and shown >= count:
                 return
             time.sleep(interval)  # the refresh period itself
-    except EnrolError as exc:
+    except AskError as exc:
         _fail(exc, 1)
     except KeyboardInterrupt:
         return

@@ -21,7 +21,7 @@ import os
 import secrets
 import signal
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +52,10 @@ RELOAD_TIMEOUT = 5.0
 
 class EnrolError(RuntimeError):
     """A rack cannot be enrolled, revoked or listed; the message says why."""
+
+
+class RigRefused(EnrolError):
+    """A deployed rig failed its check (file, key path, rule): nothing was stored."""
 
 
 def _now() -> str:
@@ -222,19 +226,6 @@ def ask_racks(data_dir: Path, settings: MixerSettings, selector: Mapping[str, st
     return infos, racks_table(infos, time.time_ns())
 
 
-def ask_top(data_dir: Path, settings: MixerSettings) -> list[dict[str, object]]:
-    """The running registry's ``mixer top`` rows.
-
-    Raises:
-        EnrolError: no Mixer running, or it did not answer.
-    """
-    if _running_hub(data_dir) is None:
-        raise EnrolError(f"no mixer running: data_dir={data_dir}")
-    raw = asyncio.run(_ask(settings, local_users(data_dir)["admin"], "fluxrig.mixer.top", {}))
-    rows = json.loads(raw)
-    return rows if isinstance(rows, list) else []
-
-
 def ask_rack_status(data_dir: Path, settings: MixerSettings, rack: str) -> dict[str, Any]:
     """A linked rack's answer to ``fluxrig.down.<rack>.req.status``: its state file and
     process table. The reply comes back under the rack's own name
@@ -276,6 +267,94 @@ async def _ask_rack(settings: MixerSettings, password: str, rack: str) -> dict[s
         raise TimeoutError from None
     finally:
         await nc.close()
+
+
+def _targets(data_dir: Path, racks: Sequence[str], selector: Mapping[str, str]) -> list[str]:
+    enrolled = {r.id: r for r in read_racks(data_dir) if not r.revoked}
+    unknown = [r for r in racks if r not in enrolled]
+    if unknown:
+        raise EnrolError(f"not enrolled (or revoked): {', '.join(unknown)}")
+    out = list(dict.fromkeys(racks))
+    if selector:
+        out += [r.id for r in enrolled.values() if r.id not in out
+                and all(r.labels.get(k) == v for k, v in selector.items())]
+    if not out:
+        raise EnrolError("no target: give --rack ID or --label k=v matching enrolled racks")
+    return out
+
+
+def run_deploy(data_dir: Path, settings: MixerSettings, *, rig: Path | None,
+               racks: Sequence[str], selector: Mapping[str, str], dry_run: bool,
+               status: bool, rollback: bool, to: int | None) -> str:
+    """``mixer deploy``: what it prints.
+
+    Raises:
+        EnrolError: bad targets, a rig that fails its check (file, key path, rule), no hub.
+    """
+    from mixer.deploy import ConfigError, DeployError, check_for, rig_text
+
+    try:
+        targets = _targets(data_dir, racks, selector)
+        if status:
+            return asyncio.run(_with_js(settings, data_dir, _deploy_status, targets))
+        if rollback:
+            if len(targets) != 1:
+                raise EnrolError("--rollback takes one --rack")
+            return asyncio.run(_with_js(settings, data_dir, _rollback, targets[0], to))
+        if rig is None:
+            raise EnrolError("give the rig file to deploy")
+        text = rig_text(rig)
+        for target in targets:
+            check_for(text, str(rig), target)
+        if dry_run:
+            return f"ok: {rig} checked for {', '.join(targets)} (dry run: nothing stored)\n"
+        return asyncio.run(_with_js(settings, data_dir, _deploy, text, targets))
+    except ConfigError as exc:
+        raise RigRefused(f"{exc} (nothing stored)") from None
+    except (DeployError, HubFileError) as exc:
+        raise EnrolError(str(exc)) from None
+
+
+async def _with_js(settings: MixerSettings, data_dir: Path, fn: Any, *args: Any) -> str:
+    import nats
+
+    try:
+        nc = await nats.connect(settings.hub_url, user="admin",
+                                password=local_users(data_dir)["admin"], connect_timeout=2,
+                                max_reconnect_attempts=0)
+    except Exception as exc:
+        raise EnrolError(f"cannot reach the hub at {settings.hub_url} (is the Mixer "
+                         f"started?): {exc}") from None
+    try:
+        return str(await fn(nc.jetstream(timeout=ASK_TIMEOUT), *args))
+    finally:
+        await nc.close()
+
+
+async def _deploy(js: Any, text: str, targets: list[str]) -> str:
+    from mixer.deploy import deploy
+
+    revs = await deploy(js, text, targets)
+    return "".join(f"rack {r}: stored as rev {rev}\n" for r, rev in revs.items())
+
+
+async def _deploy_status(js: Any, targets: list[str]) -> str:
+    from mixer.deploy import states, status_table
+
+    return status_table(await states(js, targets))
+
+
+async def _rollback(js: Any, rack: str, to: int | None) -> str:
+    from mixer.deploy import DeployError, deploy, revision, states
+
+    if to is None:
+        state = (await states(js, [rack]))[0]
+        if state.previous is None:
+            raise DeployError(f"rack {rack!r}: no earlier applied revision known; give --to")
+        to = state.previous
+    text = await revision(js, rack, to)
+    rev = (await deploy(js, text, [rack]))[rack]
+    return f"rack {rack}: rev {to} deployed again as rev {rev}\n"
 
 
 def _info(d: Mapping[str, object]) -> RackInfo:

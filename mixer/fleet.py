@@ -174,46 +174,4 @@ def _max(values: Any) -> Any:
     return max((v for v in values if v is not None), default=None)
 
 
-def _age(seconds: float) -> str:
-    if seconds < 100:
-        return f"{seconds:.1f}s"
-    if seconds < 6000:
-        return f"{seconds / 60:.0f}m"
-    if seconds < 172800:
-        return f"{seconds / 3600:.0f}h"
-    return f"{seconds / 86400:.0f}d"
-
-
-#: column header, row key, format, left-aligned
-_COLUMNS = (
-    ("RACK", "rack", "{}", True),
-    ("STATE", "state", "{}", True),
-    ("FRAMES/S", "frames_per_s", "{:.1f}", False),
-    ("P99 MS", "p99_ms", "{:.2f}", False),
-    ("ERRORS", "errors", "{}", False),
-    ("CPU %", "cpu_pct", "{:.1f}", False),
-    ("RSS MiB", "rss_mib", "{:.1f}", False),
-    ("BACKLOG", "backlog", "{}", False),
-    ("AGE", "age_s", "", False),
-)
-
-
-def format_top(rows: list[dict[str, Any]]) -> str:
-    """``top_rows`` as the ``mixer top`` table, one line per rack under a header."""
-    cells = [[h for h, *_ in _COLUMNS]]
-    for row in rows:
-        line = []
-        for _, key, fmt, _left in _COLUMNS:
-            value = row.get(key)
-            if value is None:
-                line.append("-")
-            else:
-                line.append(_age(value) if key == "age_s" else fmt.format(value))
-        cells.append(line)
-    widths = [max(len(r[i]) for r in cells) for i in range(len(_COLUMNS))]
-    lines = []
-    for r in cells:
-        lines.append("  ".join(c.ljust(w) if left else c.rjust(w)
-                               for c, w, (_, _, _, left) in zip(r, widths, _COLUMNS))
-                     .rstrip())
-    return "\n".join(lines) + "\n"
+from mixer.views import format_top  # noqa: E402,F401 - the table lives with the light views

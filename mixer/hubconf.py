@@ -102,7 +102,10 @@ def render_hub_config(plan: HubPlan, racks: Sequence[RackUser],
     """
     seen_racks: set[str] = set()
     seen_keys: set[str] = set()
-    entries: list[Mapping[str, object]] = list(users)
+    # the hub's own users log in on the client port only, racks on the leaf port only:
+    # without this, nats-server checks leaf logins against every top-level user too
+    entries: list[Mapping[str, object]] = [{"allowed_connection_types": ["STANDARD"], **u}
+                                           for u in users]
     for r in racks:
         if r.rack in seen_racks:
             raise HubConfigError(f"rack {r.rack!r} enrolled twice")
@@ -112,7 +115,8 @@ def render_hub_config(plan: HubPlan, racks: Sequence[RackUser],
             raise HubConfigError(f"rack {r.rack!r}: not a user public nkey: {r.nkey[:8]}...")
         seen_racks.add(r.rack)
         seen_keys.add(r.nkey)
-        entries.append({"nkey": r.nkey, "permissions": rack_permissions(r.rack)})
+        entries.append({"nkey": r.nkey, "permissions": rack_permissions(r.rack),
+                        "allowed_connection_types": ["LEAFNODE"]})
     conf = {
         "server_name": HUB_DOMAIN,
         "host": plan.host,
@@ -124,7 +128,8 @@ def render_hub_config(plan: HubPlan, racks: Sequence[RackUser],
         "leafnodes": {"host": plan.leaf_host, "port": plan.leaf_port, "no_advertise": True,
                       "tls": {"cert_file": plan.cert_file, "key_file": plan.key_file,
                               "timeout": 2}},
-        "accounts": {"SYS": {"users": [{"user": "sys", "password": plan.sys_password}]}},
+        "accounts": {"SYS": {"users": [{"user": "sys", "password": plan.sys_password,
+                                        "allowed_connection_types": ["STANDARD"]}]}},
         "system_account": "SYS",
         "authorization": {"users": entries},
         "log_file": plan.log_file,

@@ -132,13 +132,13 @@ def user_entries(users: dict[str, str], simulator: bool = False) -> list[dict[st
     entries: list[dict[str, object]] = [
         {"user": "registry", "password": users["registry"], "permissions": {
             "publish": {"allow": [f"$JS.{HUB_DOMAIN}.API.>", "$JS.API.>", "fluxrig.down.>",
-                                  "_INBOX.>"]},
+                                  "_INBOX.>", "$KV.fluxrig_applied.>"]},
             "subscribe": {"allow": ["fluxrig.stats.*", "fluxrig.up.>", "fluxrig.mixer.>",
                                     "_INBOX.>"]},
             "allow_responses": True}},
         {"user": "admin", "password": users["admin"], "permissions": {
             "publish": {"allow": ["fluxrig.mixer.>", "fluxrig.down.>", f"$JS.{HUB_DOMAIN}.API.>",
-                                  "$JS.API.>", "_INBOX.>"]},
+                                  "$JS.API.>", "_INBOX.>", "$KV.fluxrig_config.>"]},
             "subscribe": {"allow": ["fluxrig.up.*.reply.>", "_INBOX.>"]}}},
     ]
     if simulator:

@@ -25,7 +25,6 @@ not loaded; only ``enroll`` brings it back.
 from __future__ import annotations
 
 import re
-import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -211,21 +210,31 @@ class RegistryStore:
         """Record ``rack``'s public ``nkey`` and enrolled ``labels`` (replacing stored ones).
         A new or revoked rack becomes ``never-seen`` (an ``enroll`` event); a live one keeps
         its state."""
+        self.enroll_many([(rack, nkey, labels)], now_ns)
+
+    def enroll_many(self, racks: Sequence[tuple[str, str, Mapping[str, str]]],
+                    now_ns: int) -> None:
+        """``enroll`` for each ``(rack, nkey, labels)``, in one transaction (a registry
+        starting with 1,000 enrolled racks: one commit, not 1,000)."""
         with self._tx():
-            row = self._db.execute("SELECT state, epoch_ns(state_since) FROM racks WHERE"
-                                   " id = ?", [rack]).fetchone()
-            state, since = row or ("", None)
-            if state in ("", REVOKED):  # new or revoked: starts over as never-seen
-                self._append("enroll", [StateChange(rack=rack, ts_ns=now_ns, before=state,
-                                                    after=NEVER_SEEN, reason="enrolled")])
-                state, since = NEVER_SEEN, now_ns
-            self._db.execute(
-                "INSERT INTO racks (id, nkey, labels, enrolled_at, state, state_since) VALUES"
-                " (?, ?, ?::JSON, make_timestamp_ns(?), ?, make_timestamp_ns(?)) ON CONFLICT"
-                " (id) DO UPDATE SET nkey = excluded.nkey, labels = excluded.labels,"
-                " enrolled_at = excluded.enrolled_at, revoked_at = NULL,"
-                " state = excluded.state, state_since = excluded.state_since",
-                [rack, nkey, orjson.dumps(dict(labels)).decode(), now_ns, state, since])
+            for rack, nkey, labels in racks:
+                self._enroll(rack, nkey, labels, now_ns)
+
+    def _enroll(self, rack: str, nkey: str, labels: Mapping[str, str], now_ns: int) -> None:
+        row = self._db.execute("SELECT state, epoch_ns(state_since) FROM racks WHERE"
+                               " id = ?", [rack]).fetchone()
+        state, since = row or ("", None)
+        if state in ("", REVOKED):  # new or revoked: starts over as never-seen
+            self._append("enroll", [StateChange(rack=rack, ts_ns=now_ns, before=state,
+                                                after=NEVER_SEEN, reason="enrolled")])
+            state, since = NEVER_SEEN, now_ns
+        self._db.execute(
+            "INSERT INTO racks (id, nkey, labels, enrolled_at, state, state_since) VALUES"
+            " (?, ?, ?::JSON, make_timestamp_ns(?), ?, make_timestamp_ns(?)) ON CONFLICT"
+            " (id) DO UPDATE SET nkey = excluded.nkey, labels = excluded.labels,"
+            " enrolled_at = excluded.enrolled_at, revoked_at = NULL,"
+            " state = excluded.state, state_since = excluded.state_since",
+            [rack, nkey, orjson.dumps(dict(labels)).decode(), now_ns, state, since])
 
     def revoke(self, rack: str, now_ns: int) -> StateChange | None:
         """Mark ``rack`` revoked (``revoked_at``, state ``revoked``, a ``revoke`` event);
@@ -254,50 +263,4 @@ class RegistryStore:
                 for r, ts, b, a, why in reversed(rows)]
 
 
-def _age(ns: int) -> str:
-    s = max(ns, 0) // 1_000_000_000
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m{s % 60:02d}s"
-    if s < 86400:
-        return f"{s // 3600}h{s % 3600 // 60:02d}m"
-    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
-
-
-def racks_table(infos: Sequence[RackInfo], now_ns: int) -> str:
-    """Racks as a fixed-width text table (columns two spaces apart, "-" for unknown);
-    SINCE is the time in the current state, LAST SEEN the age of the last heartbeat."""
-    rows = [("RACK", "STATE", "SINCE", "LABELS", "VERSION", "RIG", "PROCS", "LAST SEEN")]
-    for i in infos:
-        seen = bool(i.last_seen_ns)
-        rows.append((i.id, i.state, _age(now_ns - i.changed_ns),
-                     ",".join(f"{k}={v}" for k, v in sorted(i.labels.items())) or "-",
-                     i.version or "-", i.rig_hash[:12] or "-",
-                     str(i.processes) if seen else "-",
-                     f"{_age(now_ns - i.last_seen_ns)} ago" if seen else "never"))
-    widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]))]
-    return "\n".join("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip()
-                     for row in rows) + "\n"
-
-
-def _rfc3339(ns: int) -> str | None:
-    if not ns:
-        return None
-    secs, rest = divmod(ns, 1_000_000_000)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs)) + f".{rest // 1_000_000:03d}Z"
-
-
-def racks_json(infos: Sequence[RackInfo]) -> bytes:
-    """Racks as a JSON array: every ``RackInfo`` field, and each time twice, as ``*_ns``
-    (exact) and ``*_at`` (RFC 3339 UTC, milliseconds, ``Z``; null for never)."""
-    out = []
-    for i in infos:
-        doc: dict[str, object] = {"id": i.id, "state": i.state, "labels": dict(i.labels),
-                                  "version": i.version, "rig_hash": i.rig_hash,
-                                  "processes": i.processes}
-        for name, ns in (("started", i.started_ns), ("first_seen", i.first_seen_ns),
-                         ("last_seen", i.last_seen_ns), ("changed", i.changed_ns)):
-            doc[f"{name}_at"], doc[f"{name}_ns"] = _rfc3339(ns), ns
-        out.append(doc)
-    return orjson.dumps(out)
+from mixer.views import racks_json, racks_table  # noqa: E402,F401 - their home until moved

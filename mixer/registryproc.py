@@ -27,23 +27,32 @@ import logging
 import signal
 import socket
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import orjson
+import pyarrow as pa
 from nats.aio.client import Client
 from nats.aio.msg import Msg
-from nats.js.api import ExternalStream, StreamConfig, StreamConsumerSource, StreamSource
-from nats.js.errors import NotFoundError
+from nats.js.api import (
+    ExternalStream,
+    KeyValueConfig,
+    StreamConfig,
+    StreamConsumerSource,
+    StreamSource,
+)
+from nats.js.errors import BucketNotFoundError, NotFoundError
 
 from engine.bus import BusAuth, close_quietly, connect
 from engine.cbor import loads
 from engine.metrics_http import MetricsEndpoint
 from engine.plan import Runtime, signal_ready
 from engine.streams import HUB_CONSUMER, hub_deliver_subject
+from mixer.deploy import APPLIED_BUCKET
 from mixer.fleet import Fleet, write_parquet
+from mixer.fleetrollup import rollup_table
 from mixer.hubfiles import RACKS_FILE, read_racks
 from mixer.registry import Registry, Report, StateChange, parse_selector
 from mixer.registrydb import RegistryStore, racks_json
@@ -95,10 +104,14 @@ class RegistryShell:
         self.fleet = Fleet()
         self.nc: Client | None = None
         self.sourced: set[str] = set()  # hub streams known to exist
-        self.rollups: list[dict[str, Any]] = []
+        self.rollups: list[pa.Table] = []  # 10 s batches, columnar (1,000 racks: ~1 MB/s)
         self.dropped_hellos = 0
+        self.changes: list[StateChange] = []  # not written yet: one transaction per tick
         self._racks_mtime = -1.0
+        self._enrolled: list[tuple[str, str, Mapping[str, str]]] = []
+        self._revoked: list[str] = []
         self.follow_enrolled()
+        self.write()  # at start, in this thread: nothing else runs yet
 
     # --- enrolled racks ---------------------------------------------------------------------
 
@@ -115,21 +128,47 @@ class RegistryShell:
         for r in read_racks(self.data_dir):
             if r.revoked:
                 if self.registry.remove(r.id):
-                    self.store.revoke(r.id, now)
+                    self._revoked.append(r.id)
                     self.fleet.forget(r.id)
                 continue
             if r.id not in self.registry.racks:
-                self.store.enroll(r.id, r.nkey, r.labels, now)
+                self._enrolled.append((r.id, r.nkey, r.labels))
             self.registry.add(r.id, r.labels, now)
             self.fleet.set_labels(r.id, r.labels)
             self.fleet.set_state(r.id, self.registry.racks[r.id].state)
 
     def _persist(self, changes: list[StateChange]) -> None:
-        if changes:
-            self.store.save_changes(changes, self.registry.racks)
-            for c in changes:
-                self.fleet.set_state(c.rack, c.after)
-                log.info("rack %s: %s -> %s (%s)", c.rack, c.before, c.after, c.reason)
+        """Take state changes: at once in memory (queries, the fleet's state gauge), on disk
+        with the next ``write`` (a transaction per change would block the loop ~8 ms each:
+        1,000 racks saying hello at once kept the registry from its socket for seconds)."""
+        for c in changes:
+            self.fleet.set_state(c.rack, c.after)
+            log.info("rack %s: %s -> %s (%s)", c.rack, c.before, c.after, c.reason)
+        self.changes += changes
+
+    def write(self) -> None:
+        """Everything not on disk yet (in this thread)."""
+        self.pending()()
+
+    def pending(self) -> Callable[[], None]:
+        """Take what is not on disk yet (in the loop's thread) and return the job that
+        writes it, one transaction each kind, to run on the store's one thread."""
+        now = time.time_ns()
+        enrolled, self._enrolled = self._enrolled, []
+        revoked, self._revoked = self._revoked, []
+        changes, self.changes = self.changes, []
+        racks = {c.rack: self.registry.racks[c.rack] for c in changes
+                 if c.rack in self.registry.racks}
+        store = self.store
+
+        def job() -> None:
+            if enrolled:
+                store.enroll_many(enrolled, now)
+            for rack in revoked:
+                store.revoke(rack, now)
+            if changes:
+                store.save_changes(changes, racks)
+        return job
 
     def _enrolled_labels(self, rack: str) -> Mapping[str, str]:
         info = self.registry.racks.get(rack)
@@ -180,6 +219,31 @@ class RegistryShell:
             log.info("hub stream created: stream=%s, rack=%s, source=%s", name, rack, stream)
         self.sourced.add(name)
 
+    async def on_applied(self, msg: Msg) -> None:
+        """A rack reports a config revision applied or failed: kept for ``mixer deploy
+        --status`` in the hub's KV bucket ``fluxrig_applied``."""
+        rack = msg.subject.split(".")[2]
+        try:
+            report = orjson.loads(msg.data)
+            if not isinstance(report, dict) or report.get("rack") != rack \
+                    or not isinstance(report.get("rev"), int):
+                raise ValueError("not a report of this rack")
+        except ValueError as exc:
+            log.warning("applied report dropped: subject=%s, error=%s", msg.subject, exc)
+            return
+        if self.nc is None:
+            return
+        js = self.nc.jetstream()
+        try:
+            kv = await js.key_value(APPLIED_BUCKET)
+        except BucketNotFoundError:
+            kv = await js.create_key_value(KeyValueConfig(bucket=APPLIED_BUCKET, history=16))
+        await kv.put(rack, orjson.dumps(report))
+        if msg.reply:
+            await msg.respond(b"ok")  # the rack stops repeating it
+        log.info("rack %s config rev %s: %s%s", rack, report["rev"], report.get("status"),
+                 f" ({report.get('error')})" if report.get("error") else "")
+
     async def on_racks(self, msg: Msg) -> None:
         """``mixer racks``: ``{"labels": {...}}`` -> the matching racks as JSON."""
         try:
@@ -203,25 +267,36 @@ class RegistryShell:
 
     def rollup(self) -> None:
         """One 10 s rollup row per rack and process."""
-        self.rollups += self.fleet.rollup(time.time_ns())
+        rows = self.fleet.rollup(time.time_ns())
+        if rows:
+            self.rollups.append(rollup_table(rows))
 
-    def write_rollups(self) -> None:
-        """The rollups gathered so far into one Parquet file."""
-        if self.rollups:
-            path = write_parquet(self.rollups, self.data_dir / "rollups", time.time_ns())
-            log.info("rollups written: file=%s, rows=%d", path, len(self.rollups))
-            self.rollups = []
+    def take_rollups(self) -> pa.Table | None:
+        """The rollups gathered so far, as one table (and forget them)."""
+        tables, self.rollups = self.rollups, []
+        return pa.concat_tables(tables) if tables else None
+
+    def write_rollups(self, table: pa.Table | None) -> None:
+        """One Parquet file under ``rollups/`` (off the event loop: 600,000 rows take
+        seconds)."""
+        if table is not None and table.num_rows:
+            path = write_parquet(table, self.data_dir, time.time_ns())
+            log.info("rollups written: file=%s, rows=%d", path, table.num_rows)
 
 
-async def _every(period: float, fn: Callable[[], None], stopping: asyncio.Event) -> None:
+async def _every(period: float, fn: Callable[[], Awaitable[None] | None],
+                 stopping: asyncio.Event) -> None:
     while not stopping.is_set():
         try:
             await asyncio.wait_for(stopping.wait(), period)
         except TimeoutError:
             try:
-                fn()
+                result = fn()
+                if result is not None:
+                    await result
             except Exception as exc:  # a periodic job must outlive one bad turn
-                log.error("periodic job failed: job=%s, error=%r", fn.__name__, exc)
+                log.error("periodic job failed: job=%s, error=%r",
+                          getattr(fn, "__name__", fn), exc)
 
 
 async def registry_main(plan: RegistryPlan, rt: Runtime, name: str,
@@ -245,19 +320,33 @@ async def registry_main(plan: RegistryPlan, rt: Runtime, name: str,
     try:
         await nc.subscribe("fluxrig.stats.*", cb=shell.on_stats)
         await nc.subscribe("fluxrig.up.*.hello", cb=shell.on_hello)
+        await nc.subscribe("fluxrig.up.*.applied", cb=shell.on_applied)
         await nc.subscribe("fluxrig.mixer.racks", cb=shell.on_racks)
         await nc.subscribe("fluxrig.mixer.top", cb=shell.on_top)
         await nc.flush()
         signal_ready(rt, name)
+        db = ThreadPoolExecutor(1, "registry-db")  # the store's one thread
+
+        async def tick() -> None:
+            shell.tick()
+            await loop.run_in_executor(db, shell.pending())
+
+        async def flush() -> None:
+            racks = list(shell.registry.racks.values())
+            await loop.run_in_executor(db, store.flush_seen, racks)
+
+        async def rollups() -> None:
+            await loop.run_in_executor(None, shell.write_rollups, shell.take_rollups())
+
         await asyncio.gather(
-            _every(TICK, shell.tick, stopping),
-            _every(FLUSH_EVERY, lambda: store.flush_seen(shell.registry.racks.values()),
-                   stopping),
+            _every(TICK, tick, stopping),
+            _every(FLUSH_EVERY, flush, stopping),
             _every(plan.rollup_interval, shell.rollup, stopping),
-            _every(FILE_EVERY, shell.write_rollups, stopping))
+            _every(FILE_EVERY, rollups, stopping))
     finally:
         shell.rollup()
-        shell.write_rollups()
+        shell.write_rollups(shell.take_rollups())
+        shell.write()
         store.flush_seen(shell.registry.racks.values())
         store.close()
         if endpoint is not None:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -170,9 +172,31 @@ def test_settle_keeps_what_holds_work_and_removes_what_is_empty(tmp_path, caplog
 
 def test_a_segment_whose_owner_lives_means_the_rack_runs_already(tmp_path):
     name = PREFIX + "ring-0"
-    ring = Ring.create(name, 1 << 16)  # owned by this live process
+    owner = subprocess.Popen(  # another live process owns it
+        [sys.executable, "-c", "import sys; from engine.ring import Ring; "
+         f"r = Ring.create({name!r}, 1 << 16); print('made', flush=True); sys.stdin.read()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
-        with pytest.raises(LeftoverError, match="is running already"):
+        assert owner.stdout.readline().strip() == "made"
+        with pytest.raises(LeftoverError, match=f"belongs to live pid {owner.pid}"):
             Leftovers(RACK, tmp_path).scan()
     finally:
+        owner.stdin.close()
+        owner.wait(10)
+        unlink(name)
+
+
+def test_a_segment_of_this_very_process_is_adopted_after_an_exec(tmp_path):
+    """A supervisor that drains and starts again in place (execv, to run a deployed config)
+    keeps its pid: the rings it kept are its own to adopt, not a live twin's. Before: the
+    restarted rack refused to start ("belongs to live pid <its own>")."""
+    name = PREFIX + "ring-0"
+    ring = Ring.create(name, 1 << 16)
+    try:
+        left = Leftovers(RACK, tmp_path)
+        left.scan()
+        assert name in left.found
+        assert left.take(name, KIND_RING, ring_segment_size(1 << 16)) is not None
+    finally:
         ring.close()
+        unlink(name)

@@ -15,6 +15,7 @@ import time
 import urllib.request
 
 import pytest
+import yaml
 from mixerutil import (
     LinkProxy,
     MixerProcess,
@@ -275,3 +276,90 @@ async def _local_stream(rack, name):
         return info.state.messages, info.state.bytes
     finally:
         await nc.close()
+
+
+def _deploy_status(hub, rack_id):
+    done = mixer("deploy", str(hub), "--status", "--rack", rack_id)
+    assert done.returncode == 0, done.stderr
+    line = next(x for x in done.stdout.splitlines() if x.startswith(rack_id))
+    return line.split(None, 4)[1:]  # rev, applied, status[, error]
+
+
+def _processes(data):
+    return {p["name"] for p in json.loads((data / "state.json").read_text())["processes"]}
+
+
+def test_config_as_code_deploy_refuse_fall_back_restart_offline_and_roll_back(tmp_path):
+    hub = init_hub(tmp_path)
+    m = MixerProcess(hub)
+    rack_id = uid("cfg")
+    passport = enrol(hub, rack_id, "site=lab")
+    config, data = _linked_rig(tmp_path, rack_id, passport, count=0, rate=50)
+    rack = RackProcess(config, data)
+    base = yaml.safe_load(config.read_text())
+    for key in ("rack", "mixer"):
+        base.pop(key)  # the rack keeps its own id, data dir and passport
+    good = dict(base, pipelines=[dict(base["pipelines"][0], stages=[
+        {"name": "deployed", "gear": "mapping", "settings": {"set": {"headers.rev": 1}}}])])
+    files = {}
+    for name, doc in {
+        "good": good,
+        "bad": dict(base, pipelines=[dict(base["pipelines"][0], source={"gear": "nosuch"})]),
+        # fine at the Mixer, not on a linked rack: its leaf link is the embedded server's
+        "external": dict(good, nats={"url": "nats://127.0.0.1:1"}),
+        # fine everywhere, but its sink cannot open its file: it never becomes ready
+        "broken": dict(good, pipelines=[dict(good["pipelines"][0], sinks=[
+            {"name": "out", "gear": "file", "settings": {"path": "/proc/no/such/file"}}])]),
+    }.items():
+        files[name] = tmp_path / f"{name}.yaml"
+        files[name].write_text(yaml.safe_dump(doc))
+    try:
+        bad = mixer("deploy", str(hub), str(files["bad"]), "--rack", rack_id)
+        assert bad.returncode == 2
+        assert (f"{files['bad']}: pipelines[0].source.gear: unknown gear 'nosuch'" in bad.stderr
+                and "(nothing stored)" in bad.stderr)
+        assert _deploy_status(hub, rack_id)[1:] == ["-", "never", "deployed"]
+        t0 = time.monotonic()
+        ok = mixer("deploy", str(hub), str(files["good"]), "--label", "site=lab")
+        assert ok.returncode == 0 and f"rack {rack_id}: stored as rev 1" in ok.stdout
+        wait_until(lambda: _deploy_status(hub, rack_id) == ["1", "1", "applied"], 30,
+                   "rev 1 applied")
+        took = time.monotonic() - t0  # from the deploy command to the rack's report
+        assert "p.deployed.0" in _processes(data)
+        pids = {p["name"]: p["pid"] for p in rack.refresh()["processes"]}
+        assert mixer("deploy", str(hub), str(files["external"]), "--rack", rack_id
+                     ).returncode == 0
+        wait_until(lambda: _deploy_status(hub, rack_id)[2] == "failed", 30, "rev 2 refused")
+        rev, applied, status, error = _deploy_status(hub, rack_id)
+        assert (rev, applied) == ("2", "1") and "nats" in error
+        assert {p["name"]: p["pid"] for p in rack.refresh()["processes"]} == pids  # untouched
+        assert mixer("deploy", str(hub), str(files["broken"]), "--rack", rack_id
+                     ).returncode == 0
+        wait_until(lambda: _deploy_status(hub, rack_id)[:3] == ["3", "1", "failed"], 60,
+                   "rev 3 failed at start")
+        assert "died 5 times in 60 s" in _deploy_status(hub, rack_id)[3]
+        wait_until(lambda: "p.deployed.0" in _processes(data)
+                   and json.loads((data / "config" / "result.json").read_text())["rev"] == 3,
+                   30, "back on rev 1")
+        assert (data / "config" / "applied").read_text().strip() == "1"
+        assert rack.proc.poll() is None  # the same rack process all along (exec in place)
+        # the hub away, the rack restarted: it starts on its last applied config
+        assert m.stop() == 0
+        assert rack.stop() == 0
+        rack.close()
+        rack = RackProcess(config, data)
+        assert "p.deployed.0" in _processes(data)
+        assert rack.stop() == 0
+        rack.close()
+        m = MixerProcess(hub)
+        rack = RackProcess(config, data)
+        back = mixer("deploy", str(hub), "--rollback", "--rack", rack_id, "--to", "1")
+        assert back.returncode == 0 and "rev 1 deployed again as rev 4" in back.stdout
+        wait_until(lambda: _deploy_status(hub, rack_id)[:3] == ["4", "4", "applied"], 30,
+                   "the rollback applied")
+        assert rack.stop() == 0
+        assert m.stop() == 0
+    finally:
+        rack.close()
+        m.close()
+    print(f"deploy to applied: {took:.2f} s")

@@ -1,17 +1,20 @@
 """The hostile permission matrix of a real Mixer and two real linked racks.
 
-Each test runs ``mixer start`` and two racks enrolled with the real CLI (``rack-a`` and
-``rack-b``, small generator rigs whose ``EV`` stream the hub sources as ``EV_<rack>``), and
-tries from the wrong side what ``docs/mixer-design.md`` sections 5 and 6 forbid:
+The first two tests run ``mixer start`` and two racks enrolled with the real CLI (rack-a
+and rack-b, small generator rigs whose ``EV`` stream the hub sources as ``EV_<rack>``) and
+try from the wrong side what ``docs/mixer-design.md`` sections 5 and 6 forbid:
 
 * rack-a speaking for rack-b (its stats, hello, business, source and ``down`` subjects) and
   rack-a hearing rack-b (its stats, hello, business events, what the hub sends rack-b);
-* rack-a calling the hub's or rack-b's JetStream API, and the hub calling a rack's;
-* anonymous, wrong-password and junk connections on the hub's client and leaf ports.
+* rack-a calling the hub's or rack-b's JetStream API, and the hub (its users and its own
+  JetStream) calling a rack's.
+
+The last two run the Mixer alone: anonymous, wrong-password and junk connections on the
+hub's client and leaf ports, and the hub's own users' passwords on the leaf port.
 
 A negative ("never arrives") is proven by an allowed message sent after the forbidden one
-on the same path, awaited first; where no such message exists (the hub's own JetStream
-trying to make a consumer on a rack) the test watches for a bounded window instead.
+on the same path and awaited first: a marker on the same leaf link, or, for the hub's
+JetStream, a consumer reset it may send after the consumer create it may not.
 """
 
 from __future__ import annotations

@@ -541,7 +541,8 @@ def test_the_hub_config_lists_only_enrolled_racks_not_revoked(hub_dir: Path,
     passwords = local_users(hub_dir)
     named = {u["user"]: u["password"] for u in users if "user" in u}
     assert named == {"registry": passwords["registry"], "admin": passwords["admin"]}
-    assert conf["accounts"]["SYS"]["users"] == [{"user": "sys", "password": passwords["sys"]}]
+    assert conf["accounts"]["SYS"]["users"] == [{"user": "sys", "password": passwords["sys"],
+                                                 "allowed_connection_types": ["STANDARD"]}]
     assert conf["leafnodes"]["port"] == SETTINGS.leaf_port
     assert conf["leafnodes"]["tls"]["cert_file"] == str(HubPki.in_dir(hub_dir.resolve()).hub_cert)
     # no seed in the config either
