@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
 import stat
 import sys
 import time
@@ -244,20 +243,17 @@ def stop(
     timeout: float = typer.Option(60.0, help="seconds to wait for the drain"),
 ) -> None:
     """Ask a running rack to drain and stop; waits until it has."""
-    from engine.supervisor import running_pid
+    from engine.procset import stop_holder
+    from engine.supervisor import LOCK
 
     d = _data_dir(config, data_dir)
-    pid = running_pid(d)
+    try:
+        pid = stop_holder(d, LOCK, timeout)
+    except TimeoutError as exc:
+        _fail(f"rack {exc}", 1)
     if pid is None:
         _fail(f"no rack running: data_dir={d}", 1)
-    os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if running_pid(d) != pid:  # the lock goes with the supervisor (zombie or not)
-            typer.echo(f"stopped: pid={pid}")
-            return
-        time.sleep(0.1)  # another process's exit has no event we can wait on here
-    _fail(f"rack still running after {timeout}s: pid={pid}", 1)
+    typer.echo(f"stopped: pid={pid}")
 
 
 @app.command()

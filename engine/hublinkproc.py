@@ -31,7 +31,7 @@ from nats.aio.msg import Msg
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js import JetStreamContext
 from nats.js.api import StreamConfig as JsStreamConfig
-from nats.js.errors import NotFoundError
+from nats.js.errors import NotFoundError, ServiceUnavailableError
 
 from engine.bus import close_quietly, connect
 from engine.config import ConfigError
@@ -104,7 +104,12 @@ async def _main(spec: ProcessSpec, rt: Runtime) -> None:
                 sub = None
                 await _pause(stopping, 2.0)
                 continue
-            except Exception as exc:  # the link is down, the hub away
+            except ServiceUnavailableError:  # no responders: the hub is away (the link
+                sub = None                       # state says so; no need to say it here)
+                await _pause(stopping, 2.0)
+                reported = None
+                continue
+            except Exception as exc:
                 RATELOG.warning("pull", "config pull failed, retrying: error=%r", exc)
                 sub = None
                 await _pause(stopping, 2.0)

@@ -34,8 +34,8 @@ from engine.shm import (
     Segment,
     SegmentHeader,
     inspect,
-    live_other,
     mapping_pids,
+    owner_alive,
     process_start_ticks,
     segment_names,
     unlink,
@@ -84,7 +84,7 @@ class Leftovers:
                 log.warning("empty segment removed: name=%s", name)
                 unlink(name)
                 continue
-            if live_other(header):  # (this very process before an execv is not "other")
+            if owner_alive(header.owner_pid, header.owner_start):
                 raise LeftoverError(
                     f"rack {self.rack_id!r} is running already: its segment {name} belongs "
                     f"to live pid {header.owner_pid} (the same rack id from another data dir?)")

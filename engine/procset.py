@@ -99,6 +99,25 @@ def running_pid(data_dir: str | os.PathLike[str], lock: str) -> int | None:
         os.close(fd)
 
 
+def stop_holder(data_dir: str | os.PathLike[str], lock: str, timeout: float) -> int | None:
+    """SIGTERM the supervisor holding ``data_dir``'s ``lock`` and wait until it let go (the
+    lock goes with the process, zombie or not); its pid, None if nobody held it.
+
+    Raises:
+        TimeoutError: still running after ``timeout`` seconds (the message has the pid).
+    """
+    pid = running_pid(data_dir, lock)
+    if pid is None:
+        return None
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if running_pid(data_dir, lock) != pid:
+            return pid
+        time.sleep(0.1)  # another process's exit has no event we can wait on here
+    raise TimeoutError(f"still running after {timeout}s: pid={pid}")
+
+
 class ProcessSet(Generic[P]):
     """The supervised processes of one rack or one Mixer.
 

@@ -114,14 +114,6 @@ def owner_alive(pid: int, start: int) -> bool:
     return process_start_ticks(pid) == start
 
 
-def live_other(header: SegmentHeader) -> bool:
-    """The segment's owner is alive and is not this process. This process as its owner is a
-    supervisor that started again in place (``execv``, to run a deployed config): what it
-    held before is its own to take over."""
-    return header.owner_pid != os.getpid() and owner_alive(header.owner_pid,
-                                                           header.owner_start)
-
-
 class Segment:
     """A named shared-memory segment with a fluxrig header.
 
@@ -201,7 +193,7 @@ class Segment:
             header = inspect(name)
         except FileNotFoundError:
             return
-        if header is not None and live_other(header):
+        if header is not None and owner_alive(header.owner_pid, header.owner_start):
             raise SegmentInUseError(f"segment in use: name={name}, owner_pid={header.owner_pid}")
         if header is None:
             log.warning("stale segment replaced: name=%s, reason=empty", name)
@@ -226,7 +218,7 @@ class Segment:
                 f"segment does not fit: name={name}, kind={header and header.kind}, "
                 f"payload_size={header and header.payload_size}, expected_kind={kind}, "
                 f"expected_payload_size={payload_size}")
-        if live_other(header):
+        if owner_alive(header.owner_pid, header.owner_start):
             raise SegmentInUseError(f"segment in use: name={name}, owner_pid={header.owner_pid}")
         shm = shared_memory.SharedMemory(name=name, create=False)
         _untrack(shm)
@@ -236,6 +228,13 @@ class Segment:
         return cls(shm, SegmentHeader(kind=kind, version=VERSION, owner_pid=pid,
                                       owner_start=start, payload_size=payload_size),
                    owner=True)
+
+    def release(self) -> None:
+        """Give up ownership of a segment kept for the next start (its header then names no
+        owner): a supervisor that drains and starts again in place (``execv``, keeping its
+        pid, to run a deployed config) would otherwise find its own rings "in use"."""
+        _HEADER.pack_into(self._shm.buf, 0, MAGIC, self.header.kind, VERSION, 0, 0,
+                          self.header.payload_size)
 
     @property
     def is_owner(self) -> bool:

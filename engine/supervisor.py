@@ -613,6 +613,7 @@ class Supervisor:
             used = ring.statistics().used
             if used:
                 kept.append(f"{ring.segment.name} ({used} bytes)")
+                ring.segment.release()
             else:
                 ring.unlink()
         for c in self.plan.counters:
@@ -621,6 +622,7 @@ class Supervisor:
             open_slots = sum(1 for _ in j.pending())
             if open_slots:
                 kept.append(f"{j.segment.name} ({open_slots} slots)")
+                j.segment.release()
             else:
                 j.unlink()
         if kept:

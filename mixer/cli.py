@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
@@ -120,19 +119,16 @@ def start(
 def stop(data_dir: Path = DATA_DIR,
          timeout: float = typer.Option(30.0, help="seconds to wait")) -> None:
     """Ask a running Mixer to stop; waits until it has."""
-    from mixer.supervisor import running_pid
+    from engine.procset import stop_holder
+    from mixer.supervisor import LOCK
 
-    pid = running_pid(data_dir)
+    try:
+        pid = stop_holder(data_dir, LOCK, timeout)
+    except TimeoutError as exc:
+        _fail(f"mixer {exc}", 1)
     if pid is None:
         _fail(f"no mixer running: data_dir={data_dir}", 1)
-    os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if running_pid(data_dir) != pid:
-            typer.echo(f"stopped: pid={pid}")
-            return
-        time.sleep(0.1)  # another process's exit has no event to wait on here
-    _fail(f"mixer still running after {timeout}s: pid={pid}", 1)
+    typer.echo(f"stopped: pid={pid}")
 
 
 @app.command()

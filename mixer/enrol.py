@@ -21,9 +21,11 @@ import os
 import secrets
 import signal
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from nats.js import JetStreamContext
 
 from engine.identity import (
     IdentityError,
@@ -199,8 +201,12 @@ def ask_racks(data_dir: Path, settings: MixerSettings, selector: Mapping[str, st
     )
 
     if _running_hub(data_dir) is not None:
-        raw = asyncio.run(_ask(settings, local_users(data_dir)["admin"],
-                               "fluxrig.mixer.racks", {"labels": dict(selector)}))
+        from mixer.ask import AskError, ask
+
+        try:
+            raw = ask(data_dir, "fluxrig.mixer.racks", {"labels": dict(selector)})
+        except AskError as exc:
+            raise EnrolError(str(exc)) from None
         if as_json:
             return [], raw.decode() + "\n"
         infos = [_info(d) for d in json.loads(raw)]
@@ -315,7 +321,8 @@ def run_deploy(data_dir: Path, settings: MixerSettings, *, rig: Path | None,
         raise EnrolError(str(exc)) from None
 
 
-async def _with_js(settings: MixerSettings, data_dir: Path, fn: Any, *args: Any) -> str:
+async def _with_js(settings: MixerSettings, data_dir: Path,
+                   fn: Callable[..., Awaitable[str]], *args: object) -> str:
     import nats
 
     try:
@@ -331,20 +338,20 @@ async def _with_js(settings: MixerSettings, data_dir: Path, fn: Any, *args: Any)
         await nc.close()
 
 
-async def _deploy(js: Any, text: str, targets: list[str]) -> str:
+async def _deploy(js: JetStreamContext, text: str, targets: list[str]) -> str:
     from mixer.deploy import deploy
 
     revs = await deploy(js, text, targets)
     return "".join(f"rack {r}: stored as rev {rev}\n" for r, rev in revs.items())
 
 
-async def _deploy_status(js: Any, targets: list[str]) -> str:
+async def _deploy_status(js: JetStreamContext, targets: list[str]) -> str:
     from mixer.deploy import states, status_table
 
     return status_table(await states(js, targets))
 
 
-async def _rollback(js: Any, rack: str, to: int | None) -> str:
+async def _rollback(js: JetStreamContext, rack: str, to: int | None) -> str:
     from mixer.deploy import DeployError, deploy, revision, states
 
     if to is None:
@@ -362,20 +369,3 @@ def _info(d: Mapping[str, object]) -> RackInfo:
     return RackInfo(**{k: v for k, v in d.items() if k in fields})  # type: ignore[arg-type]
 
 
-async def _ask(settings: MixerSettings, password: str, subject: str,
-               query: Mapping[str, object]) -> bytes:
-    import nats
-
-    try:
-        nc = await nats.connect(settings.hub_url, user="admin", password=password,
-                                connect_timeout=2, max_reconnect_attempts=0)
-    except Exception as exc:
-        raise EnrolError(f"cannot reach the hub at {settings.hub_url}: {exc}") from None
-    try:
-        reply = await nc.request(subject, json.dumps(query).encode(), timeout=ASK_TIMEOUT)
-    except Exception as exc:
-        raise EnrolError(f"the registry did not answer {subject} within {ASK_TIMEOUT} s: "
-                         f"{type(exc).__name__}") from None
-    finally:
-        await nc.close()
-    return reply.data

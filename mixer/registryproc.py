@@ -183,8 +183,10 @@ class RegistryShell:
             return
         rack = msg.subject.rsplit(".", 1)[1]
         # the labels stay the enrolled ones: a rack cannot move itself into a selection
+        snap = self.fleet.latest(rack)
         self._persist(self.registry.observe(
-            Report(rack=rack, labels=self._enrolled_labels(rack)), now))
+            Report(rack=rack, labels=self._enrolled_labels(rack),
+                   processes=len(snap.processes) if snap is not None else None), now))
 
     async def on_hello(self, msg: Msg) -> None:
         """A rack announces itself: what it runs, and the streams the hub keeps a copy of."""

@@ -31,6 +31,7 @@ from engine.plan import STATE_FILE, Runtime
 from engine.procset import AlreadyRunning, Child, ProcessSet
 from engine.procset import running_pid as procset_running_pid
 from engine.service import Notifier, process_title, set_process_title
+from mixer.hubconf import HubConfigError
 from mixer.hubfiles import HubFileError, HubServer, local_users
 from mixer.pki import HubPki
 from mixer.registryproc import RegistryPlan, run_registry
@@ -84,7 +85,7 @@ class MixerSupervisor:
                                        self.settings.prometheus_port)
             self.procs.clear_crash_files()
             self.hub.start()
-        except (HubFileError, ListenerError, NatsServerError, OSError) as exc:
+        except (HubFileError, HubConfigError, ListenerError, NatsServerError, OSError) as exc:
             self.cleanup()
             raise MixerStartError(str(exc)) from None
         log.info("hub started: url=%s, leaf=%s:%d, pid=%s", self.hub.url,

@@ -80,3 +80,11 @@ def test_no_import_circles_in_engine_and_gears():
     for start in sorted(graph):
         visit(start, [start], {start})
     assert circles == []
+
+
+def test_the_engine_never_imports_the_mixer():
+    """A rack runs without the hub's code (and its DuckDB and Arrow): the Mixer imports the
+    engine, never the other way."""
+    graph = _import_graph()
+    assert {(m, d) for m, deps in graph.items() if not m.startswith("mixer")
+            for d in deps if d.startswith("mixer")} == set()

@@ -186,13 +186,16 @@ def test_a_segment_whose_owner_lives_means_the_rack_runs_already(tmp_path):
         unlink(name)
 
 
-def test_a_segment_of_this_very_process_is_adopted_after_an_exec(tmp_path):
+def test_a_segment_its_owner_released_is_adopted_though_the_owner_lives(tmp_path):
     """A supervisor that drains and starts again in place (execv, to run a deployed config)
-    keeps its pid: the rings it kept are its own to adopt, not a live twin's. Before: the
-    restarted rack refused to start ("belongs to live pid <its own>")."""
+    keeps its pid: the rings it kept are released at the drain, so the restarted supervisor
+    adopts them. Before: it refused to start ("belongs to live pid <its own>")."""
     name = PREFIX + "ring-0"
     ring = Ring.create(name, 1 << 16)
     try:
+        with pytest.raises(LeftoverError, match="is running already"):
+            Leftovers(RACK, tmp_path).scan()  # still ours: a live twin's, for all it knows
+        ring.segment.release()
         left = Leftovers(RACK, tmp_path)
         left.scan()
         assert name in left.found

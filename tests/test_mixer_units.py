@@ -716,3 +716,14 @@ def test_racks_with_the_mixer_never_started_lists_the_enrolled_racks_never_seen(
     assert [(x["id"], x["state"], x["labels"]) for x in json.loads(r.stdout)] == [
         ("r1", "never-seen", {"site": "x"})]
     assert not (d / "registry.duckdb").exists()  # a reader never creates the writer's file
+
+
+def test_the_shipped_mixer_settings_parse_and_name_every_key() -> None:
+    from engine.yamlfile import load_yaml
+
+    path = Path(__file__).resolve().parent.parent / "configs" / "mixer.yaml"
+    doc = load_yaml(path)
+    s = parse_settings(doc.data, str(path))
+    assert set(doc.data) == {"hub", "leaf", "registry", "prometheus", "rollup_interval",
+                             "simulator"}
+    assert s.leaf_urls == ("tls://127.0.0.1:7422",) and s.prometheus_port == 9466

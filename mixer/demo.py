@@ -1,0 +1,248 @@
+"""``scripts/demo --fleet``: a Mixer and two linked racks, the hub killed mid-run.
+
+1. ``mixer init`` + ``mixer start`` in ``var/fleet/hub`` (free ports), two racks enrolled:
+   ``switch`` (the ISO 8583 switch of ``configs/iso8583-switch.yaml``, label
+   ``role=payments``) and ``plant`` (the generic rack of ``configs/demo.yaml``, a finite
+   generator, label ``role=plant``), each rig given its passport;
+2. the issuer simulator, both racks, and the load generator on the switch (300 TPS);
+3. after 8 s the hub's nats-server and the Mixer are SIGKILLed (the registry goes too); the racks
+   keep serving and storing alone; 6 s later the Mixer starts again and they catch up;
+4. the counts: every event each rack stored is at the hub exactly once (its frame ids
+   unique, the hub's count equal to the rack's), every answered transaction has its audit
+   event, and ``mixer racks`` shows both racks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from engine.bus import load_auth
+from engine.frame import decode
+from engine.harness import start_rack
+from engine.natsd import free_port
+from engine.rigs import shipped_rig
+
+ROOT = Path("var/fleet")
+TPS = 300.0
+SECONDS = 24.0
+KILL_AT, DOWN_FOR = 8.0, 6.0
+
+
+def _mixer(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "mixer.cli", *args], capture_output=True,
+                          text=True, timeout=60, check=True)
+
+
+def _start_mixer(hub: Path, log: Path) -> subprocess.Popen[bytes]:
+    read, write = os.pipe()
+    with open(log, "ab") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "mixer.cli", "start", str(hub),
+                                 "--ready-fd", str(write)], stdout=out, stderr=out,
+                                pass_fds=(write,))
+    os.close(write)
+    r, _, _ = select.select([read], [], [], 60)
+    ready = os.read(read, 64) if r else b""
+    os.close(read)
+    if b"ready" not in ready:
+        proc.kill()
+        raise RuntimeError(f"the Mixer did not start (see {log})")
+    return proc
+
+
+def _rig(shipped: str, rack: str, passport: Path, edit: dict[str, Any]) -> Path:
+    doc = yaml.safe_load(shipped_rig(shipped).read_text())
+    doc["rack"] = {**doc["rack"], "id": rack, "data_dir": str((ROOT / rack).resolve())}
+    doc["mixer"] = {"passport": str(passport.resolve())}
+    doc["telemetry"] = {"interval": 1.0}  # no Prometheus port: the other demos use theirs
+    for s in doc["egress"]["streams"]:
+        s["subjects"] = [x.replace(f"fluxrig.{doc['rack']['id']}.", f"fluxrig.{rack}.")
+                         for x in s["subjects"]]
+    doc.update(edit)
+    path = ROOT / f"{rack}.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+async def _count(url: str, user: str, password: str, stream: str) -> int:
+    import nats
+
+    try:
+        nc = await nats.connect(url, user=user, password=password, connect_timeout=2,
+                                allow_reconnect=False, error_cb=_quiet)
+    except Exception:
+        return -1  # the hub is down
+    try:
+        return (await nc.jetstream().stream_info(stream)).state.last_seq
+    except Exception:
+        return -1
+    finally:
+        await nc.close()
+
+
+async def _quiet(exc: Exception) -> None:
+    """nats-py prints every connection error; a hub that is down is expected here."""
+
+
+async def _hub_ids(url: str, password: str, stream: str) -> tuple[int, int]:
+    """(messages, distinct frame ids) of a hub stream."""
+    import nats
+
+    nc = await nats.connect(url, user="admin", password=password)
+    try:
+        js = nc.jetstream()
+        info = await js.stream_info(stream)
+        ids = set()
+        for seq in range(info.state.first_seq, info.state.last_seq + 1):
+            ids.add(decode((await js.get_msg(stream, seq)).data).id)
+        return info.state.messages, len(ids)
+    finally:
+        await nc.close()
+
+
+class _Side:
+    """An event loop in a thread: the load generator's progress callback runs inside its own
+    loop and cannot start another one there."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        threading.Thread(target=self.loop.run_forever, daemon=True).start()
+
+    def call(self, coro: Coroutine[Any, Any, int]) -> int:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(30)
+
+
+def run() -> int:
+    """The fleet demo; 0 when every rack event is at the hub exactly once."""
+    from engine.demo import start_issuer_simulator
+    from gears.iso8583.codec import spec_by_name
+    from gears.iso8583.framing import FramingConfig
+    from gears.iso8583.loadgen import LoadConfig, LoadGenerator, MixEntry
+
+    shutil.rmtree(ROOT, ignore_errors=True)
+    ROOT.mkdir(parents=True)
+    hub = ROOT / "hub"
+    port, leaf = free_port(), free_port()
+    _mixer("init", str(hub), "--host", "127.0.0.1", "--port", str(port),
+           "--leaf-port", str(leaf))
+    log = ROOT / "mixer.out"
+    mixer = _start_mixer(hub, log)
+    hub_url = f"nats://127.0.0.1:{port}"
+    admin = json.loads((hub / "nats-users.json").read_text())["admin"]
+    print(f"Mixer: hub {hub_url}, racks link over TLS to 127.0.0.1:{leaf} (data: {hub})")
+    for rack, role in (("switch", "payments"), ("plant", "plant")):
+        _mixer("rack", "add", str(hub), rack, "--label", f"role={role}",
+               "--out", str(ROOT / f"{rack}.passport"))
+    switch_rig = _rig("iso8583-switch.yaml", "switch", ROOT / "switch.passport", {})
+    plant_doc = yaml.safe_load(shipped_rig("demo.yaml").read_text())
+    source = plant_doc["pipelines"][0]["source"]
+    source["settings"].update(rate=400, count=int(400 * (SECONDS - 4)))
+    plant_rig = _rig("demo.yaml", "plant", ROOT / "plant.passport",
+                     {"pipelines": plant_doc["pipelines"]})
+    issuer = start_issuer_simulator(["--port", "9001", "--port", "9002", "--port", "9003",
+                                     "--rule", "4=00", "--rule", "5=05"], 3)
+    racks = {name: start_rack(rig, workers=1) for name, rig in
+             (("switch", switch_rig), ("plant", plant_rig))}
+    print("racks 'switch' (ISO 8583, role=payments) and 'plant' (generator, role=plant) "
+          "started and linked")
+    streams = {"switch": "TXN", "plant": "DEMO"}
+    try:
+        gen = LoadGenerator(LoadConfig(
+            host="127.0.0.1", port=8583, spec=spec_by_name("default"),
+            framing=FramingConfig(prefix="2B"), connections=20, rate=TPS, duration=SECONDS,
+            grace=7.0, mix=(MixEntry(pan="4761739001010119", amount=2_500, weight=4),
+                            MixEntry(pan="5500000000000004", amount=9_000, weight=1))))
+        t0 = time.monotonic()
+        events: list[str] = []
+        side = _Side()
+
+        def local(rack: str) -> int:
+            data = ROOT / rack
+            auth = load_auth(data)
+            url = json.loads((data / "state.json").read_text())["nats_url"]
+            assert auth is not None
+            return side.call(_count(url, auth.user, auth.password, streams[rack]))
+
+        def at_hub(rack: str) -> int:
+            return side.call(_count(hub_url, "admin", admin, f"{streams[rack]}_{rack}"))
+
+        print(f"{'t(s)':>5} {'answered':>9} {'switch events':>14} {'at hub':>7} "
+              f"{'plant events':>13} {'at hub':>7}  hub")
+        down = killed = False
+
+        def progress(g: LoadGenerator) -> None:
+            nonlocal mixer, down, killed
+            t = time.monotonic() - t0
+            if not killed and t >= KILL_AT:
+                killed = True
+                hub_pid = json.loads((hub / "state.json").read_text())["hub_pid"]
+                os.kill(hub_pid, signal.SIGKILL)  # the hub's nats-server first, then the
+                mixer.send_signal(signal.SIGKILL)  # Mixer (its registry goes with it)
+                mixer.wait()
+                down = True
+                events.append(f"{t:5.1f} hub killed (SIGKILL)")
+            elif down and t >= KILL_AT + DOWN_FOR:
+                mixer = _start_mixer(hub, log)
+                down = False
+                events.append(f"{time.monotonic() - t0:5.1f} hub started again")
+            print(f"{t:5.1f} {g.report.received:9,} {local('switch'):14,} "
+                  f"{at_hub('switch') if not down else '-':>7} {local('plant'):13,} "
+                  f"{at_hub('plant') if not down else '-':>7}  "
+                  f"{'DOWN' if down else 'up'}", flush=True)
+
+        gen.progress = progress
+        summary = asyncio.run(gen.run()).summary()
+        for line in events:
+            print(line)
+        wanted = {rack: local(rack) for rack in racks}
+        t1 = time.monotonic()
+        while any(at_hub(r) < wanted[r] for r in racks) and time.monotonic() - t1 < 60:
+            time.sleep(0.2)  # catching up: another process's stream, no event to await
+        print(f"all at the hub {time.monotonic() - t1:.1f} s after the load ended")
+        print(_mixer("racks", str(hub)).stdout, end="")
+        ok = True
+        print()
+        for rack in racks:
+            count, distinct = asyncio.run(_hub_ids(hub_url, admin, f"{streams[rack]}_{rack}"))
+            good = count == distinct == wanted[rack]
+            ok &= good
+            print(f"{rack:<7} events stored on the rack {wanted[rack]:>7,}   at the hub "
+                  f"{count:>7,}   distinct {distinct:>7,}   {'exactly once' if good else 'MISMATCH'}")
+        answered = summary["received"]
+        ok &= wanted["switch"] == answered and summary["lost"] == 0
+        print(f"switch transactions answered {answered:,} (lost {summary['lost']}), "
+              f"audit events {wanted['switch']:,}")
+        for rack, run_ in racks.items():
+            run_.proc.send_signal(signal.SIGTERM)
+            ok &= run_.proc.wait(60) == 0
+        print("OK: every rack event is at the hub exactly once, through a hub kill" if ok
+              else "FAILED")
+        return 0 if ok else 1
+    finally:
+        for run_ in racks.values():
+            if run_.proc.poll() is None:
+                run_.proc.kill()
+        for proc in (issuer, mixer):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+
+
+if __name__ == "__main__":
+    sys.exit(run())
