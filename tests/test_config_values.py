@@ -376,7 +376,8 @@ def test_check_json_lists_every_file(tmp_path):
 
 
 def test_check_json_of_good_files_exits_0():
-    files = sorted(str(p) for p in (ROOT / "configs").glob("*.yaml"))
+    files = sorted(str(p) for p in (ROOT / "configs").glob("*.yaml")
+                   if p.name != "mixer.yaml")  # the Mixer's settings, not a rig
     result = _engine("check", "--json", *files)
     assert result.returncode == 0, result.stdout
     assert [r["file"] for r in json.loads(result.stdout)] == files
