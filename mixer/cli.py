@@ -269,7 +269,7 @@ def racks(
         from mixer.views import racks_table
 
         try:
-            raw = ask(data_dir, "fluxrig.mixer.racks", {"labels": selector})
+            raw = ask(data_dir, "racks", {"labels": selector})
         except AskError as exc:
             _fail(exc, 1)
         if as_json:
@@ -304,10 +304,11 @@ def top(
     shown = 0
     try:
         while True:
-            rows = json.loads(ask(data_dir, "fluxrig.mixer.top", {}))
+            raw = ask(data_dir, "top", {})
             if as_json:
-                typer.echo(json.dumps(rows, indent=1))
+                typer.echo(raw.decode())
                 return
+            rows = json.loads(raw)
             if os.isatty(1):
                 typer.echo("\x1b[H\x1b[2J", nl=False)  # home + clear: redraw, not scroll
             typer.echo(format_top(rows))

@@ -164,22 +164,20 @@ async def _kick(hub_url: str, sys_password: str, rack: str) -> int:
     nc = await nats.connect(hub_url, user="sys", password=sys_password, connect_timeout=2,
                             max_reconnect_attempts=0)
     try:
-        kicked = 0
+        kicked: set[int] = set()  # a kicked link may still be listed for a moment
         deadline = time.monotonic() + 2.0
         while True:  # the reload is asynchronous: a reconnect may slip in before it lands
             reply = await nc.request("$SYS.REQ.SERVER.PING.LEAFZ", b"{}", timeout=ASK_TIMEOUT)
             doc = json.loads(reply.data)
             server_id = doc["server"]["id"]
             leafs = [leaf for leaf in (doc.get("data") or {}).get("leafs") or []
-                     if leaf.get("name") == rack]
-            if not leafs:
-                return kicked
+                     if leaf.get("name") == rack and leaf.get("id") not in kicked]
+            if not leafs or time.monotonic() > deadline:
+                return len(kicked)
             for leaf in leafs:
                 await nc.request(f"$SYS.REQ.SERVER.{server_id}.KICK",
                                  json.dumps({"cid": leaf["id"]}).encode(), timeout=ASK_TIMEOUT)
-                kicked += 1
-            if time.monotonic() > deadline:
-                return kicked
+                kicked.add(leaf["id"])
             await asyncio.sleep(0.1)  # let the server drop them before LEAFZ is asked again
     finally:
         await nc.close()
@@ -204,7 +202,7 @@ def ask_racks(data_dir: Path, settings: MixerSettings, selector: Mapping[str, st
         from mixer.ask import AskError, ask
 
         try:
-            raw = ask(data_dir, "fluxrig.mixer.racks", {"labels": dict(selector)})
+            raw = ask(data_dir, "racks", {"labels": dict(selector)})
         except AskError as exc:
             raise EnrolError(str(exc)) from None
         if as_json:

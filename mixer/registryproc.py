@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import socket
 import time
@@ -60,6 +61,8 @@ from mixer.registrydb import RegistryStore, racks_json
 log = logging.getLogger("fluxrig.mixer.registry")
 
 TICK = 1.0  # seconds between offline checks
+LOCAL_SOCKET = "registry.sock"  # in the hub data dir: the CLI's quick way to ask
+LOCAL_TIMEOUT = 2.0
 FLUSH_EVERY = 10.0  # seconds between flushes of last-seen times to the DuckDB file
 FILE_EVERY = 600.0  # seconds of rollups per Parquet file
 
@@ -246,19 +249,40 @@ class RegistryShell:
         log.info("rack %s config rev %s: %s%s", rack, report["rev"], report.get("status"),
                  f" ({report.get('error')})" if report.get("error") else "")
 
-    async def on_racks(self, msg: Msg) -> None:
-        """``mixer racks``: ``{"labels": {...}}`` -> the matching racks as JSON."""
+    def answer(self, what: str, data: bytes) -> bytes:
+        """The answer to a question of the CLI: ``racks`` (``{"labels": {...}}`` -> the
+        matching racks) or ``top`` (one row per rack), as JSON."""
+        if what == "top":
+            return orjson.dumps(self.fleet.top_rows(time.time_ns()))
         try:
-            query = orjson.loads(msg.data) if msg.data else {}
+            query = orjson.loads(data) if data else {}
             selector = parse_selector(f"{k}={v}" for k, v in query.get("labels", {}).items())
         except (ValueError, AttributeError) as exc:
-            await msg.respond(orjson.dumps({"error": f"bad query: {exc}"}))
-            return
-        await msg.respond(racks_json(self.registry.select(selector)))
+            return orjson.dumps({"error": f"bad query: {exc}"})
+        return racks_json(self.registry.select(selector))
+
+    async def on_racks(self, msg: Msg) -> None:
+        """``fluxrig.mixer.racks`` (tools on the hub's bus)."""
+        await msg.respond(self.answer("racks", msg.data))
 
     async def on_top(self, msg: Msg) -> None:
-        """``mixer top``: one row per rack."""
-        await msg.respond(orjson.dumps(self.fleet.top_rows(time.time_ns())))
+        """``fluxrig.mixer.top``."""
+        await msg.respond(self.answer("top", msg.data))
+
+    async def on_local(self, reader: asyncio.StreamReader,
+                       writer: asyncio.StreamWriter) -> None:
+        """One question on the local socket (``mixer.ask``): ``<racks|top> <json>\\n`` in,
+        the answer out, then closed. The socket is the hub data dir's, mode 0600: whoever
+        may read the hub's passwords may ask."""
+        try:
+            line = await asyncio.wait_for(reader.readline(), LOCAL_TIMEOUT)
+            what, _, data = line.strip().partition(b" ")
+            writer.write(self.answer(what.decode(errors="replace"), data))
+            await asyncio.wait_for(writer.drain(), LOCAL_TIMEOUT)
+        except (TimeoutError, ConnectionError, ValueError):
+            pass
+        finally:
+            writer.close()
 
     # --- periodic ---------------------------------------------------------------------------
 
@@ -319,6 +343,7 @@ async def registry_main(plan: RegistryPlan, rt: Runtime, name: str,
                        "fluxrig-mixer-registry", max_reconnect_attempts=-1,
                        reconnect_time_wait=0.5)
     shell.nc = nc
+    local = None
     try:
         await nc.subscribe("fluxrig.stats.*", cb=shell.on_stats)
         await nc.subscribe("fluxrig.up.*.hello", cb=shell.on_hello)
@@ -326,6 +351,14 @@ async def registry_main(plan: RegistryPlan, rt: Runtime, name: str,
         await nc.subscribe("fluxrig.mixer.racks", cb=shell.on_racks)
         await nc.subscribe("fluxrig.mixer.top", cb=shell.on_top)
         await nc.flush()
+        sock_path = Path(plan.data_dir) / LOCAL_SOCKET
+        sock_path.unlink(missing_ok=True)
+        old = os.umask(0o177)  # 0600 from its birth: no window where others may connect
+        try:
+            local = await asyncio.start_unix_server(shell.on_local, str(sock_path),
+                                                    limit=64 * 1024)
+        finally:
+            os.umask(old)
         signal_ready(rt, name)
         db = ThreadPoolExecutor(1, "registry-db")  # the store's one thread
 
@@ -346,6 +379,9 @@ async def registry_main(plan: RegistryPlan, rt: Runtime, name: str,
             _every(plan.rollup_interval, shell.rollup, stopping),
             _every(FILE_EVERY, rollups, stopping))
     finally:
+        if local is not None:
+            local.close()
+            (Path(plan.data_dir) / LOCAL_SOCKET).unlink(missing_ok=True)
         shell.rollup()
         shell.write_rollups(shell.take_rollups())
         shell.write()

@@ -32,7 +32,7 @@ What runs (all on this machine, the simulator sharing the CPUs with the Mixer):
    simulator itself.
 5. After the window, the fleet still publishing: ``mixer racks DIR --json``, ``mixer top
    DIR --json`` and ``mixer version`` (the CLI's start-up floor) as a user runs them
-   (``python -m mixer.cli``, wall time, median of ``--cli-runs``), and the same two
+   (the ``mixer`` command, wall time, median of ``--cli-runs``), and the same two
    requests in process (request/reply on the open connection).
 
 Lag, exactly: each snapshot carries the simulator's sequence number in ``hub_backlog`` (a
@@ -448,10 +448,10 @@ async def ask(nc: Any, subject: str, query: dict[str, Any]) -> tuple[Any, float,
 
 
 def cli_wall(args: list[str], check: Any = None) -> tuple[float, str]:
-    """(seconds, error or "") of ``python -m mixer.cli ARGS`` as a user runs it, start to
+    """(seconds, error or "") of the ``mixer`` command with ARGS as a user runs it, start to
     exit; an error when it exits non-zero or ``check(stdout)`` is false."""
     t = time.perf_counter()
-    done = subprocess.run([PY, "-m", "mixer.cli", *args], capture_output=True, text=True,
+    done = subprocess.run([str(Path(PY).parent / "mixer"), *args], capture_output=True, text=True,
                           cwd=ROOT, timeout=60)
     wall = time.perf_counter() - t
     if done.returncode:

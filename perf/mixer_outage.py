@@ -5,7 +5,7 @@ and its audit trail reaches the hub exactly once, quickly, when the hub returns.
                                 [--between 20] [--json PATH] [--keep]
     python perf/mixer_outage.py --outage 10 --runs 1 --tps 300     # quick: ~1 minute
 
-Not a ``*_bench.py``: ``scripts/bench`` does not run it (the bar's run takes ~6 minutes).
+Not a ``*_bench.py``: ``scripts/bench`` does not run it (the bar's run takes ~5 minutes).
 
 What runs (all on this machine, sharing its CPUs):
 
@@ -27,8 +27,9 @@ What runs (all on this machine, sharing its CPUs):
    * the hub goes down: ``--down kill`` (default) SIGKILLs the Mixer's supervisor and its
      hub nats-server together (its registry follows, ``PR_SET_PDEATHSIG``): a crash;
      ``--down stop`` runs ``mixer stop`` (the registry flushes, the hub stops cleanly);
-   * ``--outage`` s later ``mixer start`` again; the hub is down from the kill (or the
-     stop's return) until the new Mixer says ready (its start-up is part of the outage);
+   * ``--outage`` s later ``mixer start`` again; the hub is down from the moment every
+     Mixer process is gone until the new Mixer says ready (its start-up is part of the
+     outage);
    * the answers the acquirers got in that time, as TPS: the rack kept serving;
    * at ready: the rack's ``TXN`` ``last_seq`` (as the rack's admin: ``engine.bus.load_auth``
      and ``state.json`` ``nats_url``) is the target; *behind* = target - the hub's
@@ -98,12 +99,8 @@ POLL = 0.02  # s between stream-info polls while catching up (another process: n
 KIND = "iso8583.txn"
 
 
-def _quiet(*_: Any) -> None:
-    """nats-py callbacks: a hub that goes away is the point of the bench, not news."""
-
-
 async def _noop(*_: Any) -> None:
-    pass
+    """nats-py callbacks: a hub that goes away is the point of the bench, not news."""
 
 
 class Streams:
@@ -364,12 +361,12 @@ async def bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         for run in range(1, args.runs + 1):
             await asyncio.sleep(args.between)
             before = await streams.hub_count()
-            t_down, wall_down = time.monotonic(), time.time()
-            a_down = len(acq.answers)
-            seq_down = (await streams.rack_txn())[0]
             sampler.hub_up = False
             await streams.close_hub()
             await asyncio.to_thread(take_hub_down, mp, args.down)
+            t_down, wall_down = time.monotonic(), time.time()  # every Mixer process gone
+            a_down = len(acq.answers)
+            seq_down = (await streams.rack_txn())[0]
             print(f"run {run}: hub down ({args.down}) at t={t_down - t0:.1f} s, "
                   f"{_f(before, ',')} events at the hub", flush=True)
             await asyncio.sleep(max(0.0, t_down + args.outage - time.monotonic()))

@@ -24,7 +24,7 @@ from engine.plan import STATE_FILE
 
 def mixer(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     """``mixer ARGS`` as a user runs it."""
-    return subprocess.run([sys.executable, "-m", "mixer.cli", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "mixer", *args], capture_output=True,
                           text=True, timeout=timeout)
 
 

@@ -727,3 +727,18 @@ def test_the_shipped_mixer_settings_parse_and_name_every_key() -> None:
     assert set(doc.data) == {"hub", "leaf", "registry", "prometheus", "rollup_interval",
                              "simulator"}
     assert s.leaf_urls == ("tls://127.0.0.1:7422",) and s.prometheus_port == 9466
+
+
+def test_the_quick_path_takes_only_well_formed_json_questions_to_a_running_mixer(
+        tmp_path: Path) -> None:
+    """``mixer racks DIR --json`` skips the CLI framework; anything else (a table, help, an
+    unknown flag, a stopped Mixer) must reach the full CLI, which says what is wrong."""
+    from mixer.ask import quick_main
+
+    d = tmp_path / "hub"
+    d.mkdir()
+    for argv in (["racks", str(d)], ["racks", str(d), "--bogus"], ["top", str(d)],
+                 ["racks", "--help"], ["racks", str(d), "--label", "=x", "--json"],
+                 ["top", str(d), "--label", "a=b", "--json"], ["status", str(d)],
+                 ["racks", str(d), "--json"]):  # the last: well formed, but none running
+        assert quick_main(argv) is False, argv

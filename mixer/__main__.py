@@ -1,0 +1,5 @@
+"""``python -m mixer``: the ``mixer`` command."""
+
+from mixer.entry import main
+
+main()
