@@ -110,7 +110,7 @@ class RegistryShell:
         self.rollups: list[pa.Table] = []  # 10 s batches, columnar (1,000 racks: ~1 MB/s)
         self.dropped_hellos = 0
         self.changes: list[StateChange] = []  # not written yet: one transaction per tick
-        self._racks_mtime = -1.0
+        self._racks_seen: tuple[int, int, int] | None = None
         self._enrolled: list[tuple[str, str, Mapping[str, str]]] = []
         self._revoked: list[str] = []
         self.follow_enrolled()
@@ -120,13 +120,14 @@ class RegistryShell:
 
     def follow_enrolled(self) -> None:
         """Take ``racks.json`` again when it changed (``mixer rack add/revoke``)."""
-        try:
-            mtime = (self.data_dir / RACKS_FILE).stat().st_mtime
+        try:  # the inode too: every write replaces the file (a new inode), and a file
+            st = (self.data_dir / RACKS_FILE).stat()  # system may keep whole-second mtimes
+            seen: tuple[int, int, int] = (st.st_ino, st.st_mtime_ns, st.st_size)
         except FileNotFoundError:
-            mtime = 0.0
-        if mtime == self._racks_mtime:
+            seen = (0, 0, 0)
+        if seen == self._racks_seen:
             return
-        self._racks_mtime = mtime
+        self._racks_seen = seen
         now = time.time_ns()
         for r in read_racks(self.data_dir):
             if r.revoked:

@@ -214,7 +214,10 @@ def test_a_baseline_run_records_figures_fingerprint_charts_and_page(baseline):
 @pytest.mark.slow
 def test_a_run_on_the_baselines_machine_passes_compare(baseline):
     out = baseline.with_name("same.json")
-    proc = _bench(["--json", str(out), "--compare", str(baseline), "--no-charts"])
+    # the median of 3, as the baseline: one quick run on a shared 2-core machine strayed 5.3%
+    # from it once (CI), past the 5% floor, with nothing slower in the code
+    proc = _bench(["--repeat", "3", "--json", str(out), "--compare", str(baseline),
+                   "--no-charts"])
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "— PASS" in proc.stdout
     assert json.loads(out.read_text())["compare"]["failed"] is False

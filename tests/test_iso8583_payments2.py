@@ -118,7 +118,9 @@ def test_key_rotation_keeps_in_flight_transactions_and_queued_reversals_working(
     async def main():
         sims, ports = await issuers({"a": ["4=00", "6=drop"]})
         sims["a"].delay = 0.2
-        k = kit(_coat(ports, timeout=0.3, saf={"retry": 0.3}))
+        # 1 s: BIN 4 answers after 0.2 s and must never time out on a busy machine (its
+        # reversal would break the last assertion); BIN 6 is dropped, so it always does
+        k = kit(_coat(ports, timeout=1.0, saf={"retry": 0.3}))
         port = await k.start(nats_server.url)
         await k.wait_links(["a"])
         gen = LoadGenerator(LoadConfig(
@@ -169,7 +171,9 @@ async def _wait(cond, timeout=20.0):
 def test_timeouts_are_reversed_exactly_once_each(kit, nats_server):
     async def main():
         sims, ports = await issuers({"a": ["6=drop", "4=00"]})
-        k = kit(_coat(ports, timeout=0.3, saf={"retry": 0.3}))
+        # 1 s: BIN 4 answers after 0.2 s and must never time out on a busy machine (its
+        # reversal would break the last assertion); BIN 6 is dropped, so it always does
+        k = kit(_coat(ports, timeout=1.0, saf={"retry": 0.3}))
         port = await k.start(nats_server.url)
         await k.wait_links(["a"])
         stans = await _timeouts(port)
@@ -262,7 +266,9 @@ def test_a_deleted_saf_stream_is_recreated_and_reversals_still_go_out(kit, nats_
                                                                        caplog):
     async def main():
         sims, ports = await issuers({"a": ["6=drop", "4=00"]})
-        k = kit(_coat(ports, timeout=0.3, saf={"retry": 0.3}))
+        # 1 s: BIN 4 answers after 0.2 s and must never time out on a busy machine (its
+        # reversal would break the last assertion); BIN 6 is dropped, so it always does
+        k = kit(_coat(ports, timeout=1.0, saf={"retry": 0.3}))
         port = await k.start(nats_server.url)
         await k.wait_links(["a"])
         await _timeouts(port, n=2)
