@@ -100,7 +100,9 @@ def test_a_linked_rack_goes_online_and_its_events_reach_the_hub_exactly_once_thr
         wait_until(lambda: any(r["id"] == rack_id and r["state"] == "online"
                                for r in racks(hub)), 30, "the rack online")
         assert [r["id"] for r in racks(hub, "site=lab")] == [rack_id]
-        assert [r["state"] for r in racks(hub, "site=elsewhere")] == ["never-seen"]
+        quiet_rows = racks(hub, "site=elsewhere")  # (a CI run once saw none: say more then)
+        assert [r["state"] for r in quiet_rows] == ["never-seen"], (
+            racks(hub), (hub / "racks.json").read_text(), m.output()[-4000:])
         online = next(r for r in racks(hub) if r["id"] == rack_id)
         assert online["labels"] == {"site": "lab", "line": "7"} and online["version"]
         assert len(online["rig_hash"]) == 64
