@@ -127,7 +127,6 @@ class RegistryShell:
             seen = (0, 0, 0)
         if seen == self._racks_seen:
             return
-        self._racks_seen = seen
         now = time.time_ns()
         for r in read_racks(self.data_dir):
             if r.revoked:
@@ -140,6 +139,7 @@ class RegistryShell:
             self.registry.add(r.id, r.labels, now)
             self.fleet.set_labels(r.id, r.labels)
             self.fleet.set_state(r.id, self.registry.racks[r.id].state)
+        self._racks_seen = seen  # only now: a pass that failed half-way is tried again
 
     def _persist(self, changes: list[StateChange]) -> None:
         """Take state changes: at once in memory (queries, the fleet's state gauge), on disk

@@ -227,16 +227,20 @@ def test_a_run_on_the_baselines_machine_passes_compare(baseline):
 def test_a_codec_slowed_by_a_fifth_fails_compare(baseline):
     out = baseline.with_name("slow.json")
     proc = _bench(["--json", str(out), "--compare", str(baseline)], inject="codec:1.25")
-    assert proc.returncode == 1, proc.stdout + proc.stderr
     doc = json.loads(out.read_text())
-    assert doc["injected"] == "codec:1.25" and doc["compare"]["failed"] is True
+    assert doc["injected"] == "codec:1.25"
+    caught = [r for r in doc["compare"]["rows"] if r["verdict"] == "REGRESSED"]
+    assert caught, proc.stdout  # every codec figure drops ~20%: at least one band is tight
+    assert proc.returncode == 1 and doc["compare"]["failed"] is True, proc.stdout
     row = next(r for r in doc["compare"]["rows"] if r["figure"] == "dumps_vs_cbor2_canonical")
-    assert row["verdict"] == "REGRESSED", proc.stdout
     # 1.25x the time is 20% less throughput; the shim's own cost is subtracted, so the
     # measured drop is close to that, not a much larger one that any band would catch
     assert -0.30 < row["change"] < -0.12, proc.stdout
+    # caught, unless the baseline's own repeats disagreed by more than the drop (a busy
+    # shared machine: once a 34% band); then "ok" is what the compare promises
+    assert row["verdict"] == "REGRESSED" or row["band"] > abs(row["change"]), proc.stdout
     assert any(line.startswith("cbor ") and "dumps_vs_cbor2_canonical" in line
-               and line.endswith("REGRESSED") for line in proc.stdout.splitlines())
+               and line.endswith(row["verdict"]) for line in proc.stdout.splitlines())
     log = (out.parent / "slow.logs" / "cbor-1.log").read_text()
     assert "INJECTED slowdown (FLUXRIG_BENCH_INJECT): engine.cbor.dumps x1.25" in log
     page = out.with_suffix(".html").read_text()
