@@ -61,6 +61,7 @@ from mixer.registrydb import RegistryStore, racks_json
 log = logging.getLogger("fluxrig.mixer.registry")
 
 TICK = 1.0  # seconds between offline checks
+WRITE_SLOW = 1.0  # seconds: a registry write this slow is logged
 LOCAL_SOCKET = "registry.sock"  # in the hub data dir: the CLI's quick way to ask
 LOCAL_TIMEOUT = 2.0
 FLUSH_EVERY = 10.0  # seconds between flushes of last-seen times to the DuckDB file
@@ -363,9 +364,11 @@ async def registry_main(plan: RegistryPlan, rt: Runtime, name: str,
         signal_ready(rt, name)
         db = ThreadPoolExecutor(1, "registry-db")  # the store's one thread
 
-        async def tick() -> None:
-            shell.tick()
+        async def write() -> None:  # its own task: a slow disk never holds up the ticks
+            t0 = time.monotonic()
             await loop.run_in_executor(db, shell.pending())
+            if time.monotonic() - t0 > WRITE_SLOW:
+                log.warning("registry write slow: seconds=%.1f", time.monotonic() - t0)
 
         async def flush() -> None:
             racks = list(shell.registry.racks.values())
@@ -375,7 +378,8 @@ async def registry_main(plan: RegistryPlan, rt: Runtime, name: str,
             await loop.run_in_executor(None, shell.write_rollups, shell.take_rollups())
 
         await asyncio.gather(
-            _every(TICK, tick, stopping),
+            _every(TICK, shell.tick, stopping),
+            _every(TICK, write, stopping),
             _every(FLUSH_EVERY, flush, stopping),
             _every(plan.rollup_interval, shell.rollup, stopping),
             _every(FILE_EVERY, rollups, stopping))
