@@ -31,8 +31,7 @@ def link_state(lines: Iterable[str]) -> str:
     return _verdict(lines) or NEVER
 
 
-def _verdict(lines: Iterable[str]) -> str | None:
-    state: str | None = None
+def _verdict(lines: Iterable[str], state: str | None = None) -> str | None:
     for line in lines:
         if "Leafnode" not in line and "leafnode" not in line and "JetStream using" not in line:
             continue
@@ -51,6 +50,35 @@ def _verdict(lines: Iterable[str]) -> str | None:
         elif "Leafnode connection closed" in line and state == "up":
             state = "down (link closed)"
     return state
+
+
+class LinkWatch:
+    """``read_link_state`` for a process that asks every second (telemetry): it reads only
+    what the log gained since the last call, and the whole story again only when the log
+    was rotated or replaced (a long-linked rack's verdict may sit megabytes back)."""
+
+    def __init__(self, data_dir: Path):
+        self.data_dir = Path(data_dir)
+        self._file: tuple[int, int] | None = None  # (inode, bytes read)
+        self._state: str | None = None
+
+    def state(self) -> str:
+        """The link's state now."""
+        path = self.data_dir / "nats-server.log"
+        try:
+            st = path.stat()
+        except OSError:
+            self._file = None
+            return NEVER
+        if self._file is None or self._file[0] != st.st_ino or st.st_size < self._file[1]:
+            self._state = None if (s := read_link_state(self.data_dir)) == NEVER else s
+        elif st.st_size > self._file[1]:
+            with open(path, "rb") as f:
+                f.seek(self._file[1])
+                new = f.read(st.st_size - self._file[1]).decode(errors="replace")
+            self._state = _verdict(new.splitlines(), self._state)
+        self._file = (st.st_ino, st.st_size)
+        return self._state or NEVER
 
 
 def _read(path: Path, tail: int | None) -> list[str]:

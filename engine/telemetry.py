@@ -45,7 +45,7 @@ from nats.aio.msg import Msg
 from engine.bus import close_quietly, connect
 from engine.cbor import dumps
 from engine.counters import Counters, CountersSnapshot, StatDef, percentiles
-from engine.hublink import read_link_state
+from engine.hublink import LinkWatch
 from engine.logutil import RateLimitedLog
 from engine.metrics import RackCollector
 from engine.metrics_http import MetricsEndpoint
@@ -217,7 +217,7 @@ def snapshot_message(rack_id: str, labels: dict[str, str], sample: RackSample,
     })
 
 
-async def hub_figures(nc: Client, rack_id: str, data_dir: str,
+async def hub_figures(nc: Client, link: LinkWatch,
                       streams: list[str]) -> dict[str, Any]:
     """A linked rack's ``hub_backlog`` (the ``hub`` consumers' pending and unacked
     events: their ack floor is what the hub stored), ``hub_budget_ratio`` (the fullest hub
@@ -236,11 +236,11 @@ async def hub_figures(nc: Client, rack_id: str, data_dir: str,
         backlog += (info.num_pending or 0) + (info.num_ack_pending or 0)
         if sinfo.config.max_bytes and sinfo.config.max_bytes > 0:
             ratio = max(ratio or 0.0, sinfo.state.bytes / sinfo.config.max_bytes)
+    state = link.state()
     if ratio is not None and ratio >= BUDGET_WARN:
         RATELOG.warning("budget", "hub streams at %.0f%% of their budget: the hub has not "
-                        "taken them (link: %s)", ratio * 100, read_link_state(Path(data_dir)))
-    return {"hub_backlog": backlog, "hub_budget_ratio": ratio,
-            "link": read_link_state(Path(data_dir))}
+                        "taken them (link: %s)", ratio * 100, state)
+    return {"hub_backlog": backlog, "hub_budget_ratio": ratio, "link": state}
 
 
 HELLO_EVERY = 10.0  # seconds between hellos to the hub of a linked rack
@@ -270,10 +270,11 @@ async def _telemetry_main(spec: ProcessSpec, rt: Runtime) -> None:
     except Exception as exc:  # stats are best effort; the rack runs without them
         log.warning("telemetry cannot reach nats: error=%r", exc)
     latest: list[dict[str, Any]] = []  # the last sample's table, for ``mixer rack status``
+    watch = LinkWatch(Path(rt.data_dir))
     if cfg.hello is not None and nc is not None:
         async def answer_status(msg: Msg) -> None:
             state = read_state(rt.data_dir)
-            state["hub_link"] = read_link_state(Path(rt.data_dir))
+            state["hub_link"] = watch.state()
             await msg.respond(orjson.dumps({"state": state, "processes": latest}))
 
         # asked by the hub over the leaf link; the answer goes to fluxrig.up.<r>.reply.*
@@ -307,7 +308,7 @@ async def _telemetry_main(spec: ProcessSpec, rt: Runtime) -> None:
             if nc is not None and nc.is_connected:
                 hub = None
                 if cfg.hello is not None:
-                    hub = await hub_figures(nc, rt.rack_id, rt.data_dir, list(cfg.hub_streams))
+                    hub = await hub_figures(nc, watch, list(cfg.hub_streams))
                     if hub["link"] == "up" and link != "up":
                         hello_at = 0.0  # the link came (back) up: say hello at once
                     link = hub["link"]

@@ -742,3 +742,28 @@ def test_the_quick_path_takes_only_well_formed_json_questions_to_a_running_mixer
                  ["top", str(d), "--label", "a=b", "--json"], ["status", str(d)],
                  ["racks", str(d), "--json"]):  # the last: well formed, but none running
         assert quick_main(argv) is False, argv
+
+
+def test_the_link_watch_reads_only_what_the_log_gained_and_follows_a_rotation(
+        tmp_path: Path) -> None:
+    """Telemetry asks every second; re-reading a 16 MiB log each time cost it its CPU."""
+    from engine.hublink import LinkWatch
+
+    log = tmp_path / "nats-server.log"
+    up = ('[1] 2026/11/28 05:50:09.192082 [INF] 127.0.0.1:17422 - lid:10 - JetStream using '
+          'domains: local "r1", remote "hub"\n')
+    closed = "[1] 2026/11/28 05:50:21.866882 [INF] 127.0.0.1:17422 - lid:10 - Leafnode connection closed: Client Closed - Remote: hub\n"
+    refused = "[1] 2026/11/28 05:50:22.873477 [ERR] 127.0.0.1:17422 - lid:14 - Leafnode Error 'Authorization Violation'\n"
+    watch = LinkWatch(tmp_path)
+    assert watch.state() == "connecting (no answer from the hub yet)"
+    log.write_text(up + "x" * 100 + "\n")
+    assert watch.state() == "up"
+    with open(log, "a") as f:
+        f.write(("[1] unrelated line\n" * 200_000) + closed)  # 3.6 MiB past the verdict
+    assert watch.state() == "down (link closed)"  # the "up" before it was remembered
+    with open(log, "a") as f:
+        f.write(refused)
+    assert watch.state() == "refused (authorization)"
+    log.rename(tmp_path / "nats-server.log.1")  # rotated: a new file, read whole
+    log.write_text(up)
+    assert watch.state() == "up"
