@@ -275,7 +275,16 @@ async def _telemetry_main(spec: ProcessSpec, rt: Runtime) -> None:
         async def answer_status(msg: Msg) -> None:
             state = read_state(rt.data_dir)
             state["hub_link"] = watch.state()
-            await msg.respond(orjson.dumps({"state": state, "processes": latest}))
+            streams = {}  # what each hub stream holds still (`mixer audit verify`'s gaps)
+            js = nc.jetstream(timeout=1.0)
+            for name in cfg.hub_streams:
+                try:
+                    st = (await js.stream_info(name)).state
+                    streams[name] = [st.first_seq, st.last_seq]
+                except Exception:
+                    pass
+            await msg.respond(orjson.dumps({"state": state, "processes": latest,
+                                            "streams": streams}))
 
         # asked by the hub over the leaf link; the answer goes to fluxrig.up.<r>.reply.*
         await nc.subscribe(f"fluxrig.down.{rt.rack_id}.req.status", cb=answer_status)

@@ -25,6 +25,7 @@ from typing import Any
 import pyarrow as pa  # type: ignore[import-untyped]
 import pyarrow.parquet as pq  # type: ignore[import-untyped]
 
+from mixer.durable import fsync_dir
 from mixer.fleetsnap import Snapshot
 
 _TS = pa.timestamp("us", tz="UTC")
@@ -97,14 +98,6 @@ def rollup_path(directory: Path, now_ns: int) -> Path:
     return directory / "rollups" / t.strftime("%Y-%m-%d") / t.strftime("%H%M.parquet")
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_parquet(rows: Sequence[Mapping[str, Any]] | pa.Table, directory: Path,
                   now_ns: int) -> Path:
     """Write rollup rows to ``rollups/<yyyy-mm-dd>/<hhmm>.parquet`` under ``directory``,
@@ -125,7 +118,7 @@ def write_parquet(rows: Sequence[Mapping[str, Any]] | pa.Table, directory: Path,
     new_day = not day.is_dir()
     day.mkdir(parents=True, exist_ok=True)
     if new_day:
-        _fsync_dir(day.parent)
+        fsync_dir(day.parent)
     n = 1
     while target.exists():  # one writer (the fleet process): no race to guard
         n += 1
@@ -140,5 +133,5 @@ def write_parquet(rows: Sequence[Mapping[str, Any]] | pa.Table, directory: Path,
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(day)
+    fsync_dir(day)
     return target

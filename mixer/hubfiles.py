@@ -37,7 +37,7 @@ from mixer.settings import MixerSettings
 
 RACKS_FILE = "racks.json"
 USERS_FILE = "nats-users.json"
-LOCAL_USERS = ("registry", "admin", "sys", "sim")
+LOCAL_USERS = ("registry", "admin", "sys", "sim", "archiver")
 
 
 class HubFileError(RuntimeError):
@@ -136,6 +136,15 @@ def user_entries(users: dict[str, str], simulator: bool = False) -> list[dict[st
             "subscribe": {"allow": ["fluxrig.stats.*", "fluxrig.up.>", "fluxrig.mixer.>",
                                     "_INBOX.>"]},
             "allow_responses": True}},
+        # the archiver: read-only on the hub's streams, its own consumers, acks for them
+        {"user": "archiver", "password": users["archiver"], "permissions": {
+            "publish": {"allow": [
+                "$JS.API.INFO", "$JS.API.STREAM.NAMES", "$JS.API.STREAM.LIST",
+                "$JS.API.STREAM.INFO.*", "$JS.API.CONSUMER.CREATE.*.archiver",
+                "$JS.API.CONSUMER.CREATE.*.archiver.>", "$JS.API.CONSUMER.DELETE.*.archiver",
+                "$JS.API.CONSUMER.INFO.*.archiver", "$JS.API.CONSUMER.MSG.NEXT.*.archiver",
+                "$JS.ACK.*.archiver.>", "$JS.ACK.*.*.*.archiver.>"]},
+            "subscribe": {"allow": ["_INBOX.>"]}}},
         {"user": "admin", "password": users["admin"], "permissions": {
             "publish": {"allow": ["fluxrig.mixer.>", "fluxrig.down.>", f"$JS.{HUB_DOMAIN}.API.>",
                                   "$JS.API.>", "_INBOX.>", "$KV.fluxrig_config.>"]},

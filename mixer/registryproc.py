@@ -28,7 +28,7 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +55,7 @@ from mixer.deploy import APPLIED_BUCKET
 from mixer.fleet import Fleet, write_parquet
 from mixer.fleetrollup import rollup_table
 from mixer.hubfiles import RACKS_FILE, read_racks
+from mixer.periodic import every
 from mixer.registry import Registry, Report, StateChange, parse_selector
 from mixer.registrydb import RegistryStore, racks_json
 
@@ -312,21 +313,6 @@ class RegistryShell:
             log.info("rollups written: file=%s, rows=%d", path, table.num_rows)
 
 
-async def _every(period: float, fn: Callable[[], Awaitable[None] | None],
-                 stopping: asyncio.Event) -> None:
-    while not stopping.is_set():
-        try:
-            await asyncio.wait_for(stopping.wait(), period)
-        except TimeoutError:
-            try:
-                result = fn()
-                if result is not None:
-                    await result
-            except Exception as exc:  # a periodic job must outlive one bad turn
-                log.error("periodic job failed: job=%s, error=%r",
-                          getattr(fn, "__name__", fn), exc)
-
-
 async def registry_main(plan: RegistryPlan, rt: Runtime, name: str,
                         prometheus: socket.socket | None = None) -> None:
     """The process body: connect, subscribe, serve until SIGTERM, then flush."""
@@ -378,11 +364,11 @@ async def registry_main(plan: RegistryPlan, rt: Runtime, name: str,
             await loop.run_in_executor(None, shell.write_rollups, shell.take_rollups())
 
         await asyncio.gather(
-            _every(TICK, shell.tick, stopping),
-            _every(TICK, write, stopping),
-            _every(FLUSH_EVERY, flush, stopping),
-            _every(plan.rollup_interval, shell.rollup, stopping),
-            _every(FILE_EVERY, rollups, stopping))
+            every(TICK, shell.tick, stopping),
+            every(TICK, write, stopping),
+            every(FLUSH_EVERY, flush, stopping),
+            every(plan.rollup_interval, shell.rollup, stopping),
+            every(FILE_EVERY, rollups, stopping))
     finally:
         if local is not None:
             local.close()

@@ -17,6 +17,12 @@ registry:
 prometheus: {host: 127.0.0.1, port: 9464}   # the fleet's endpoint; omit or null: off
 rollup_interval: 10s
 simulator: false         # true: a `sim` user may publish any rack's stats (load tests only)
+audit:                   # the archiver: every rack's events into audit/ (Parquet, chained)
+  enabled: true
+  flush_rows: 50000      # a part is written when this many events wait...
+  flush_after: 5s        # ...or the oldest has waited this long
+  compact_after: 10m     # an hour partition untouched this long has its small parts merged
+  retention_days: 0      # whole days older than this are deleted (recorded); 0: keep all
 ```
 """
 
@@ -45,6 +51,17 @@ SETTINGS_FILE = "mixer.yaml"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class AuditSettings:
+    """The archiver's settings (``audit:``; see the module docstring)."""
+
+    enabled: bool = True
+    flush_rows: int = 50_000
+    flush_after: float = 5.0
+    compact_after: float = 600.0
+    retention_days: int = 0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class MixerSettings:
     """What ``mixer start`` runs with (see the module docstring)."""
 
@@ -58,6 +75,7 @@ class MixerSettings:
     prometheus_port: int | None = None
     rollup_interval: float = 10.0
     simulator: bool = False  # a ``sim`` hub user may speak for any rack (load tests only)
+    audit: AuditSettings = AuditSettings()
 
     @property
     def hub_url(self) -> str:
@@ -80,7 +98,7 @@ def parse_settings(raw: object, file: str,
     at = At(file, origins=origins or {})
     top = dict(get_map(raw if raw is not None else {}, at,
                        ("hub", "leaf", "registry", "prometheus", "rollup_interval",
-                        "simulator")))
+                        "simulator", "audit")))
     hub = dict(get_map(top.get("hub") or {}, at.key("hub"), ("host", "port")))
     leaf = dict(get_map(top.get("leaf") or {}, at.key("leaf"), ("host", "port", "urls")))
     reg = dict(get_map(top.get("registry") or {}, at.key("registry"), ("offline_after",)))
@@ -96,7 +114,21 @@ def parse_settings(raw: object, file: str,
         prom_host = get_str(prom, "host", at.key("prometheus"), "127.0.0.1")
         # 0: a free port, logged and in `mixer status`
         prom_port = get_int(prom, "port", at.key("prometheus"), 9464, minimum=0, maximum=65535)
+    aud = dict(get_map(top.get("audit") or {}, at.key("audit"),
+                       ("enabled", "flush_rows", "flush_after", "compact_after",
+                        "retention_days")))
+    audit = AuditSettings(
+        enabled=get_bool(aud, "enabled", at.key("audit"), True),
+        flush_rows=get_int(aud, "flush_rows", at.key("audit"), 50_000, minimum=1,
+                           maximum=2_000_000),
+        flush_after=get_duration(aud, "flush_after", at.key("audit"), 5.0, minimum=0.1,
+                                 exclusive=False),
+        compact_after=get_duration(aud, "compact_after", at.key("audit"), 600.0,
+                                   minimum=0.0, exclusive=False),
+        retention_days=get_int(aud, "retention_days", at.key("audit"), 0, minimum=0,
+                               maximum=100_000))
     return MixerSettings(
+        audit=audit,
         hub_host=get_str(hub, "host", at.key("hub"), "127.0.0.1"),
         hub_port=_port(hub, "port", at.key("hub"), 4222),
         leaf_host=get_str(leaf, "host", at.key("leaf"), "0.0.0.0"),
@@ -147,5 +179,5 @@ def settings_text(hosts: list[str], hub_port: int = 4222, leaf_port: int = 7422)
             f"rollup_interval: 10s\n")
 
 
-__all__ = ["ConfigError", "MixerSettings", "SETTINGS_FILE", "load_settings",
+__all__ = ["AuditSettings", "ConfigError", "MixerSettings", "SETTINGS_FILE", "load_settings",
            "parse_settings", "settings_text"]

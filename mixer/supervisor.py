@@ -8,7 +8,9 @@ readiness, ordered stop); what differs is the plan:
   port and store if it dies;
 * the ``registry`` process (``mixer.registryproc``): registry, fleet telemetry, the hub's
   sourced streams, answers to the CLI; the fleet's Prometheus socket is bound here, before
-  the fork, so a busy port stops the start with a clear message.
+  the fork, so a busy port stops the start with a clear message;
+* the ``archiver`` process (``mixer.archiver``, unless ``audit.enabled`` is false): the
+  hub's copies of the racks' streams into the audit trail.
 
 ``state.json`` in the hub's data dir says what runs (``mixer status``); ``mixer.lock`` says
 who runs it.
@@ -31,6 +33,7 @@ from engine.plan import STATE_FILE, Runtime
 from engine.procset import AlreadyRunning, Child, ProcessSet
 from engine.procset import running_pid as procset_running_pid
 from engine.service import Notifier, process_title, set_process_title
+from mixer.archiver import ArchiverPlan, run_archiver
 from mixer.hubconf import HubConfigError
 from mixer.hubfiles import HubFileError, HubServer, local_users
 from mixer.pki import HubPki
@@ -101,6 +104,13 @@ class MixerSupervisor:
             name="registry", role="registry", title=process_title("mixer", "registry"),
             spec=None, run=functools.partial(run_registry, plan, rt, "registry",
                                              self.prometheus))]
+        if self.settings.audit.enabled:
+            arch = ArchiverPlan(data_dir=str(self.data_dir), hub_url=self.hub.url,
+                                user="archiver", password=users["archiver"],
+                                settings=self.settings.audit)
+            self.procs.children.append(Child(
+                name="archiver", role="archiver", title=process_title("mixer", "archiver"),
+                spec=None, run=functools.partial(run_archiver, arch, rt, "archiver")))
         for child in self.procs.children:
             self.procs.fork(child)
         self._write_state()
@@ -136,6 +146,8 @@ class MixerSupervisor:
     def stop(self) -> int:
         """Stop the registry (it flushes), then the hub; 0 unless the Mixer gave up."""
         self.procs.notifier.send("STOPPING=1", "STATUS=stopping")
+        # the archiver first: it writes what waits while the hub is still there to ack it
+        self.procs.stop_children({"archiver"}, 30.0)
         self.procs.stop_children({"registry"}, 15.0)
         self.hub.stop()
         self.cleanup()

@@ -104,3 +104,25 @@ def format_top(rows: list[dict[str, Any]]) -> str:
                                for c, w, (_, _, _, left) in zip(r, widths, _COLUMNS))
                      .rstrip())
     return "\n".join(lines) + "\n"
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bytes):
+        return value.hex() if len(value) <= 16 else value[:16].hex() + "..."
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(value)
+
+
+def text_table(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """Query results as a fixed-width table (numbers right-aligned, "-" for null, long
+    bytes cut): ``mixer audit query``/``report``."""
+    cells = [list(columns)] + [[_cell(v) for v in row] for row in rows]
+    numeric = [bool(rows) and all(isinstance(r[i], (int, float)) or r[i] is None
+                                  for r in rows) for i in range(len(columns))]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
+    return "\n".join("  ".join(c.rjust(w) if num else c.ljust(w)
+                               for c, w, num in zip(r, widths, numeric)).rstrip()
+                     for r in cells) + "\n"

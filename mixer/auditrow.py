@@ -1,0 +1,173 @@
+"""Audit rows — sans I/O: one stored event in, one row of the archive out, chained.
+
+Theory of operation
+-------------------
+Every event a rack stored (a deterministic-CBOR frame, ``engine.frame``) becomes one row:
+the envelope (event id, time, source, kind), where it was stored (rack, stream, the rack's
+own stream sequence, the hub copy's sequence), the ISO 8583 fields flattened for queries,
+the event's exact bytes and its chain hash::
+
+    h_n = SHA-256(h_{n-1} || cbor_n)        h_{first} uses GENESIS (32 zero bytes) or the
+                                             head recorded where retention cut the chain
+
+The chain runs per rack and stream in the rack's sequence order, so it is the same whatever
+the hub did (restarts, source resets): the bytes are the rack's, the order is the rack's.
+
+``Batch`` collects rows column by column (lists: appending is cheaper than building a dict
+per row) and hands them to ``pyarrow`` in one call; it never touches a file.
+
+Card data: the switch writes masked PANs and tokens only. A ``pan`` value that is a run of
+13-19 digits (a clear card number from a misconfigured rig) is masked in its column and
+counted (``Batch.clear_pans``); the CBOR column keeps the rack's bytes — the chain covers
+them — so such an event is also reported by ``mixer audit verify``'s leak check.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Final
+
+import pyarrow as pa
+
+from engine.cbor import CBORDecodeError, loads
+
+GENESIS: Final = bytes(32)
+SCHEMA_VERSION: Final = 1
+
+#: the file schema (hive partition columns ``date`` and ``hour`` are in the path only)
+SCHEMA: Final = pa.schema([
+    ("event_id", pa.string()),
+    ("rack", pa.string()),
+    ("stream", pa.string()),
+    ("seq", pa.int64()),          # the rack's own stream sequence: the chain's order
+    ("hub_seq", pa.int64()),      # the hub copy's sequence (0: read from the rack directly)
+    ("ts", pa.timestamp("ns", tz="UTC")),  # the event's own time (the rack's clock)
+    ("kind", pa.string()),
+    ("src", pa.string()),
+    ("mti", pa.string()),
+    ("pcode", pa.string()),       # DE3, processing code
+    ("amount", pa.int64()),       # DE4, minor units
+    ("currency", pa.string()),    # DE49
+    ("de39", pa.string()),
+    ("outcome", pa.string()),
+    ("issuer", pa.string()),
+    ("route", pa.string()),
+    ("latency_us", pa.int64()),
+    ("token", pa.string()),
+    ("pan", pa.string()),         # masked: first 6, last 4
+    ("stan", pa.string()),        # DE11
+    ("terminal", pa.string()),    # DE41
+    ("reason", pa.string()),      # why a request was refused at the edge
+    ("cbor", pa.binary()),
+    ("chain", pa.binary(32)),
+])
+_TEXT: Final = ("mti", "pcode", "currency", "de39", "outcome", "issuer", "route", "token",
+                "stan", "terminal", "reason")
+_BODY_KEYS: Final = {"mti": "mti", "pcode": "pcode", "currency": "currency", "de39": "de39",
+                     "outcome": "outcome", "issuer": "issuer", "route": "route",
+                     "token": "token", "stan": "stan", "terminal": "terminal",
+                     "reason": "reason"}
+
+
+def chain_next(prev: bytes, cbor: bytes) -> bytes:
+    """``SHA-256(prev || cbor)``: the chain hash of an event after ``prev``."""
+    return hashlib.sha256(prev + cbor).digest()
+
+
+def masked(pan: str) -> tuple[str, bool]:
+    """``pan`` as it may be stored, and whether it was a clear card number."""
+    if 13 <= len(pan) <= 19 and pan.isdigit():
+        return pan[:6] + "*" * (len(pan) - 10) + pan[-4:], True
+    return pan, False
+
+
+@dataclass(slots=True)
+class Batch:
+    """Rows of one rack and stream, in sequence order, not yet written (see module doc)."""
+
+    rack: str
+    stream: str
+    prev: bytes                      # chain head before the first row
+    head: bytes = b""                # chain head after the last row
+    seqs: list[int] = field(default_factory=list)
+    hub_seqs: list[int] = field(default_factory=list)
+    cbors: list[bytes] = field(default_factory=list)
+    chains: list[bytes] = field(default_factory=list)
+    undecodable: int = 0             # rows whose bytes are not a frame (kept, kind "")
+    clear_pans: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.head:
+            self.head = self.prev
+
+    def __len__(self) -> int:
+        return len(self.seqs)
+
+    def add(self, seq: int, hub_seq: int, cbor: bytes) -> None:
+        """Append the event stored at ``seq`` (chained after the previous one)."""
+        self.head = h = hashlib.sha256(self.head + cbor).digest()
+        self.seqs.append(seq)
+        self.hub_seqs.append(hub_seq)
+        self.cbors.append(cbor)
+        self.chains.append(h)
+
+    def split(self, n: int) -> Batch:
+        """Take the first ``n`` rows out as a batch of their own (an hour boundary)."""
+        first = Batch(self.rack, self.stream, self.prev, self.chains[n - 1],
+                      self.seqs[:n], self.hub_seqs[:n], self.cbors[:n], self.chains[:n])
+        self.prev = first.head
+        del self.seqs[:n], self.hub_seqs[:n], self.cbors[:n], self.chains[:n]
+        return first
+
+    def table(self) -> pa.Table:
+        """The rows as an Arrow table of ``SCHEMA`` (decodes each event once)."""
+        n = len(self.seqs)
+        ids: list[str | None] = [None] * n
+        ts: list[int | None] = [None] * n
+        kinds: list[str] = [""] * n
+        srcs: list[str] = [""] * n
+        text: dict[str, list[str | None]] = {k: [None] * n for k in _TEXT}
+        pans: list[str | None] = [None] * n
+        amounts: list[int | None] = [None] * n
+        lat: list[int | None] = [None] * n
+        for i, raw in enumerate(self.cbors):
+            try:
+                ev = loads(raw)
+                ids[i] = ev["id"].hex()
+                ts[i] = ev["ts"]
+                kinds[i] = ev["kind"]
+                srcs[i] = ev["src"]
+                body = ev["body"]
+            except (CBORDecodeError, KeyError, TypeError, AttributeError, ValueError):
+                self.undecodable += 1
+                continue
+            if type(body) is not dict or not kinds[i].startswith("iso8583."):
+                continue
+            for col, key in _BODY_KEYS.items():
+                v = body.get(key)
+                if type(v) is str:
+                    text[col][i] = v
+            pan = body.get("pan")
+            if type(pan) is str:
+                pans[i], clear = masked(pan)
+                self.clear_pans += clear
+            amount = body.get("amount")
+            if type(amount) is str and amount.isdigit():
+                amounts[i] = int(amount)
+            elif type(amount) is int:
+                amounts[i] = amount
+            latency = body.get("latency_us")
+            if type(latency) is int:
+                lat[i] = latency
+        cols = {
+            "event_id": ids, "rack": [self.rack] * n, "stream": [self.stream] * n,
+            "seq": self.seqs, "hub_seq": self.hub_seqs, "ts": ts, "kind": kinds,
+            "src": srcs, **text, "amount": amounts, "latency_us": lat, "pan": pans,
+            "cbor": self.cbors, "chain": self.chains,
+        }
+        return pa.Table.from_arrays([pa.array(cols[f.name], f.type) for f in SCHEMA],
+                                    schema=SCHEMA)
+
+
+__all__ = ["Batch", "GENESIS", "SCHEMA", "SCHEMA_VERSION", "chain_next", "masked"]
