@@ -273,8 +273,8 @@ class Archiver:
                        "head": entry.head})
             entries.append(entry)
         idx = s.index
-        if not idx.start_seq:
-            idx.start_seq = entries[0].first
+        if not idx.start_seq:  # where the chain starts: before a gap seen at its start
+            idx.start_seq = min([entries[0].first] + [g["from"] for g in idx.gaps])
         idx.parts.extend(entries)
         idx.pending = [e.path for e in entries]
         idx.last, idx.head, idx.hub_last = entries[-1].last, entries[-1].head, \

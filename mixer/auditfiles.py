@@ -43,13 +43,14 @@ import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from mixer.auditrow import GENESIS, SCHEMA_VERSION
+from mixer.auditrow import GENESIS, SCHEMA, SCHEMA_VERSION
 from mixer.durable import fsync_dir, make_dirs, replace_file
 
 AUDIT_DIR: Final = "audit"
 INDEX_DIR: Final = "_chain"
 META_KEY: Final = b"fluxrig.audit"
 PART_RE: Final = re.compile(r"^part-(\d+)-(\d+)\.parquet$")
+STATS_COLUMNS: Final = [f.name for f in SCHEMA if f.name not in ("cbor", "chain")]
 ROW_GROUP: Final = 131_072  # rows per row group: big enough for zstd, small enough to prune
 
 
@@ -182,8 +183,11 @@ def write_tmp(root: Path, rel: str, table: pa.Table, meta: dict[str, Any]) -> Pa
     tmp = tmp_of(path)
     table = table.replace_schema_metadata({META_KEY: orjson.dumps(meta)})
     with open(tmp, "wb") as f:
+        # no min/max statistics for the raw bytes: they would put two events' bytes in
+        # clear in the (uncompressed) footer
         pq.write_table(table, f, compression="zstd", row_group_size=ROW_GROUP,
-                       use_dictionary=["rack", "stream", "kind", "src", "mti", "pcode",
+                       write_statistics=STATS_COLUMNS,
+                       use_dictionary=["stream", "kind", "src", "mti", "pcode",
                                        "currency", "de39", "outcome", "issuer", "route"])
         f.flush()
         os.fsync(f.fileno())
@@ -273,8 +277,7 @@ def compact(root: Path, index: ChainIndex, parts: list[PartEntry]) -> PartEntry:
     seqs = table.column("seq")
     first, last = seqs[0].as_py(), seqs[-1].as_py()
     rel = str(Path(parts[0].path).parent / part_name(first, last))
-    if any(p.path == rel for p in parts):  # a part already named like the merge
-        rel = str(Path(parts[0].path).parent / f"part-{first}-{last}-c.parquet")
+    # (never one of ``parts``' names: two or more parts cover more than any one of them)
     entry = PartEntry(path=rel, first=first, last=last, count=table.num_rows,
                       prev=parts[0].prev, head=max(parts, key=lambda p: p.last).head,
                       hub_last=max(p.hub_last for p in parts))

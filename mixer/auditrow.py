@@ -25,6 +25,7 @@ them — so such an event is also reported by ``mixer audit verify``'s leak chec
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -35,10 +36,11 @@ from engine.cbor import CBORDecodeError, loads
 GENESIS: Final = bytes(32)
 SCHEMA_VERSION: Final = 1
 
-#: the file schema (hive partition columns ``date`` and ``hour`` are in the path only)
+#: the file schema. ``rack``, ``date`` and ``hour`` are hive partition columns: in the path
+#: only (a column in both the path and the file is an error in Spark and Arrow datasets);
+#: a part's footer names its rack too
 SCHEMA: Final = pa.schema([
     ("event_id", pa.string()),
-    ("rack", pa.string()),
     ("stream", pa.string()),
     ("seq", pa.int64()),          # the rack's own stream sequence: the chain's order
     ("hub_seq", pa.int64()),      # the hub copy's sequence (0: read from the rack directly)
@@ -75,11 +77,19 @@ def chain_next(prev: bytes, cbor: bytes) -> bytes:
     return hashlib.sha256(prev + cbor).digest()
 
 
+_CARD_RUN: Final = re.compile(r"(?<![0-9])[0-9]{13,19}(?![0-9])")
+
+
+def _mask_run(m: re.Match[str]) -> str:
+    run = m.group()
+    return run[:6] + "*" * (len(run) - 10) + run[-4:]
+
+
 def masked(pan: str) -> tuple[str, bool]:
-    """``pan`` as it may be stored, and whether it was a clear card number."""
-    if 13 <= len(pan) <= 19 and pan.isdigit():
-        return pan[:6] + "*" * (len(pan) - 10) + pan[-4:], True
-    return pan, False
+    """``pan`` as it may be stored, and whether it held a clear card number (any run of
+    13-19 digits: a fixed-width field pads it with spaces)."""
+    out, n = _CARD_RUN.subn(_mask_run, pan)
+    return out, n > 0
 
 
 @dataclass(slots=True)
@@ -161,7 +171,7 @@ class Batch:
             if type(latency) is int:
                 lat[i] = latency
         cols = {
-            "event_id": ids, "rack": [self.rack] * n, "stream": [self.stream] * n,
+            "event_id": ids, "stream": [self.stream] * n,
             "seq": self.seqs, "hub_seq": self.hub_seqs, "ts": ts, "kind": kinds,
             "src": srcs, **text, "amount": amounts, "latency_us": lat, "pan": pans,
             "cbor": self.cbors, "chain": self.chains,

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from gears.coatcheck import luhn_valid
@@ -44,6 +45,7 @@ from mixer.auditfiles import (
     load_index,
     part_meta,
 )
+from mixer.auditrow import GENESIS, SCHEMA, Batch
 
 #: (rack, stream) -> (first, last) sequence the rack's stream holds now, or None: unknown
 Holds = Callable[[str, str], tuple[int, int] | None]
@@ -140,6 +142,7 @@ def verify_chain(root: Path, stream: str, rack: str, since: str | None = None,
     listed = {p.path: p for p in index.parts}
     for rel in sorted(on_disk - listed.keys()):
         find("unlisted-file", "a part on disk the chain index does not list", rel)
+        _footer_checks(root, rel, index, find)
     parts = sorted(index.parts, key=lambda p: p.first)
     if since:
         parts = [p for p in parts if _date_of(p.path) >= since]
@@ -147,6 +150,8 @@ def verify_chain(root: Path, stream: str, rack: str, since: str | None = None,
     if since and parts and parts[0].first != index.start_seq:
         start_seq, prev = parts[0].first, bytes.fromhex(parts[0].prev)
     missing: list[PartEntry] = []
+    derived: list[Finding] = []  # query columns unlike the bytes (rows with changed bytes
+    # say so once, as changed bytes)
     rows: list[tuple[int, bytes, bytes, str, int]] = []  # seq, cbor, chain, file, row
     for entry in parts:
         if entry.path not in on_disk:
@@ -155,13 +160,18 @@ def verify_chain(root: Path, stream: str, rack: str, since: str | None = None,
                  f"({entry.count} rows) but not on disk", entry.path)
             continue
         rep.files += 1
-        rows += _read_part(root, entry, index, find)
+        rows += _read_part(root, entry, index, find, derived)
     rep.rows = len(rows)
     rows.sort(key=lambda r: r[0])
     expected = start_seq or (rows[0][0] if rows else 0)
     last_seq = expected - 1
     known_gaps = [(g["from"], g["to"]) for g in index.gaps]
+    bounds = {p.path: p for p in parts}
     for seq, cbor, chain, file, i in rows:
+        part = bounds[file]
+        if seq == part.first and prev.hex() != part.prev and seq != last_seq:
+            find("tampered", f"seq {seq}: the part's recorded chain head before it "
+                 f"({part.prev[:16]}...) is not the chain's ({prev.hex()[:16]}...)", file, i)
         if seq == last_seq:
             find("duplicate", f"seq {seq} stored twice", file, i)
             continue
@@ -184,6 +194,11 @@ def verify_chain(root: Path, stream: str, rack: str, since: str | None = None,
                      f"({len(m.group())} digits at byte {m.start()})", file, i)
         prev = chain  # go on from what is stored: one bad row is one finding
         last_seq = seq
+        if seq == part.last and chain.hex() != part.head:
+            find("tampered", f"seq {seq}: the part's recorded head ({part.head[:16]}...) is "
+                 f"not its last row's chain value", file, i)
+    bad = {(f.file, f.row) for f in rep.findings if f.kind == "tampered"}
+    rep.findings += [f for f in derived if (f.file, f.row) not in bad]
     if rows:
         rep.first, rep.last = rows[0][0], last_seq
     if not since or (parts and parts[-1].last == index.last):
@@ -216,24 +231,50 @@ def _gap(find: Callable[..., None], first: int, last: int, known: list[tuple[int
          + (f"; {'; '.join(why)}" if why else ""))
 
 
-def _read_part(root: Path, entry: PartEntry, index: ChainIndex,
-               find: Callable[..., None]) -> list[tuple[int, bytes, bytes, str, int]]:
-    rel = entry.path
+#: columns derived from an event's bytes: rebuilt and compared, so an edited query column
+#: (an amount, a DE39) is caught although the chain covers the bytes only
+DERIVED = tuple(f.name for f in SCHEMA if f.name not in ("seq", "hub_seq", "stream", "cbor",
+                                                         "chain"))
+
+
+def _differs(a: pa.ChunkedArray, b: pa.Array) -> list[int]:
+    if a.equals(pa.chunked_array([b])):
+        return []
+    if pa.types.is_timestamp(a.type):
+        a, b = a.cast(pa.int64()), b.cast(pa.int64())
+    return [i for i, (x, y) in enumerate(zip(a.to_pylist(), b.to_pylist(), strict=False))
+            if x != y]
+
+
+def _footer_checks(root: Path, rel: str, index: ChainIndex,
+                   find: Callable[..., None]) -> dict[str, Any] | None:
     try:
         meta = part_meta(root / rel)
-        table = pq.read_table(root / rel, columns=["seq", "cbor", "chain", "rack", "stream"])
-    except (AuditFileError, OSError, Exception) as exc:
+    except AuditFileError as exc:
+        find("unreadable", str(exc), rel)
+        return None
+    if meta.get("rack") != index.rack or meta.get("stream") != index.stream:
+        find("misplaced", f"its footer says rack={meta.get('rack')} "
+             f"stream={meta.get('stream')}", rel)
+    return meta
+
+
+def _read_part(root: Path, entry: PartEntry, index: ChainIndex, find: Callable[..., None],
+               derived: list[Finding]) -> list[tuple[int, bytes, bytes, str, int]]:
+    rel = entry.path
+    meta = _footer_checks(root, rel, index, find)
+    if meta is None:
+        return []
+    try:
+        table = pq.read_table(root / rel)
+    except (OSError, pa.ArrowException) as exc:
         find("unreadable", str(exc), rel)
         return []
     seqs = table.column("seq").to_pylist()
     n = len(seqs)
-    if meta.get("rack") != index.rack or meta.get("stream") != index.stream:
-        find("misplaced", f"its footer says rack={meta.get('rack')} "
-             f"stream={meta.get('stream')}", rel)
-    racks = set(table.column("rack").unique().to_pylist())
     streams = set(table.column("stream").unique().to_pylist())
-    if racks - {index.rack} or streams - {index.stream}:
-        find("misplaced", f"rows of rack={sorted(racks)} stream={sorted(streams)}", rel)
+    if streams - {index.stream}:
+        find("misplaced", f"rows of stream={sorted(streams)}", rel)
     m = PART_RE.match(Path(rel).name)
     if seqs and m and (int(m.group(1)), int(m.group(2))) != (seqs[0], seqs[-1]):
         find("misplaced", f"named for seq {m.group(1)}-{m.group(2)}, holds "
@@ -248,6 +289,16 @@ def _read_part(root: Path, entry: PartEntry, index: ChainIndex,
         find("order", "rows not in increasing sequence order", rel)
     cbors = table.column("cbor").to_pylist()
     chain = table.column("chain").to_pylist()
+    rebuilt = Batch(index.rack, index.stream, GENESIS, b"", seqs,
+                    table.column("hub_seq").to_pylist(), cbors, chain).table()
+    for col in DERIVED:
+        if col not in table.column_names:
+            find("tampered", f"column {col} is missing", rel)
+            continue
+        for i in _differs(table.column(col), rebuilt.column(col).combine_chunks())[:10]:
+            derived.append(Finding(kind="tampered", rack=index.rack, stream=index.stream,
+                                   detail=f"seq {seqs[i]}: column {col} does not match the "
+                                   f"event's bytes", file=rel, row=i))
     return [(seqs[i], cbors[i], chain[i], rel, i) for i in range(n)]
 
 

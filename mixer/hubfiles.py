@@ -141,7 +141,8 @@ def user_entries(users: dict[str, str], simulator: bool = False) -> list[dict[st
             "publish": {"allow": [
                 "$JS.API.INFO", "$JS.API.STREAM.NAMES", "$JS.API.STREAM.LIST",
                 "$JS.API.STREAM.INFO.*", "$JS.API.CONSUMER.CREATE.*.archiver",
-                "$JS.API.CONSUMER.CREATE.*.archiver.>", "$JS.API.CONSUMER.DELETE.*.archiver",
+                "$JS.API.CONSUMER.CREATE.*.archiver.>", "$JS.API.CONSUMER.DURABLE.CREATE.*.archiver",
+                "$JS.API.CONSUMER.DELETE.*.archiver",
                 "$JS.API.CONSUMER.INFO.*.archiver", "$JS.API.CONSUMER.MSG.NEXT.*.archiver",
                 "$JS.ACK.*.archiver.>", "$JS.ACK.*.*.*.archiver.>"]},
             "subscribe": {"allow": ["_INBOX.>"]}}},

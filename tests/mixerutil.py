@@ -21,6 +21,8 @@ from engine.frame import decode
 from engine.natsd import free_port
 from engine.plan import STATE_FILE
 
+AUDIT = "{flush_after: 0.5s}"  # tests wait for the archive: parts every half second
+
 
 def mixer(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     """``mixer ARGS`` as a user runs it."""
@@ -29,7 +31,7 @@ def mixer(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
 
 
 def init_hub(tmp_path: Path, *, offline_after: str = "2s", leaf_urls: list[str] | None = None,
-             prometheus: bool = False) -> Path:
+             prometheus: bool = False, audit: str = AUDIT) -> Path:
     """``mixer init`` on free ports, then the settings a test wants."""
     hub = tmp_path / "hub"
     port, leaf = free_port(), free_port()
@@ -37,18 +39,19 @@ def init_hub(tmp_path: Path, *, offline_after: str = "2s", leaf_urls: list[str] 
                  "--leaf-port", str(leaf))
     assert done.returncode == 0, done.stderr
     write_settings(hub, port, leaf, leaf_urls or [f"tls://127.0.0.1:{leaf}"], offline_after,
-                   prometheus)
+                   prometheus, audit)
     return hub
 
 
 def write_settings(hub: Path, port: int, leaf: int, urls: list[str], offline_after: str = "2s",
-                   prometheus: bool = False) -> None:
+                   prometheus: bool = False, audit: str = AUDIT) -> None:
     """The hub's mixer.yaml: its ports, what passports tell racks to dial, ..."""
     (hub / "mixer.yaml").write_text(
         f"hub: {{host: 127.0.0.1, port: {port}}}\n"
         f"leaf: {{host: 127.0.0.1, port: {leaf}, urls: [{', '.join(urls)}]}}\n"
         f"registry: {{offline_after: {offline_after}}}\n"
-        f"prometheus: {'{host: 127.0.0.1, port: 0}' if prometheus else 'null'}\n")
+        f"prometheus: {'{host: 127.0.0.1, port: 0}' if prometheus else 'null'}\n"
+        f"audit: {audit}\n")
 
 
 def hub_ports(hub: Path) -> tuple[int, int]:

@@ -25,6 +25,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
@@ -38,6 +39,7 @@ from mixer.hubfiles import HubServer, local_users, read_racks
 from mixer.pki import HubPki, certificate_hosts, init_pki
 from mixer.settings import (
     SETTINGS_FILE,
+    AuditSettings,
     MixerSettings,
     load_settings,
     parse_settings,
@@ -540,7 +542,8 @@ def test_the_hub_config_lists_only_enrolled_racks_not_revoked(hub_dir: Path,
     # the hub's own users carry the passwords of nats-users.json; sys lives in SYS
     passwords = local_users(hub_dir)
     named = {u["user"]: u["password"] for u in users if "user" in u}
-    assert named == {"registry": passwords["registry"], "admin": passwords["admin"]}
+    assert named == {"registry": passwords["registry"], "admin": passwords["admin"],
+                     "archiver": passwords["archiver"]}
     assert conf["accounts"]["SYS"]["users"] == [{"user": "sys", "password": passwords["sys"],
                                                  "allowed_connection_types": ["STANDARD"]}]
     assert conf["leafnodes"]["port"] == SETTINGS.leaf_port
@@ -725,8 +728,35 @@ def test_the_shipped_mixer_settings_parse_and_name_every_key() -> None:
     doc = load_yaml(path)
     s = parse_settings(doc.data, str(path))
     assert set(doc.data) == {"hub", "leaf", "registry", "prometheus", "rollup_interval",
-                             "simulator"}
+                             "simulator", "audit"}
     assert s.leaf_urls == ("tls://127.0.0.1:7422",) and s.prometheus_port == 9466
+    assert set(doc.data["audit"]) == {f.name for f in fields(AuditSettings)}
+    assert s.audit == AuditSettings()  # the file shows the defaults
+
+
+@pytest.mark.parametrize("audit, message", [
+    ("{flush_rows: 0}", "audit.flush_rows"),
+    ("{flush_after: soon}", "audit.flush_after"),
+    ("{retention_days: -1}", "audit.retention_days"),
+    ("{enabled: maybe}", "audit.enabled"),
+    ("{keep: 3}", "keep"),
+])
+def test_wrong_audit_settings_name_the_key(tmp_path: Path, audit: str, message: str) -> None:
+    import yaml
+
+    with pytest.raises(ConfigError) as err:
+        parse_settings(yaml.safe_load(f"audit: {audit}"), "mixer.yaml")
+    assert message in str(err.value) and "mixer.yaml" in str(err.value)
+
+
+def test_audit_settings_in_words() -> None:
+    import yaml
+
+    s = parse_settings(yaml.safe_load("audit: {enabled: false, flush_rows: 10, "
+                                      "flush_after: 250ms, compact_after: 1h, "
+                                      "retention_days: 30}"), "mixer.yaml")
+    assert s.audit == AuditSettings(enabled=False, flush_rows=10, flush_after=0.25,
+                                    compact_after=3600.0, retention_days=30)
 
 
 def test_the_quick_path_takes_only_well_formed_json_questions_to_a_running_mixer(

@@ -393,7 +393,8 @@ class SwitchCore:
 
     def _base(self, mti: str, fields: Mapping[str, str], route: str, issuer: str) -> dict:
         pan = fields.get("2", "")
-        base = {"mti": mti, "pan": mask_pan(pan), "amount": fields.get("4", ""),
+        base = {"mti": mti, "pan": mask_pan(pan), "pcode": fields.get("3", ""),
+                "amount": fields.get("4", ""),
                 "currency": fields.get("49", ""), "stan": fields.get("11", ""),
                 "terminal": fields.get("41", ""), "route": route, "issuer": issuer,
                 "t_req": self.wall_ns()}
