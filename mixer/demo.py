@@ -9,7 +9,9 @@
    keep serving and storing alone; 6 s later the Mixer starts again and they catch up;
 4. the counts: every event each rack stored is at the hub exactly once (its frame ids
    unique, the hub's count equal to the rack's), every answered transaction has its audit
-   event, and ``mixer racks`` shows both racks.
+   event, and ``mixer racks`` shows both racks;
+5. the audit trail (the archiver was killed with the Mixer): every event archived once,
+   ``mixer audit query`` and ``mixer audit verify`` over it.
 """
 
 from __future__ import annotations
@@ -225,11 +227,14 @@ def run() -> int:
         ok &= wanted["switch"] == answered and summary["lost"] == 0
         print(f"switch transactions answered {answered:,} (lost {summary['lost']}), "
               f"audit events {wanted['switch']:,}")
+        ok &= _audit(hub, {streams[r]: (r, wanted[r]) for r in racks})
         for rack, run_ in racks.items():
             run_.proc.send_signal(signal.SIGTERM)
             ok &= run_.proc.wait(60) == 0
-        print("OK: every rack event is at the hub exactly once, through a hub kill" if ok
-              else "FAILED")
+        print("OK: every rack event is at the hub and in the audit trail exactly once, "
+              "through a hub kill" if ok else "FAILED")
+        print(f"try: mixer audit query {hub} \"select de39, count(*) from txn group by 1\"\n"
+              f"     mixer audit report daily {hub}\n     mixer audit verify {hub}")
         return 0 if ok else 1
     finally:
         for run_ in racks.values():
@@ -242,6 +247,41 @@ def run() -> int:
                     proc.wait(30)
                 except subprocess.TimeoutExpired:
                     proc.kill()
+
+
+def _audit(hub: Path, wanted: dict[str, tuple[str, int]]) -> bool:
+    """Wait for the archiver to hold every event, then query and verify the trail."""
+    from mixer.auditfiles import AUDIT_DIR, load_index
+
+    t1 = time.monotonic()
+    while time.monotonic() - t1 < 60 and any(
+            load_index(hub / AUDIT_DIR, stream, rack).last < n
+            for stream, (rack, n) in wanted.items()):
+        time.sleep(0.2)  # another process's files: no event to await
+    print(f"all in the audit trail {time.monotonic() - t1:.1f} s later")
+    print(f"\n$ mixer audit query {hub} \"select rack, stream, count(*) as events, "
+          f"count(distinct event_id) as ids from events group by all order by 1\"")
+    query = subprocess.run([sys.executable, "-m", "mixer.cli", "audit", "query", str(hub),
+                            "select rack, stream, count(*) as events, count(distinct "
+                            "event_id) as ids from events group by all order by 1", "--json"],
+                           capture_output=True, text=True, timeout=60)
+    rows = json.loads(query.stdout or "[]")
+    good = {(r["stream"], r["rack"]): r for r in rows}
+    ok = query.returncode == 0 and all(
+        good.get((s, r), {}).get("events") == good.get((s, r), {}).get("ids") == n
+        for s, (r, n) in wanted.items())
+    for r in rows:
+        print(f"{r['rack']:<8} {r['stream']:<6} {r['events']:>8,} events {r['ids']:>8,} ids")
+    print(f"\n$ mixer audit query {hub} \"select de39, count(*), sum(amount) from txn "
+          f"group by 1 order by 1\"")
+    print(subprocess.run([sys.executable, "-m", "mixer.cli", "audit", "query", str(hub),
+                          "select de39, count(*), sum(amount) from txn group by 1 order by 1"],
+                         capture_output=True, text=True, timeout=60).stdout, end="")
+    print(f"\n$ mixer audit verify {hub}")
+    verify = subprocess.run([sys.executable, "-m", "mixer.cli", "audit", "verify", str(hub)],
+                            capture_output=True, text=True, timeout=300)
+    print(verify.stdout + verify.stderr, end="")
+    return ok and verify.returncode == 0
 
 
 if __name__ == "__main__":

@@ -304,7 +304,7 @@ def test_archiver_sigkilled_20_times_during_200k_events_loses_and_doubles_nothin
                 time.sleep(rng.uniform(0.03, 0.4))  # the random kill point
             elif mode == "tmp":    # writing the part (or just after the index names it)
                 mode += "" if _new_file(rack_dir, ".part-*.tmp", seen, deadline) else "-late"
-            elif mode == "index":  # between the index save and the rename
+            elif mode == "index":  # just after an index save: a flush's, before its rename
                 mode += "" if _new_index(index_file, ino, deadline) else "-late"
             else:                  # between the rename and the ack
                 mode += "" if _new_file(rack_dir, "part-*.parquet", seen, deadline) else \

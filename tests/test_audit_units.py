@@ -325,3 +325,51 @@ def test_an_index_of_another_version_is_refused_with_its_path(tmp_path: Path) ->
     p.write_bytes(orjson.dumps({"version": 99}))
     with pytest.raises(AuditFileError, match=f"{p}: unknown chain index version 99"):
         load_index(tmp_path, "TXN", "r")
+
+
+def _archiver(tmp_path: Path, **settings: object):
+    from mixer.archiver import Archiver, ArchiverPlan, Source
+    from mixer.settings import AuditSettings
+
+    arch = Archiver(ArchiverPlan(data_dir=str(tmp_path), hub_url="nats://127.0.0.1:1",
+                                 user="archiver", password="x",
+                                 settings=AuditSettings(**settings)))  # type: ignore[arg-type]
+    index = ChainIndex(stream="TXN", rack="r")
+    src = Source(n=0, rack="r", stream="TXN", js_stream="TXN_r", index=index,
+                 batch=Batch("r", "TXN", GENESIS))
+    return arch, src
+
+
+def test_retention_deletes_old_days_records_the_cut_and_verify_still_passes(
+        tmp_path: Path) -> None:
+    from mixer.auditverify import ok, verify
+
+    arch, src = _archiver(tmp_path, retention_days=1)
+    root = arch.root
+    for first, day in ((1, "2026-11-20"), (11, "2026-11-20"), (21, "2026-11-21"),
+                       (31, "2026-11-27")):
+        _commit(root, src.index, _part(root, src.index, first, first + 9, day=day))
+    arch.retain(src, "2026-11-21")
+    assert not (root / "TXN" / "rack=r" / "date=2026-11-20").exists()  # the whole day
+    assert [p.first for p in src.index.parts] == [21, 31]
+    (cut,) = load_index(root, "TXN", "r").cuts
+    assert cut["through"] == 20 and cut["dates"] == ["2026-11-20"] and cut["rows"] == 20
+    reports = verify(root)
+    assert ok(reports) and reports[0].first == 21 and reports[0].rows == 20
+
+
+def test_housekeeping_compacts_closed_hours_only(tmp_path: Path) -> None:
+    arch, src = _archiver(tmp_path, compact_after=0.0)
+    root = arch.root
+    for first in (1, 11, 21):
+        _commit(root, src.index, _part(root, src.index, first, first + 9, hour=3,
+                                       day="2026-11-20"))
+    arch.compact_source(src)
+    assert [(p.first, p.last, p.count) for p in src.index.parts] == [(1, 30, 30)]
+    from mixer.auditverify import ok, verify
+    assert ok(verify(root))
+    arch2, src2 = _archiver(tmp_path / "b", compact_after=3600.0)
+    for first in (1, 11):
+        _commit(arch2.root, src2.index, _part(arch2.root, src2.index, first, first + 9))
+    arch2.compact_source(src2)  # written just now: left alone
+    assert len(src2.index.parts) == 2
