@@ -277,6 +277,7 @@ class Archiver:
             idx.start_seq = min([entries[0].first] + [g["from"] for g in idx.gaps])
         idx.parts.extend(entries)
         idx.pending = [e.path for e in entries]
+        idx.deleting = []  # (a compaction or cut before this flush deleted them)
         idx.last, idx.head, idx.hub_last = entries[-1].last, entries[-1].head, \
             entries[-1].hub_last
         save_index(self.root, idx)
@@ -345,12 +346,11 @@ class Archiver:
         """(Re)make ``s``'s consumer after its last archived event and start pulling."""
         assert self.nc is not None
         js = self.nc.jetstream()
-        info = await js.stream_info(s.js_stream)
         start = s.index.hub_last + 1
-        if info.state.last_seq < s.index.hub_last:
-            log.warning("hub copy is behind the archive (made again?): stream=%s, "
-                        "last_seq=%d, archived_hub_seq=%d: reading it all, skipping what is "
-                        "archived", s.js_stream, info.state.last_seq, s.index.hub_last)
+        if s.index.hub_last and not await self._same_copy(s):
+            log.warning("the hub copy is not the one archived (made again?): stream=%s, "
+                        "archived_hub_seq=%d, archived_seq=%d: reading it all, skipping what "
+                        "is archived", s.js_stream, s.index.hub_last, s.index.last)
             start = 1
         try:
             await js.delete_consumer(s.js_stream, CONSUMER)
@@ -368,6 +368,19 @@ class Archiver:
         s.asked = 0
         s.ready = True
         self._pull(s)
+
+    async def _same_copy(self, s: Source) -> bool:
+        """Whether the hub copy's message at the last archived hub sequence is the last
+        archived event (a copy made again is numbered differently: its sequences say
+        nothing of the rack's)."""
+        assert self.nc is not None
+        try:
+            msg = await self.nc.jetstream().get_msg(s.js_stream, s.index.hub_last)
+        except NotFoundError:
+            return False
+        header = "".join(f"{k}: {v}\r\n" for k, v in (msg.headers or {}).items()).encode()
+        seq = source_seq(header) or s.index.hub_last
+        return seq == s.index.last
 
     # --- housekeeping -----------------------------------------------------------------------
 
@@ -419,7 +432,8 @@ class Archiver:
         s.index.parts = [p for p in s.index.parts if p.path not in olds]
         s.index.start_seq = cut_doc["through"] + 1
         s.index.start_prev = cut_doc["head"]
-        save_index(self.root, s.index)  # first: a crash now leaves files verify ignores
+        s.index.deleting = sorted(olds)
+        save_index(self.root, s.index)  # first: a crash now leaves them in `deleting`
         delete_parts(self.root, parts)
         log.info("retention: rack=%s, stream=%s, deleted_days=%s, parts=%d, rows=%d, "
                  "through_seq=%d", s.rack, s.stream, ",".join(cut_doc["dates"]), len(parts),

@@ -25,8 +25,10 @@ sequences are at or below ``last``: skipped).
 
 Compaction (``compact``) follows the same rule: the merged part is written and fsynced, the
 index is replaced with ``compacting`` naming it and the parts it replaces, it is renamed,
-the index is replaced again without them, and they are deleted; ``recover`` completes or
-undoes a compaction it finds half-done.
+the index is replaced again without them and with them in ``deleting``, and they are
+deleted; ``recover`` completes or undoes a compaction it finds half-done and deletes what
+``deleting`` names (a retention cut lists its parts there too). A temporary index file a
+crash left is deleted.
 """
 
 from __future__ import annotations
@@ -112,6 +114,7 @@ class ChainIndex:
     parts: list[PartEntry] = field(default_factory=list)
     pending: list[str] = field(default_factory=list)   # parts whose rename may be undone
     compacting: dict[str, Any] | None = None
+    deleting: list[str] = field(default_factory=list)  # parts the index let go: delete them
     gaps: list[dict[str, Any]] = field(default_factory=list)   # {from, to, seen}
     cuts: list[dict[str, Any]] = field(default_factory=list)   # retention: {through, head..}
 
@@ -121,7 +124,8 @@ class ChainIndex:
                 "start_seq": self.start_seq, "start_prev": self.start_prev,
                 "last": self.last, "head": self.head, "hub_last": self.hub_last,
                 "parts": [p.as_json() for p in self.parts], "pending": self.pending,
-                "compacting": self.compacting, "gaps": self.gaps, "cuts": self.cuts}
+                "compacting": self.compacting, "deleting": self.deleting, "gaps": self.gaps,
+                "cuts": self.cuts}
 
     @classmethod
     def from_json(cls, doc: dict[str, Any], where: Path) -> ChainIndex:
@@ -139,7 +143,8 @@ class ChainIndex:
                        hub_last=doc.get("hub_last", 0),
                        parts=[PartEntry(**p) for p in doc["parts"]],
                        pending=list(doc.get("pending", [])),
-                       compacting=doc.get("compacting"), gaps=list(doc.get("gaps", [])),
+                       compacting=doc.get("compacting"),
+                       deleting=list(doc.get("deleting", [])), gaps=list(doc.get("gaps", [])),
                        cuts=list(doc.get("cuts", [])))
         except (KeyError, TypeError) as exc:
             raise AuditFileError(f"{where}: not a chain index: {exc!r}") from None
@@ -191,6 +196,7 @@ def write_tmp(root: Path, rel: str, table: pa.Table, meta: dict[str, Any]) -> Pa
                                        "currency", "de39", "outcome", "issuer", "route"])
         f.flush()
         os.fsync(f.fileno())
+    fsync_dir(path.parent)  # the temporary file's name is durable before the index lists it
     return path
 
 
@@ -220,6 +226,7 @@ def recover(root: Path, index: ChainIndex) -> list[str]:
         AuditFileError: a pending part is gone with its temporary file (someone deleted it).
     """
     done: list[str] = []
+    dirty = bool(index.pending or index.deleting)
     for rel in index.pending:
         path = root / rel
         if tmp_of(path).exists():
@@ -238,15 +245,23 @@ def recover(root: Path, index: ChainIndex) -> list[str]:
                 promote(into)
             if index.compacting["into"] not in listed:
                 _apply_compaction(index, index.compacting)
-            for rel in olds:
-                (root / rel).unlink(missing_ok=True)
+            index.deleting = sorted(set(index.deleting) | olds)
             done.append(f"completed compaction into {index.compacting['into']}")
         index.compacting = None
+    for rel in index.deleting:  # let go by a compaction or retention cut: finish deleting
+        if (root / rel).exists():
+            (root / rel).unlink()
+            done.append(f"deleted {rel} (no longer listed)")
+    index.deleting = []
     for rack_dir in _rack_dirs(root, index):
         for tmp in rack_dir.rglob(".part-*.tmp"):
             tmp.unlink()
             done.append(f"deleted unlisted {tmp.name}")
-    if done:
+    ipath = index_path(root, index.stream, index.rack)
+    for tmp in ipath.parent.glob(f".{ipath.name}.*.tmp"):  # an index write a crash cut
+        tmp.unlink()
+        done.append(f"deleted {tmp.name}")
+    if done or dirty:
         save_index(root, index)
     return done
 
@@ -290,6 +305,7 @@ def compact(root: Path, index: ChainIndex, parts: list[PartEntry]) -> PartEntry:
     promote(root / rel)
     _apply_compaction(index, plan)
     index.compacting = None
+    index.deleting = [p.path for p in parts]
     save_index(root, index)
     for p in parts:
         (root / p.path).unlink(missing_ok=True)

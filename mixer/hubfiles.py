@@ -140,7 +140,8 @@ def user_entries(users: dict[str, str], simulator: bool = False) -> list[dict[st
         {"user": "archiver", "password": users["archiver"], "permissions": {
             "publish": {"allow": [
                 "$JS.API.INFO", "$JS.API.STREAM.NAMES", "$JS.API.STREAM.LIST",
-                "$JS.API.STREAM.INFO.*", "$JS.API.CONSUMER.CREATE.*.archiver",
+                "$JS.API.STREAM.INFO.*", "$JS.API.STREAM.MSG.GET.*",
+                "$JS.API.CONSUMER.CREATE.*.archiver",
                 "$JS.API.CONSUMER.CREATE.*.archiver.>", "$JS.API.CONSUMER.DURABLE.CREATE.*.archiver",
                 "$JS.API.CONSUMER.DELETE.*.archiver",
                 "$JS.API.CONSUMER.INFO.*.archiver", "$JS.API.CONSUMER.MSG.NEXT.*.archiver",

@@ -13,9 +13,9 @@ process killed with SIGKILL:
 
 The random test prints its seed; ``AUDIT_CRASH_SEED=<n>`` replays a run's kill points.
 
-Known holes are pinned as strict xfails (each reason says what is wrong): a hub copy made
-again that is already longer than the archive's hub sequence; the index's temporary file a
-kill leaves; parts a crash leaves after compaction or retention saved the index.
+Regression tests for holes found here: a hub copy made again that is already longer than
+the archive's hub sequence; the index's temporary file a kill leaves; parts a crash leaves
+after compaction or retention saved the index.
 """
 
 from __future__ import annotations
@@ -350,14 +350,7 @@ def test_archiver_sigkilled_20_times_during_200k_events_loses_and_doubles_nothin
           f"kills landing mid-write (a .tmp present)={mid_write}, "
           f"kill phase={kills_done - t_start:.1f}s, drain={drained - kills_done:.1f}s")
     assert sum(modes.values()) == KILLS
-    # A kill inside replace_file leaves the index's temporary file, which nothing removes
-    # (test_an_index_temp_file_left_by_a_kill_is_removed_at_restart): tolerated here only
-    # as a killed archiver's, so this test stays about the data.
-    index_tmps = {f".{RACK}.json.{pid}.tmp" for pid in killed}
-    left = temp_files(data_dir)
-    print(f"index temp files left by kills: {sum(p.name in index_tmps for p in left)}")
-    assert [p for p in left if p.name not in index_tmps or p.parent != index_file.parent] \
-        == []
+    assert temp_files(data_dir) == []  # (an index write a kill cut is cleaned up too)
     doc = index_doc(data_dir)
     assert doc["last"] == N_EVENTS and doc["gaps"] == [] and doc["start_seq"] == 1
     got = rows(data_dir)
@@ -533,13 +526,8 @@ def test_a_rack_sequence_held_twice_by_the_hub_is_archived_once(tmp_path, hub):
     assert [r.findings for r in verify(data_dir / AUDIT_DIR)] == [[]]
 
 
-# --- a known hole: a hub copy made again that is already past the archive's hub seq ----------
+# --- a hub copy made again that is already past the archive's hub seq -----------------------
 
-@pytest.mark.xfail(strict=True, reason=(
-    "start_consumer places the consumer by the hub copy's sequence (index.hub_last + 1) and "
-    "checks only that the copy is not shorter: a copy made again from a rack stream that "
-    "lost its oldest events is numbered differently, and once it is longer than hub_last "
-    "the events between are skipped and logged as a gap although the hub holds them"))
 def test_a_hub_copy_made_again_past_the_archived_hub_seq_is_archived_whole(tmp_path, hub):
     first = [frame(i) for i in range(N_FIRST)]
     more = [frame(N_FIRST + i) for i in range(6000)]
@@ -566,7 +554,7 @@ def test_a_hub_copy_made_again_past_the_archived_hub_seq_is_archived_whole(tmp_p
     assert_exactly_once(rows(data_dir), first + more)
 
 
-# --- known holes: files a crash leaves that recovery does not clean up ----------------------
+# --- files a crash leaves that recovery cleans up ------------------------------------------
 
 def write_parts(root: Path, parts: int, rows_each: int, ts_ns: int) -> ChainIndex:
     """Parts of rack ``a``'s ``TXN`` at ``ts_ns``, written in ``Archiver.flush``'s order
@@ -595,10 +583,6 @@ def write_parts(root: Path, parts: int, rows_each: int, ts_ns: int) -> ChainInde
     return index
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "mixer.durable.replace_file writes the index to .<rack>.json.<pid>.tmp; a SIGKILL "
-    "between its open and os.replace leaves that file, and recover() only deletes "
-    "unlisted .part-*.tmp files under the rack's directory, never the index's"))
 def test_an_index_temp_file_left_by_a_kill_is_removed_at_restart(tmp_path):
     root = tmp_path / AUDIT_DIR
     index = write_parts(root, 2, 10, time.time_ns())
@@ -608,12 +592,6 @@ def test_an_index_temp_file_left_by_a_kill_is_removed_at_restart(tmp_path):
     assert not left.exists()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "compact() and Archiver.retain() save the index without the old parts and only then "
-    "delete them, recording nothing: a crash between the two leaves parts the index no "
-    "longer lists; recover() keeps them, `mixer audit verify` reports each as "
-    "unlisted-file, and the query views (a glob over the directories) count their events "
-    "again (compaction) or still show the cut days (retention)"))
 @pytest.mark.parametrize("job", ["compaction", "retention"])
 def test_parts_a_crash_left_after_compaction_or_retention_are_gone_after_recovery(
         tmp_path, job):
