@@ -43,7 +43,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 from urllib.parse import urlsplit
 
 from nats.aio.client import Client
@@ -455,7 +455,7 @@ def part_date(rel: str) -> str:
 
 
 def retention_cut(index: ChainIndex, keep_from: str) -> tuple[list[PartEntry],
-                                                                dict[str, object]] | None:
+                                                                dict[str, Any]] | None:
     """The parts to delete so nothing before day ``keep_from`` stays, as a prefix of the
     chain (a part of an older day after a newer one waits for the next turn), and the cut's
     record; None when nothing goes."""
@@ -537,8 +537,9 @@ async def archiver_main(plan: ArchiverPlan, rt: Runtime | None, name: str,
                 every(TICK, arch.tick, stopping),
                 every(DISCOVER_EVERY, arch.discover, stopping),
                 every(HOUSEKEEP_EVERY, arch.housekeep, stopping))
-            waits = [asyncio.ensure_future(stopping.wait()), asyncio.ensure_future(closed),
-                     asyncio.ensure_future(arch.lost.wait())]
+            waits: list[asyncio.Future[Any]] = [
+                asyncio.ensure_future(stopping.wait()), asyncio.ensure_future(closed),
+                asyncio.ensure_future(arch.lost.wait())]
             await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
             for w in waits:
                 w.cancel()

@@ -42,8 +42,8 @@ from pathlib import Path
 from typing import Any, Final
 
 import orjson
-import pyarrow as pa
-import pyarrow.parquet as pq
+import pyarrow as pa  # type: ignore[import-untyped]
+import pyarrow.parquet as pq  # type: ignore[import-untyped]
 
 from mixer.auditrow import GENESIS, SCHEMA, SCHEMA_VERSION
 from mixer.durable import fsync_dir, make_dirs, replace_file

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Final
 
 import duckdb
-import pyarrow as pa
+import pyarrow as pa  # type: ignore[import-untyped]
 
 from mixer.auditrow import SCHEMA
 

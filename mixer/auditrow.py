@@ -29,7 +29,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Final
 
-import pyarrow as pa
+import pyarrow as pa  # type: ignore[import-untyped]
 
 from engine.cbor import CBORDecodeError, loads
 

@@ -224,3 +224,23 @@ class LinkProxy:
     def close(self) -> None:
         self.cut()
         self.server.close()
+
+
+def engine_status(data_dir: Path) -> str:
+    """``engine status`` of a rack, as a user reads it."""
+    done = subprocess.run([sys.executable, "-m", "engine.cli", "status", "--data-dir",
+                           str(data_dir), "--interval", "0.1"], capture_output=True, text=True,
+                          timeout=30)
+    return done.stdout + done.stderr
+
+
+def linked_rig(tmp_path: Path, rack_id: str, passport: Path, count: int, rate: float,
+               name: str = "r") -> tuple[Path, Path]:
+    """A generator rack's rig naming ``passport`` (its own folder ``name``): (rig, data dir)."""
+    from rackutil import rig
+
+    d = tmp_path / name
+    d.mkdir()
+    return rig(d, rack_id, count=count, rate=rate, mixer={"passport": str(passport)},
+               telemetry={"interval": 0.5}), d / "data"
+

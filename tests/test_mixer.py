@@ -9,8 +9,6 @@ import asyncio
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 import urllib.request
 
@@ -19,11 +17,13 @@ import yaml
 from mixerutil import (
     LinkProxy,
     MixerProcess,
+    engine_status,
     enrol,
     hub_count,
     hub_ports,
     hub_stream,
     init_hub,
+    linked_rig,
     mixer,
     racks,
     wait_until,
@@ -31,20 +31,6 @@ from mixerutil import (
 )
 from peers import PeerThread
 from rackutil import RackProcess, rig, uid
-
-
-def _status(data_dir) -> str:
-    done = subprocess.run([sys.executable, "-m", "engine.cli", "status", "--data-dir",
-                           str(data_dir), "--interval", "0.1"], capture_output=True, text=True,
-                          timeout=30)
-    return done.stdout + done.stderr
-
-
-def _linked_rig(tmp_path, rack_id, passport, count, rate, name="r"):
-    d = tmp_path / name
-    d.mkdir()
-    return rig(d, rack_id, count=count, rate=rate, mixer={"passport": str(passport)},
-               telemetry={"interval": 0.5}), d / "data"
 
 
 @pytest.fixture
@@ -94,7 +80,7 @@ def test_a_linked_rack_goes_online_and_its_events_reach_the_hub_exactly_once_thr
     enrol(hub, quiet, "site=elsewhere")
     assert passport.stat().st_mode & 0o777 == 0o600
     total = 3000
-    config, data = _linked_rig(tmp_path, rack_id, passport, count=total, rate=300)
+    config, data = linked_rig(tmp_path, rack_id, passport, count=total, rate=300)
     rack = RackProcess(config, data)
     try:
         wait_until(lambda: any(r["id"] == rack_id and r["state"] == "online"
@@ -118,7 +104,7 @@ def test_a_linked_rack_goes_online_and_its_events_reach_the_hub_exactly_once_thr
         catch_up = wait_until(lambda: asyncio.run(hub_count(hub, stream)) >= total, 60,
                               "every event at the hub")
         count, seqs = asyncio.run(hub_stream(hub, stream))
-        assert "hub link: up" in _status(data)
+        assert "hub link: up" in engine_status(data)
         port = m.state()["prometheus"]
         scrape = urllib.request.urlopen(f"http://{port}/metrics", timeout=5).read().decode()
         top = json.loads(mixer("top", str(hub), "--json").stdout)
@@ -156,13 +142,13 @@ def test_a_cut_link_loses_nothing_and_catches_up(tmp_path, peers):
     rack_id = uid("cut")
     passport = enrol(hub, rack_id)
     total = 2000
-    config, data = _linked_rig(tmp_path, rack_id, passport, count=total, rate=500)
+    config, data = linked_rig(tmp_path, rack_id, passport, count=total, rate=500)
     rack = RackProcess(config, data)
     stream = f"EV_{rack_id}"
     try:
         wait_until(lambda: asyncio.run(hub_count(hub, stream)) >= 300, 30, "events at the hub")
         proxy.cut()
-        wait_until(lambda: "hub link: down" in _status(data), 20, "the rack sees the cut")
+        wait_until(lambda: "hub link: down" in engine_status(data), 20, "the rack sees the cut")
         before = asyncio.run(hub_count(hub, stream))
         # the rack goes on alone: its generator finishes during the outage
         rack.wait_for(lambda: rack.counters("source").snapshot().frames_out >= total, 60,
@@ -199,24 +185,24 @@ def test_revoked_unknown_and_untrusting_racks_are_refused_and_say_so(tmp_path):
     doc["hub"] = [f"tls://127.0.0.1:{hub_ports(hub)[1]}"]
     doc["ca"] = (hub / "pki" / "ca.pem").read_text()
     foreign.write_text(json.dumps(doc))
-    rigs = {name: _linked_rig(tmp_path, name, p, count=0, rate=20, name=name)
+    rigs = {name: linked_rig(tmp_path, name, p, count=0, rate=20, name=name)
             for name, p in ((rack_id, passport), (stranger, foreign), (wrong_ca, untrusting))}
     running = {name: RackProcess(cfg, data) for name, (cfg, data) in rigs.items()}
     try:
-        wait_until(lambda: "hub link: up" in _status(rigs[rack_id][1]), 30, "the link up")
+        wait_until(lambda: "hub link: up" in engine_status(rigs[rack_id][1]), 30, "the link up")
         revoked = mixer("rack", "revoke", str(hub), rack_id)
         assert revoked.returncode == 0 and "1 live link(s) dropped" in revoked.stdout
-        wait_until(lambda: "hub link: refused (authorization)" in _status(rigs[rack_id][1]),
+        wait_until(lambda: "hub link: refused (authorization)" in engine_status(rigs[rack_id][1]),
                    20, "the revoked rack refused")
-        wait_until(lambda: "hub link: refused (authorization)" in _status(rigs[stranger][1]),
+        wait_until(lambda: "hub link: refused (authorization)" in engine_status(rigs[stranger][1]),
                    20, "the stranger refused")
-        wait_until(lambda: "hub link: refused (tls: " in _status(rigs[wrong_ca][1]), 20,
+        wait_until(lambda: "hub link: refused (tls: " in engine_status(rigs[wrong_ca][1]), 20,
                    "the untrusting rack refused")
         assert all(r["id"] != rack_id for r in racks(hub))
         again = mixer("rack", "add", str(hub), rack_id, "--out", str(tmp_path / "again"))
         assert again.returncode == 1 and "enrolled already" in again.stderr
         assert m.stop() == 0
-        wait_until(lambda: "hub link: down (connection refused)" in _status(rigs[rack_id][1]),
+        wait_until(lambda: "hub link: down (connection refused)" in engine_status(rigs[rack_id][1]),
                    20, "the hub down")
     finally:
         for r in running.values():
@@ -280,7 +266,7 @@ async def _local_stream(rack, name):
         await nc.close()
 
 
-def _deploy_status(hub, rack_id):
+def _deployengine_status(hub, rack_id):
     done = mixer("deploy", str(hub), "--status", "--rack", rack_id)
     assert done.returncode == 0, done.stderr
     line = next(x for x in done.stdout.splitlines() if x.startswith(rack_id))
@@ -296,7 +282,7 @@ def test_config_as_code_deploy_refuse_fall_back_restart_offline_and_roll_back(tm
     m = MixerProcess(hub)
     rack_id = uid("cfg")
     passport = enrol(hub, rack_id, "site=lab")
-    config, data = _linked_rig(tmp_path, rack_id, passport, count=0, rate=50)
+    config, data = linked_rig(tmp_path, rack_id, passport, count=0, rate=50)
     rack = RackProcess(config, data)
     base = yaml.safe_load(config.read_text())
     for key in ("rack", "mixer"):
@@ -320,26 +306,26 @@ def test_config_as_code_deploy_refuse_fall_back_restart_offline_and_roll_back(tm
         assert bad.returncode == 2
         assert (f"{files['bad']}: pipelines[0].source.gear: unknown gear 'nosuch'" in bad.stderr
                 and "(nothing stored)" in bad.stderr)
-        assert _deploy_status(hub, rack_id)[1:] == ["-", "never", "deployed"]
+        assert _deployengine_status(hub, rack_id)[1:] == ["-", "never", "deployed"]
         t0 = time.monotonic()
         ok = mixer("deploy", str(hub), str(files["good"]), "--label", "site=lab")
         assert ok.returncode == 0 and f"rack {rack_id}: stored as rev 1" in ok.stdout
-        wait_until(lambda: _deploy_status(hub, rack_id) == ["1", "1", "applied"], 30,
+        wait_until(lambda: _deployengine_status(hub, rack_id) == ["1", "1", "applied"], 30,
                    "rev 1 applied")
         took = time.monotonic() - t0  # from the deploy command to the rack's report
         assert "p.deployed.0" in _processes(data)
         pids = {p["name"]: p["pid"] for p in rack.refresh()["processes"]}
         assert mixer("deploy", str(hub), str(files["external"]), "--rack", rack_id
                      ).returncode == 0
-        wait_until(lambda: _deploy_status(hub, rack_id)[2] == "failed", 30, "rev 2 refused")
-        rev, applied, status, error = _deploy_status(hub, rack_id)
+        wait_until(lambda: _deployengine_status(hub, rack_id)[2] == "failed", 30, "rev 2 refused")
+        rev, applied, status, error = _deployengine_status(hub, rack_id)
         assert (rev, applied) == ("2", "1") and "nats" in error
         assert {p["name"]: p["pid"] for p in rack.refresh()["processes"]} == pids  # untouched
         assert mixer("deploy", str(hub), str(files["broken"]), "--rack", rack_id
                      ).returncode == 0
-        wait_until(lambda: _deploy_status(hub, rack_id)[:3] == ["3", "1", "failed"], 60,
+        wait_until(lambda: _deployengine_status(hub, rack_id)[:3] == ["3", "1", "failed"], 60,
                    "rev 3 failed at start")
-        assert "died 5 times in 60 s" in _deploy_status(hub, rack_id)[3]
+        assert "died 5 times in 60 s" in _deployengine_status(hub, rack_id)[3]
         wait_until(lambda: "p.deployed.0" in _processes(data)
                    and json.loads((data / "config" / "result.json").read_text())["rev"] == 3,
                    30, "back on rev 1")
@@ -357,7 +343,7 @@ def test_config_as_code_deploy_refuse_fall_back_restart_offline_and_roll_back(tm
         rack = RackProcess(config, data)
         back = mixer("deploy", str(hub), "--rollback", "--rack", rack_id, "--to", "1")
         assert back.returncode == 0 and "rev 1 deployed again as rev 4" in back.stdout
-        wait_until(lambda: _deploy_status(hub, rack_id)[:3] == ["4", "4", "applied"], 30,
+        wait_until(lambda: _deployengine_status(hub, rack_id)[:3] == ["4", "4", "applied"], 30,
                    "the rollback applied")
         assert rack.stop() == 0
         assert m.stop() == 0

@@ -11,8 +11,6 @@ import hashlib
 import json
 import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import nats
@@ -21,33 +19,21 @@ import pytest
 from mixerutil import (
     LinkProxy,
     MixerProcess,
+    engine_status,
     enrol,
     hub_count,
     hub_ports,
     init_hub,
+    linked_rig,
     mixer,
     wait_until,
     write_settings,
 )
 from peers import PeerThread
-from rackutil import RackProcess, rig, uid
+from rackutil import RackProcess, uid
 
 from engine.cbor import loads
 from mixer.auditfiles import load_index
-
-
-def _linked_rig(tmp_path, rack_id, passport, count, rate, name):
-    d = tmp_path / name
-    d.mkdir()
-    return rig(d, rack_id, count=count, rate=rate, mixer={"passport": str(passport)},
-               telemetry={"interval": 0.5}), d / "data"
-
-
-def _status(data_dir) -> str:
-    done = subprocess.run([sys.executable, "-m", "engine.cli", "status", "--data-dir",
-                           str(data_dir), "--interval", "0.1"], capture_output=True, text=True,
-                          timeout=30)
-    return done.stdout + done.stderr
 
 
 def _archived(hub: Path, rack: str, stream: str = "EV") -> int:
@@ -78,7 +64,7 @@ def test_two_racks_events_are_archived_exactly_once_and_verify(tmp_path):
     racks = []
     try:
         for i, rack_id in enumerate(ids):
-            config, data = _linked_rig(tmp_path, rack_id, enrol(hub, rack_id), total, 500,
+            config, data = linked_rig(tmp_path, rack_id, enrol(hub, rack_id), total, 500,
                                        f"r{i}")
             racks.append(RackProcess(config, data))
         status = json.loads(mixer("status", str(hub), "--json").stdout)
@@ -145,12 +131,12 @@ def test_events_purged_on_a_rack_before_the_hub_had_them_are_reported_as_a_gap(
     m = MixerProcess(hub)
     rack_id = uid("gap")
     total = 2400
-    config, data = _linked_rig(tmp_path, rack_id, enrol(hub, rack_id), total, 300, "r")
+    config, data = linked_rig(tmp_path, rack_id, enrol(hub, rack_id), total, 300, "r")
     rack = RackProcess(config, data)
     try:
         wait_until(lambda: _archived(hub, rack_id) >= 200, 40, "the first events archived")
         proxy.cut()
-        wait_until(lambda: "hub link: down" in _status(data), 20, "the rack sees the cut")
+        wait_until(lambda: "hub link: down" in engine_status(data), 20, "the rack sees the cut")
         rack.wait_for(lambda: rack.counters("source").snapshot().frames_out >= total, 60,
                       "the generator done")
         before = asyncio.run(hub_count(hub, f"EV_{rack_id}"))
