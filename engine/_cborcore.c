@@ -10,6 +10,15 @@
  * shortest heads; floats in the shortest of binary16/32/64 that round-trips exactly, NaN as
  * f97e00; definite lengths; map keys sorted by their encodings, which for text keys is
  * (UTF-8 length, UTF-8 bytes) because the head grows with the length.
+ *
+ * decode(data) returns the value of the first CBOR item in data (trailing bytes ignored, as
+ * cbor2 does), or the module's FALLBACK object when the item holds anything outside the
+ * decode subset or is not well-formed: engine.cbor then hands the bytes to cbor2, whose
+ * result (or error) is the reference. Decode subset: unsigned and negative integers (to
+ * -2**64), byte and text strings (UTF-8, strict), arrays (lists), maps (dicts) whose keys
+ * are text, integers or bytes, false/true/null, and binary16/32/64 floats; definite lengths
+ * only. Tags, indefinite lengths, undefined and other simple values fall back. Every length
+ * is checked against the bytes left before anything is allocated, and nesting is bounded.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -270,6 +279,223 @@ enc(Buf *b, PyObject *o, int depth)
     return FALLBACK;
 }
 
+/* --- decoding ------------------------------------------------------------------------ */
+
+typedef struct {
+    const unsigned char *p;
+    Py_ssize_t pos;
+    Py_ssize_t len;
+} Rd;
+
+static PyObject *fallback_obj;  /* the module's FALLBACK: "ask cbor2" */
+
+/* read one head: FALLBACK for reserved/indefinite additional information or too few bytes */
+static int
+read_head(Rd *r, int *major, int *info, uint64_t *arg)
+{
+    if (r->pos >= r->len)
+        return FALLBACK;
+    unsigned char ib = r->p[r->pos++];
+    *major = ib >> 5;
+    *info = ib & 31;
+    if (*info < 24) {
+        *arg = (uint64_t)*info;
+        return OK;
+    }
+    int n = *info == 24 ? 1 : *info == 25 ? 2 : *info == 26 ? 4 : *info == 27 ? 8 : 0;
+    if (n == 0 || r->len - r->pos < n)
+        return FALLBACK;
+    uint64_t v = 0;
+    for (int i = 0; i < n; i++)
+        v = (v << 8) | r->p[r->pos + i];
+    r->pos += n;
+    *arg = v;
+    return OK;
+}
+
+static double
+half_to_double(uint16_t h)
+{
+    int e = (h >> 10) & 0x1f;
+    int m = h & 0x3ff;
+    double v;
+    if (e == 0)
+        v = ldexp((double)m, -24);
+    else if (e != 31)
+        v = ldexp((double)(m + 1024), e - 25);
+    else
+        v = m == 0 ? INFINITY : NAN;
+    return (h & 0x8000) ? -v : v;
+}
+
+/* the next item as a new reference, or NULL with *rc = ERR (Python error set) or FALLBACK */
+static PyObject *
+dec(Rd *r, int depth, int *rc)
+{
+    int major, info;
+    uint64_t arg;
+    if (depth > MAX_DEPTH || (*rc = read_head(r, &major, &info, &arg)) != OK) {
+        *rc = FALLBACK;
+        return NULL;
+    }
+    Py_ssize_t left = r->len - r->pos;
+    switch (major) {
+    case 0:
+        return PyLong_FromUnsignedLongLong(arg);
+    case 1: {
+        if (arg < ((uint64_t)1 << 63))
+            return PyLong_FromLongLong(-1 - (long long)arg);
+        PyObject *u = PyLong_FromUnsignedLongLong(arg);
+        if (u == NULL) {
+            *rc = ERR;
+            return NULL;
+        }
+        PyObject *neg = PyNumber_Invert(u);  /* ~n == -1 - n */
+        Py_DECREF(u);
+        if (neg == NULL)
+            *rc = ERR;
+        return neg;
+    }
+    case 2: {
+        if (arg > (uint64_t)left) {
+            *rc = FALLBACK;
+            return NULL;
+        }
+        PyObject *o = PyBytes_FromStringAndSize((const char *)r->p + r->pos, (Py_ssize_t)arg);
+        r->pos += (Py_ssize_t)arg;
+        if (o == NULL)
+            *rc = ERR;
+        return o;
+    }
+    case 3: {
+        if (arg > (uint64_t)left) {
+            *rc = FALLBACK;
+            return NULL;
+        }
+        PyObject *o = PyUnicode_DecodeUTF8((const char *)r->p + r->pos, (Py_ssize_t)arg,
+                                           "strict");
+        r->pos += (Py_ssize_t)arg;
+        if (o == NULL) {
+            if (PyErr_ExceptionMatches(PyExc_UnicodeDecodeError)) {
+                PyErr_Clear();
+                *rc = FALLBACK;
+            } else
+                *rc = ERR;
+        }
+        return o;
+    }
+    case 4: {
+        if (arg > (uint64_t)left) {  /* every item takes a byte at least */
+            *rc = FALLBACK;
+            return NULL;
+        }
+        PyObject *list = PyList_New((Py_ssize_t)arg);
+        if (list == NULL) {
+            *rc = ERR;
+            return NULL;
+        }
+        for (Py_ssize_t i = 0; i < (Py_ssize_t)arg; i++) {
+            PyObject *item = dec(r, depth + 1, rc);
+            if (item == NULL) {
+                Py_DECREF(list);
+                return NULL;
+            }
+            PyList_SET_ITEM(list, i, item);
+        }
+        return list;
+    }
+    case 5: {
+        if (arg > (uint64_t)left / 2) {  /* every pair takes two bytes at least */
+            *rc = FALLBACK;
+            return NULL;
+        }
+        PyObject *dict = PyDict_New();
+        if (dict == NULL) {
+            *rc = ERR;
+            return NULL;
+        }
+        for (uint64_t i = 0; i < arg; i++) {
+            PyObject *k = dec(r, depth + 1, rc);
+            if (k == NULL) {
+                Py_DECREF(dict);
+                return NULL;
+            }
+            if (!PyUnicode_CheckExact(k) && !PyLong_CheckExact(k) && !PyBytes_CheckExact(k)) {
+                Py_DECREF(k);  /* cbor2 makes tuples/frozendicts of container keys */
+                Py_DECREF(dict);
+                *rc = FALLBACK;
+                return NULL;
+            }
+            PyObject *v = dec(r, depth + 1, rc);
+            if (v == NULL) {
+                Py_DECREF(k);
+                Py_DECREF(dict);
+                return NULL;
+            }
+            int bad = PyDict_SetItem(dict, k, v);
+            Py_DECREF(k);
+            Py_DECREF(v);
+            if (bad < 0) {
+                Py_DECREF(dict);
+                *rc = ERR;
+                return NULL;
+            }
+        }
+        return dict;
+    }
+    case 7:
+        switch (info) {
+        case 20:
+            Py_RETURN_FALSE;
+        case 21:
+            Py_RETURN_TRUE;
+        case 22:
+            Py_RETURN_NONE;
+        case 25:
+            return PyFloat_FromDouble(half_to_double((uint16_t)arg));
+        case 26: {
+            uint32_t bits = (uint32_t)arg;
+            float f;
+            memcpy(&f, &bits, 4);
+            return PyFloat_FromDouble((double)f);
+        }
+        case 27: {
+            double d;
+            memcpy(&d, &arg, 8);
+            return PyFloat_FromDouble(d);
+        }
+        default:
+            break;
+        }
+        break;
+    default:
+        break;
+    }
+    *rc = FALLBACK;  /* tags, undefined, simple values */
+    return NULL;
+}
+
+PyDoc_STRVAR(decode_doc,
+"decode(data) -> object\n--\n\n"
+"The first CBOR item of data, or FALLBACK if it is outside the decode subset.");
+
+static PyObject *
+decode(PyObject *mod, PyObject *obj)
+{
+    Py_buffer view;
+    if (PyObject_GetBuffer(obj, &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    Rd r = {(const unsigned char *)view.buf, 0, view.len};
+    int rc = OK;
+    PyObject *out = dec(&r, 0, &rc);
+    PyBuffer_Release(&view);
+    if (out == NULL && rc == FALLBACK) {
+        Py_INCREF(fallback_obj);
+        return fallback_obj;
+    }
+    return out;
+}
+
 PyDoc_STRVAR(encode_doc,
 "encode(obj) -> bytes | None\n--\n\n"
 "Deterministic CBOR of obj, or None if obj is outside the common subset.");
@@ -297,16 +523,25 @@ encode(PyObject *mod, PyObject *obj)
 
 static PyMethodDef methods[] = {
     {"encode", encode, METH_O, encode_doc},
+    {"decode", decode, METH_O, decode_doc},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "_cborcore",
-    "Deterministic CBOR encoding of the common subset, in C.", -1, methods,
+    "Deterministic CBOR encoding and decoding of the common subset, in C.", -1, methods,
 };
 
 PyMODINIT_FUNC
 PyInit__cborcore(void)
 {
-    return PyModule_Create(&module);
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL)
+        return NULL;
+    fallback_obj = PyObject_CallNoArgs((PyObject *)&PyBaseObject_Type);
+    if (fallback_obj == NULL || PyModule_AddObjectRef(m, "FALLBACK", fallback_obj) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
 }

@@ -22,9 +22,15 @@ for a direct source:
 * else chained (``mixer.auditrow.Batch``).
 
 A source's rows are written when ``flush_rows`` are waiting or the oldest has waited
-``flush_after``: one part per hour of the events' own time, written, fsynced, listed in the
-index, renamed, and only then is the last message acked (ack ``all`` acks every one before
-it). A crash anywhere loses nothing and duplicates nothing (``mixer.auditfiles``).
+``flush_after``: one part per hour of the events' own time. The chain is computed here, as
+events come; turning rows into a Parquet part (decode, flatten, compress, fsync under a
+temporary name) is the writer's job — a process of its own (``writer_pool``), so reading
+and writing use both cores. Each source's commits run in order (``_commit``: wait for its
+parts, list them in the index, rename them, and only then ack the last message — ack
+``all`` acks every one before it); a source with ``INFLIGHT_BATCHES`` batches at the writer
+asks for no more. A crash anywhere loses nothing and duplicates nothing
+(``mixer.auditfiles``); a part that cannot be written stops the archiver (exit 1: the
+supervisor restarts it, and what was not committed is read again).
 
 Compaction (closed hours: parts smaller than ``COMPACT_ROWS`` merged) and retention
 (``retention_days``: whole days deleted from the chain's start, the cut recorded) run on
@@ -35,11 +41,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import multiprocessing
 import os
 import random
 import signal
 import time
 from collections import defaultdict
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -70,7 +78,7 @@ from mixer.auditfiles import (
     write_tmp,
 )
 from mixer.auditrow import Batch
-from mixer.jspull import PullConnection, PullError, source_seq
+from mixer.jspull import PullConnection, PullError, pending_messages, source_seq
 from mixer.periodic import every
 from mixer.settings import AuditSettings
 
@@ -87,6 +95,64 @@ HOUSEKEEP_EVERY: Final = 60.0  # compaction and retention
 COMPACT_ROWS: Final = 250_000  # parts smaller than this are merged, up to COMPACT_MAX rows
 COMPACT_MAX: Final = 2_000_000
 REPORT_EVERY: Final = 60.0
+INFLIGHT_BATCHES: Final = 2    # batches a source may have at the writer before pulls wait
+
+
+class ArchiveWriteError(RuntimeError):
+    """A part could not be written (disk full, the writer process died): the archiver
+    stops; what was not committed is read again after a restart."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PartJob:
+    """One part for the writer: where, and its rows (the chain already computed)."""
+
+    rel: str
+    batch: Batch
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PartWritten:
+    """What the writer saw in a part it wrote."""
+
+    clear_pans: int
+    undecodable: int
+
+
+def write_part(root: str, job: PartJob) -> PartWritten:
+    """The writer's job (in the writer process): the part's table, written under its
+    temporary name and fsynced (``mixer.auditfiles.write_tmp``)."""
+    b = job.batch
+    table = b.table()
+    write_tmp(Path(root), job.rel, table,
+              {"stream": b.stream, "rack": b.rack, "first": b.seqs[0], "last": b.seqs[-1],
+               "count": len(b.seqs), "prev": b.prev.hex(), "head": b.head.hex()})
+    return PartWritten(clear_pans=b.clear_pans, undecodable=b.undecodable)
+
+
+def _writer_init() -> None:
+    """In the writer process: it dies with the archiver, and leaves signals to it (a
+    SIGTERM to every process of the service must not kill a write half-way)."""
+    from engine.natsd import set_parent_death_signal
+
+    set_parent_death_signal(signal.SIGKILL)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _writer_ready() -> bool:
+    return True
+
+
+def writer_pool() -> Executor:
+    """The archiver's writer: one process that turns batches into Parquet parts while the
+    archiver reads on. Forked, and started at once (``archiver_main`` asks it a first
+    question before it opens a connection or a thread): a fork with only the main thread
+    copies no held lock. (``spawn`` would start multiprocessing's resource tracker too,
+    which warns of leaked semaphores and leaves them in /dev/shm when the archiver is
+    killed.)"""
+    return ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("fork"),
+                               initializer=_writer_init)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -129,6 +195,8 @@ class Source:
     asked: int = 0           # messages asked for and not delivered or expired yet
     heard: float = 0.0       # monotonic time of the last delivery or status
     ready: bool = False
+    inflight: int = 0        # events handed to the writer, not committed yet
+    commit: asyncio.Future[None] | None = None  # the last commit queued (they run in order)
     taken: int = 0
     copies: int = 0
     gaps: int = 0
@@ -159,8 +227,11 @@ def hub_sources(infos: list) -> list[tuple[str, str, str]]:
 class Archiver:
     """The process's state and handlers (one event loop, no locks)."""
 
-    def __init__(self, plan: ArchiverPlan):
+    def __init__(self, plan: ArchiverPlan, writer: Executor | None = None):
+        """``writer`` runs ``write_part`` (``writer_pool()`` in the process; None: a thread
+        of this process, for tests that drive the archiver themselves)."""
         self.plan = plan
+        self.writer = writer or ThreadPoolExecutor(1, "audit-writer")
         self.s = plan.settings
         self.root = Path(plan.data_dir) / AUDIT_DIR
         self.sources: list[Source] = []
@@ -205,26 +276,40 @@ class Archiver:
         if s.asked <= PULL // 2:
             self._pull(s)
 
-    def on_status(self, n: int, line: bytes) -> None:
-        """A status instead of messages: a pull request expired or was refused."""
+    def on_status(self, n: int, header: bytes) -> None:
+        """A status instead of messages (on pull inbox ``n``, the source's index).
+
+        ``409 Batch Completed``: a request was served whole (its messages were counted as
+        they came); ``408`` (expired) and other ``409`` statuses end a request with
+        ``Nats-Pending-Messages`` it will not deliver; without that figure every request
+        is taken as ended. Pull requests are served in order, so only the figure matters.
+        """
         s = self.sources[n]
         s.heard = time.monotonic()
+        line = header.split(b"\r\n", 1)[0]
         code = line[9:12]
+        if code == b"409" and b"Batch Completed" in line:
+            return
         if code in (b"408", b"409"):
-            s.asked = 0  # what that request still promised will not come; ask again
             if b"Consumer Deleted" in line or b"Consumer is push based" in line:
                 log.error("archive consumer gone: stream=%s, status=%s", s.js_stream,
                           line.decode(errors="replace"))
                 s.ready = False
                 self.lost.set()
                 return
-            self._pull(s)
+            owed = pending_messages(header)
+            s.asked = max(0, s.asked - owed) if owed is not None else 0
+            if s.asked <= PULL // 2:
+                self._pull(s)
         elif code != b"100":
             RATELOG.warning(f"status.{n}", "unexpected pull status: stream=%s, status=%s",
                             s.js_stream, line.decode(errors="replace"))
 
     def _pull(self, s: Source) -> None:
-        if s.ready and self.conn is not None and self.conn.is_open:
+        # events handed to the writer and not committed yet hold the pulls back: the
+        # archiver never takes more than the writer keeps up with
+        if s.ready and self.conn is not None and self.conn.is_open \
+                and s.inflight <= INFLIGHT_BATCHES * self.s.flush_rows:
             self.conn.pull(s.n, s.api, PULL, PULL_BYTES, int(EXPIRES * 1e9))
             s.asked += PULL
             s.heard = time.monotonic()
@@ -237,13 +322,26 @@ class Archiver:
 
     # --- writing ----------------------------------------------------------------------------
 
+    def _fail(self, why: str) -> None:
+        """Stop taking and committing (the process exits: what was not committed is not
+        acked, and comes again after the restart)."""
+        if self.failed is None:
+            self.failed = why
+            log.error("archiver failing: %s", why)
+        for s in self.sources:
+            s.ready = False
+        self.lost.set()
+
     def flush(self, s: Source) -> None:
-        """Write what ``s`` has waiting (one part per hour), then ack it (module doc)."""
+        """Hand what ``s`` has waiting to the writer (one part per hour) and queue its
+        commit behind the source's earlier ones (module doc); the loop goes on reading."""
+        if self.failed is not None:
+            return
         batch = s.batch
         if not batch.seqs:
-            if s.ack_due and self.conn is not None and self.conn.is_open:
-                self.conn.ack(s.last_reply)
-            s.ack_due = False
+            if s.ack_due:  # copies skipped: ack them once what came before is committed
+                s.ack_due = False
+                self._chain(s, [], [], s.last_reply, 0)
             return
         ts, n = s.ts, len(batch.seqs)
         runs = []
@@ -252,49 +350,84 @@ class Archiver:
             if i == n or hour_key(ts[i]) != hour_key(ts[start]):
                 runs.append((start, i))
                 start = i
-        entries = []
+        loop = asyncio.get_running_loop()
+        entries, futures = [], []
         for a, b in runs:
             part = batch.split(b - a) if b < n else batch
-            t0 = ts[a]
-            rel = str((hour_dir(Path(), s.stream, s.rack, t0)) / part_name(part.seqs[0],
-                                                                           part.seqs[-1]))
-            table = part.table()
-            if part.clear_pans:
-                log.error("clear card numbers in events: rack=%s, stream=%s, events=%d, "
-                          "seq=%d-%d (masked in the columns; the events' bytes are the "
-                          "rack's: fix the rig that wrote them)", s.rack, s.stream,
-                          part.clear_pans, part.seqs[0], part.seqs[-1])
+            rel = str(hour_dir(Path(), s.stream, s.rack, ts[a])
+                      / part_name(part.seqs[0], part.seqs[-1]))
             entry = PartEntry(path=rel, first=part.seqs[0], last=part.seqs[-1],
                               count=len(part.seqs), prev=part.prev.hex(),
                               head=part.head.hex(), hub_last=part.hub_seqs[-1])
-            write_tmp(self.root, rel, table,
-                      {"stream": s.stream, "rack": s.rack, "first": entry.first,
-                       "last": entry.last, "count": entry.count, "prev": entry.prev,
-                       "head": entry.head})
             entries.append(entry)
-        idx = s.index
-        if not idx.start_seq:  # where the chain starts: before a gap seen at its start
-            idx.start_seq = min([entries[0].first] + [g["from"] for g in idx.gaps])
-        idx.parts.extend(entries)
-        idx.pending = [e.path for e in entries]
-        idx.deleting = []  # (a compaction or cut before this flush deleted them)
-        idx.last, idx.head, idx.hub_last = entries[-1].last, entries[-1].head, \
-            entries[-1].hub_last
-        save_index(self.root, idx)
-        for e in entries:
-            promote(self.root / e.path)
-        if self.conn is not None and self.conn.is_open:
-            self.conn.ack(s.last_reply)
+            try:
+                futures.append(loop.run_in_executor(self.writer, write_part, str(self.root),
+                                                    PartJob(rel=rel, batch=part)))
+            except RuntimeError as exc:  # BrokenProcessPool: the writer died
+                for f in futures:
+                    f.cancel()
+                self._fail(f"the writer cannot take rack={s.rack}, stream={s.stream}: "
+                           f"{exc!r}")
+                return
         s.ack_due = False
-        s.taken += n
-        self.archived += n
-        s.batch = Batch(s.rack, s.stream, bytes.fromhex(idx.head))
+        s.inflight += n
+        self._chain(s, entries, futures, s.last_reply, n)
+        s.batch = Batch(s.rack, s.stream, bytes.fromhex(entries[-1].head))
         s.ts = []
 
+    def _chain(self, s: Source, entries: list[PartEntry],
+               futures: list[asyncio.Future[PartWritten]], reply: bytes, n: int) -> None:
+        s.commit = asyncio.ensure_future(self._commit(s, s.commit, entries, futures, reply, n))
+
+    async def _commit(self, s: Source, before: asyncio.Future[None] | None,
+                      entries: list[PartEntry], futures: list[asyncio.Future[PartWritten]],
+                      reply: bytes, n: int) -> None:
+        """After the source's earlier commits: wait for the parts to be written (and
+        fsynced), list them in the index, rename them, ack ``reply``."""
+        try:
+            if before is not None:
+                await before
+            written = [await f for f in futures]
+            if self.failed is not None:
+                raise ArchiveWriteError(self.failed)
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            raise
+        for e, w in zip(entries, written, strict=True):
+            if w.clear_pans:
+                log.error("clear card numbers in events: rack=%s, stream=%s, events=%d, "
+                          "seq=%d-%d (masked in the columns; the events' bytes are the "
+                          "rack's: fix the rig that wrote them)", s.rack, s.stream,
+                          w.clear_pans, e.first, e.last)
+        if entries:
+            idx = s.index
+            if not idx.start_seq:  # where the chain starts: before a gap seen at its start
+                idx.start_seq = min([entries[0].first] + [g["from"] for g in idx.gaps])
+            idx.parts.extend(entries)
+            idx.pending = [e.path for e in entries]
+            idx.deleting = []  # (a compaction or cut before this commit deleted them)
+            idx.last, idx.head, idx.hub_last = entries[-1].last, entries[-1].head, \
+                entries[-1].hub_last
+            save_index(self.root, idx)
+            for e in entries:
+                promote(self.root / e.path)
+        if reply and self.conn is not None and self.conn.is_open:
+            self.conn.ack(reply)  # (a dead connection: the copies come again, skipped)
+        s.inflight -= n
+        s.taken += n
+        self.archived += n
+        if s.asked <= PULL // 2:
+            self._pull(s)
+
     def tick(self) -> None:
-        """Timed flushes, acks of skipped copies, pulls that went quiet."""
+        """Timed flushes, acks of skipped copies, pulls that went quiet, a failed write."""
         now = time.monotonic()
         for s in self.sources:
+            if s.commit is not None and s.commit.done() and not s.commit.cancelled() \
+                    and s.commit.exception() is not None and self.failed is None:
+                self._fail(f"writing the archive of rack={s.rack}, stream={s.stream} "
+                           f"failed: {s.commit.exception()!r}")
             if not s.ready:
                 continue
             if (s.batch.seqs and now - s.since >= self.s.flush_after) or \
@@ -310,10 +443,24 @@ class Archiver:
                          (self.archived - n0) / (now - t0), len(self.sources))
             self._reported = (now, self.archived)
 
-    def flush_all(self) -> None:
-        """Write everything waiting (a stop, a lost connection)."""
+    async def drain(self) -> None:
+        """Write and commit everything waiting (a stop, a lost connection).
+
+        Raises:
+            ArchiveWriteError: a part could not be written (the archive on disk stays
+                consistent: what was not committed comes again).
+        """
+        if self.failed is not None:
+            raise ArchiveWriteError(self.failed)
         for s in self.sources:
             self.flush(s)
+        for s in self.sources:
+            if s.commit is not None:
+                try:
+                    await s.commit
+                except Exception as exc:
+                    raise ArchiveWriteError(f"writing the archive of rack={s.rack}, "
+                                            f"stream={s.stream} failed: {exc!r}") from exc
 
     # --- sources ----------------------------------------------------------------------------
 
@@ -345,6 +492,8 @@ class Archiver:
     async def start_consumer(self, s: Source) -> None:
         """(Re)make ``s``'s consumer after its last archived event and start pulling."""
         assert self.nc is not None
+        if s.commit is not None:
+            await s.commit  # the index says what is archived only once they are in
         js = self.nc.jetstream()
         start = s.index.hub_last + 1
         if s.index.hub_last and not await self._same_copy(s):
@@ -495,7 +644,9 @@ async def archiver_main(plan: ArchiverPlan, rt: Runtime | None, name: str,
         stopping = asyncio.Event()
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stopping.set)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-    arch = Archiver(plan)
+    arch = Archiver(plan, writer_pool())
+    # start the writer now: no other thread runs yet (see writer_pool)
+    await asyncio.get_running_loop().run_in_executor(arch.writer, _writer_ready)
     url = urlsplit(plan.hub_url)
     arch.nc = await connect(plan.hub_url, BusAuth(user=plan.user, password=plan.password),
                             "fluxrig-mixer-archiver", max_reconnect_attempts=-1,
@@ -514,7 +665,7 @@ async def archiver_main(plan: ArchiverPlan, rt: Runtime | None, name: str,
                     await arch.start_consumer(s)
                 await arch.discover()
             except (OSError, PullError, TimeoutError, Exception) as exc:
-                if isinstance(exc, AuditFileError):
+                if isinstance(exc, (AuditFileError, ArchiveWriteError)):
                     raise
                 log.warning("archiver cannot read the hub yet: error=%r, retry_in=%.1fs",
                             exc, backoff)
@@ -548,25 +699,39 @@ async def archiver_main(plan: ArchiverPlan, rt: Runtime | None, name: str,
                 await jobs
             except asyncio.CancelledError:
                 pass
-            arch.flush_all()  # acks are lost with a dead connection: the copies are skipped
             for s in arch.sources:
                 s.ready = False
+            if arch.failed is not None:
+                raise ArchiveWriteError(arch.failed)
+            await arch.drain()  # acks are lost with a dead connection: the copies are skipped
             conn.close()
             arch.conn = None
             if not stopping.is_set():
                 log.warning("archiver lost the hub: error=%r; starting again from the "
                             "archive", conn.error)
     finally:
-        arch.flush_all()
-        if arch.conn is not None:
-            arch.conn.close()
-        await close_quietly(arch.nc)
+        try:
+            if arch.failed is None:
+                await arch.drain()
+        except ArchiveWriteError as exc:
+            log.error("archiver stopping: %s", exc)
+        finally:
+            if arch.conn is not None:
+                arch.conn.close()
+            await close_quietly(arch.nc)
+            arch.writer.shutdown(wait=True)
 
 
 def run_archiver(plan: ArchiverPlan, rt: Runtime, name: str) -> None:
-    """Entry point in the forked child."""
-    asyncio.run(archiver_main(plan, rt, name))
+    """Entry point in the forked child; exits 1 when the archive cannot be written or read
+    (the supervisor restarts it, the archive on disk is consistent)."""
+    try:
+        asyncio.run(archiver_main(plan, rt, name))
+    except (ArchiveWriteError, AuditFileError) as exc:
+        log.error("archiver stopped: %s", exc)
+        raise SystemExit(1) from None
 
 
-__all__ = ["ArchiverPlan", "Archiver", "DirectSource", "archiver_main", "delete_parts",
+__all__ = ["ArchiveWriteError", "ArchiverPlan", "Archiver", "DirectSource", "PartJob",
+           "PartWritten", "write_part", "writer_pool", "archiver_main", "delete_parts",
            "hub_sources", "retention_cut", "run_archiver"]

@@ -66,10 +66,8 @@ SCHEMA: Final = pa.schema([
 ])
 _TEXT: Final = ("mti", "pcode", "currency", "de39", "outcome", "issuer", "route", "token",
                 "stan", "terminal", "reason")
-_BODY_KEYS: Final = {"mti": "mti", "pcode": "pcode", "currency": "currency", "de39": "de39",
-                     "outcome": "outcome", "issuer": "issuer", "route": "route",
-                     "token": "token", "stan": "stan", "terminal": "terminal",
-                     "reason": "reason"}
+_TEXT_KEYS: Final = _TEXT  # the body's keys for those columns (the same names)
+_NO_TEXT: Final = (None,) * len(_TEXT)
 
 
 def chain_next(prev: bytes, cbor: bytes) -> bytes:
@@ -131,53 +129,72 @@ class Batch:
         return first
 
     def table(self) -> pa.Table:
-        """The rows as an Arrow table of ``SCHEMA`` (decodes each event once)."""
+        """The rows as an Arrow table of ``SCHEMA`` (decodes each event once).
+
+        Per row only what must be looked at in Python is (the envelope, the PAN, the
+        amount); the text fields are taken as one tuple per row (``map(body.get, ...)``)
+        and turned into columns by ``zip`` — half the time of a loop over the keys. A
+        value of the wrong type sends its column down a checking path.
+        """
         n = len(self.seqs)
         ids: list[str | None] = [None] * n
         ts: list[int | None] = [None] * n
         kinds: list[str] = [""] * n
         srcs: list[str] = [""] * n
-        text: dict[str, list[str | None]] = {k: [None] * n for k in _TEXT}
         pans: list[str | None] = [None] * n
         amounts: list[int | None] = [None] * n
         lat: list[int | None] = [None] * n
+        texts: list[tuple[object, ...]] = [_NO_TEXT] * n
+        search = _CARD_RUN.search
         for i, raw in enumerate(self.cbors):
             try:
                 ev = loads(raw)
                 ids[i] = ev["id"].hex()
                 ts[i] = ev["ts"]
-                kinds[i] = ev["kind"]
+                kind = kinds[i] = ev["kind"]
                 srcs[i] = ev["src"]
                 body = ev["body"]
             except (CBORDecodeError, KeyError, TypeError, AttributeError, ValueError):
                 self.undecodable += 1
+                kinds[i] = srcs[i] = ""
+                ids[i] = ts[i] = None
                 continue
-            if type(body) is not dict or not kinds[i].startswith("iso8583."):
+            if type(body) is not dict or not kind.startswith("iso8583."):
                 continue
-            for col, key in _BODY_KEYS.items():
-                v = body.get(key)
-                if type(v) is str:
-                    text[col][i] = v
-            pan = body.get("pan")
+            get = body.get
+            texts[i] = tuple(map(get, _TEXT_KEYS))
+            pan = get("pan")
             if type(pan) is str:
-                pans[i], clear = masked(pan)
-                self.clear_pans += clear
-            amount = body.get("amount")
+                if search(pan) is not None:
+                    pan = masked(pan)[0]
+                    self.clear_pans += 1
+                pans[i] = pan
+            amount = get("amount")
             if type(amount) is str and amount.isdigit():
                 amounts[i] = int(amount)
             elif type(amount) is int:
                 amounts[i] = amount
-            latency = body.get("latency_us")
+            latency = get("latency_us")
             if type(latency) is int:
                 lat[i] = latency
-        cols = {
+        cols: dict[str, object] = {
             "event_id": ids, "stream": [self.stream] * n,
             "seq": self.seqs, "hub_seq": self.hub_seqs, "ts": ts, "kind": kinds,
-            "src": srcs, **text, "amount": amounts, "latency_us": lat, "pan": pans,
+            "src": srcs, "amount": amounts, "latency_us": lat, "pan": pans,
             "cbor": self.cbors, "chain": self.chains,
         }
-        return pa.Table.from_arrays([pa.array(cols[f.name], f.type) for f in SCHEMA],
-                                    schema=SCHEMA)
+        for col, values in zip(_TEXT, zip(*texts, strict=True) if n else [()] * len(_TEXT),
+                               strict=True):
+            cols[col] = values
+        arrays = []
+        for f in SCHEMA:
+            values = cols[f.name]
+            try:
+                arrays.append(pa.array(values, f.type))
+            except (pa.ArrowInvalid, pa.ArrowTypeError):  # a non-text value: null it
+                arrays.append(pa.array([v if type(v) is str else None for v in values],
+                                       f.type))
+        return pa.Table.from_arrays(arrays, schema=SCHEMA)
 
 
 __all__ = ["Batch", "GENESIS", "SCHEMA", "SCHEMA_VERSION", "chain_next", "masked"]

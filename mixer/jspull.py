@@ -34,7 +34,7 @@ CRLF: Final = b"\r\n"
 MAX_LINE: Final = 4096  # a protocol line longer than this is not NATS
 
 OnMessage = Callable[[bytes, bytes, bytes], None]        # reply, header, payload
-OnStatus = Callable[[int, bytes], None]                  # consumer n, status header line
+OnStatus = Callable[[int, bytes], None]                  # pull inbox n, status header block
 
 
 class PullError(ConnectionError):
@@ -51,6 +51,16 @@ def ack_fields(reply: bytes) -> tuple[int, int]:
     t = reply.split(b".")
     base = 2 if len(t) == 9 else 4
     return int(t[base + 3]), int(t[base + 5])
+
+
+def pending_messages(header: bytes) -> int | None:
+    """What an ended pull request still owed (``Nats-Pending-Messages`` of a 408/409
+    status), or None when the status does not say."""
+    i = header.find(b"Nats-Pending-Messages: ")
+    if i < 0:
+        return None
+    e = header.find(CRLF, i)
+    return int(header[i + 23:e if e >= 0 else None])
 
 
 def source_seq(header: bytes) -> int:
@@ -162,8 +172,7 @@ class PullConnection(asyncio.Protocol):
                         on_message(args[2], buf[nl + 2:nl + 2 + hlen],
                                    buf[nl + 2 + hlen:stop])
                     elif args[0].startswith(self.prefix):
-                        self.on_status(int(args[0][plen:]),
-                                       buf[nl + 2:buf.index(CRLF, nl + 2)])
+                        self.on_status(int(args[0][plen:]), buf[nl + 2:nl + 2 + hlen])
                     pos = stop + 2
                 elif op == b"MSG ":
                     args = buf[pos + 4:nl].split(b" ")
@@ -207,4 +216,4 @@ class PullConnection(asyncio.Protocol):
     _sent = False
 
 
-__all__ = ["PullConnection", "PullError", "ack_fields", "source_seq"]
+__all__ = ["PullConnection", "PullError", "ack_fields", "pending_messages", "source_seq"]

@@ -198,7 +198,7 @@ async def drive(plan: ArchiverPlan, done: Callable[[Archiver], bool],
                 f"archiver stalled: last={s.index.last}, copies={s.copies}, taken={s.taken}"
             arch.tick()
             await asyncio.sleep(0.02)
-        arch.flush_all()
+        await arch.drain()
     finally:
         conn.close()
         await arch.nc.close()
@@ -297,7 +297,7 @@ def test_archiver_sigkilled_20_times_during_200k_events_loses_and_doubles_nothin
             mode = rng.choices(["delay", "tmp", "index", "part"], [4, 2, 2, 2])[0]
             seen = {p.name for p in rack_dir.glob("*/*/*")}
             ino = _inode(index_file)
-            archiver = FORK.Process(target=_archiver_child, args=(plan, log_file), daemon=True)
+            archiver = FORK.Process(target=_archiver_child, args=(plan, log_file))  # (it has a writer child)
             archiver.start()
             deadline = time.monotonic() + 3.0
             if mode == "delay":
@@ -328,7 +328,7 @@ def test_archiver_sigkilled_20_times_during_200k_events_loses_and_doubles_nothin
         assert publisher.exitcode == 0
         kills_done = time.monotonic()
         asyncio.run(wait_stream(hub.url, "TXN_a", N_EVENTS))
-        archiver = FORK.Process(target=_archiver_child, args=(plan, log_file), daemon=True)
+        archiver = FORK.Process(target=_archiver_child, args=(plan, log_file))  # (it has a writer child)
         archiver.start()
         deadline = time.monotonic() + 90
         while not (index_file.exists() and index_doc(data_dir)["last"] >= N_EVENTS):

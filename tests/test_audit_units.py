@@ -137,7 +137,8 @@ def test_the_pull_connection_reads_messages_statuses_and_pings_in_any_split(step
     assert msgs == [(b"$JS.ACK.S.archiver.1.9.9.1.0",
                      b"NATS/1.0\r\nNats-Stream-Source: SRC 5 > > a.b\r\n\r\n", b"\xa1\x61x\x01"),
                     (b"$JS.ACK.S.archiver.1.10.10.1.0", b"", b"xyz")]
-    assert statuses == [(3, b"NATS/1.0 408 Request Timeout")]
+    assert statuses == [(3, b"NATS/1.0 408 Request Timeout\r\nNats-Pending-Messages: 10\r\n"
+                             b"\r\n")]
     assert b'"user":"u","pass":"p"' in got and b"SUB %s.* 1\r\n" % prefix in got
     assert (b'PUB $JS.API.CONSUMER.MSG.NEXT.S.archiver %s.3 54\r\n{"batch":100,"max_bytes":'
             b'1048576,"expires":5000000000}\r\n' % prefix) in got
@@ -373,3 +374,30 @@ def test_housekeeping_compacts_closed_hours_only(tmp_path: Path) -> None:
         _commit(arch2.root, src2.index, _part(arch2.root, src2.index, first, first + 9))
     arch2.compact_source(src2)  # written just now: left alone
     assert len(src2.index.parts) == 2
+
+
+@pytest.mark.parametrize("header, owed", [
+    (b"NATS/1.0 408 Request Timeout\r\nNats-Pending-Messages: 1500\r\n"
+     b"Nats-Pending-Bytes: 0\r\n\r\n", 1500),
+    (b"NATS/1.0 409 Exceeded MaxWaiting\r\n\r\n", None),
+])
+def test_pending_messages(header: bytes, owed: int | None) -> None:
+    from mixer.jspull import pending_messages
+
+    assert pending_messages(header) == owed
+
+
+def test_a_batch_completed_status_keeps_what_the_next_request_owes(tmp_path: Path) -> None:
+    """nats-server says ``409 Batch Completed`` when a pull was served whole; taking it as
+    "nothing more will come" zeroed the count of the request sent at half-way, so requests
+    piled up until the server cut the archiver off as a slow consumer (MaxPending)."""
+    arch, src = _archiver(tmp_path)
+    arch.sources.append(src)
+    src.asked = 2000
+    arch.on_status(0, b"NATS/1.0 409 Batch Completed\r\n\r\n")
+    assert src.asked == 2000
+    arch.on_status(0, b"NATS/1.0 408 Request Timeout\r\nNats-Pending-Messages: 1500\r\n\r\n")
+    assert src.asked == 500
+    arch.on_status(0, b"NATS/1.0 409 Exceeded MaxWaiting\r\n\r\n")
+    assert src.asked == 0
+

@@ -14,6 +14,7 @@ import signal
 from pathlib import Path
 
 import nats
+import psutil
 import pyarrow.parquet as pq
 import pytest
 from mixerutil import (
@@ -72,6 +73,14 @@ def test_two_racks_events_are_archived_exactly_once_and_verify(tmp_path):
         archiver = status["processes"][1]["pid"]
         wait_until(lambda: all(_archived(hub, r) >= 500 for r in ids), 60, "some archived")
         os.kill(archiver, signal.SIGKILL)  # mid-stream: restarted, nothing lost or doubled
+        wait_until(lambda: m.state()["processes"][1]["pid"] not in (None, archiver), 20,
+                   "the archiver restarted")
+        again = psutil.Process(m.state()["processes"][1]["pid"])
+        wait_until(lambda: again.children(), 20, "its writer process")
+        # the writer dies under it: the archiver says so, exits 1, and starts again
+        again.children()[0].kill()
+        wait_until(lambda: m.state()["processes"][1]["restarts"] >= 2, 30,
+                   "the archiver restarted after its writer died")
         for r in ids:
             wait_until(lambda r=r: _archived(hub, r) >= total, 60, f"{r} all archived")
         hub_counts = [asyncio.run(hub_count(hub, f"EV_{r}")) for r in ids]
@@ -105,7 +114,9 @@ def test_two_racks_events_are_archived_exactly_once_and_verify(tmp_path):
         for x in rows:  # the chain, recomputed here
             h = hashlib.sha256(h + x["cbor"]).digest()
             assert x["chain"] == h
-    assert "archiver" in m.output() and "mixer stopped cleanly" in m.output()
+    assert "archiver stopped: the writer cannot take rack=" in m.output() or \
+        "archiver stopped: writing the archive of rack=" in m.output()
+    assert "mixer stopped cleanly" in m.output()
 
 
 async def _purge(rack: RackProcess, stream: str, keep_from: int) -> tuple[int, int]:
