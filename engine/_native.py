@@ -1,9 +1,9 @@
 """Which C extensions this process uses, and why not when it does not.
 
 fluxrig has two C extensions (``engine._ringcore``: the ring's loops and ordered loads and
-stores; ``engine._cborcore``: the deterministic CBOR encoder) and a pure-Python twin of each
-(``engine._ringpy`` with the Python branch of ``engine._ordering``; the reference encoder in
-``engine.cbor``). An install without a compiler has no extensions (``setup.py`` skips what
+stores; ``engine._cborcore``: the deterministic CBOR encoder and the common-subset decoder)
+and a pure-Python twin of each (``engine._ringpy`` with the Python branch of
+``engine._ordering``; the reference encoder in ``engine.cbor``, cbor2's decoder). An install without a compiler has no extensions (``setup.py`` skips what
 does not build); ``FLUXRIG_PURE_PYTHON=1`` refuses them even when they are built, so tests
 can run the Python path on a machine that has both.
 

@@ -91,7 +91,7 @@ from mixer.auditfiles import (  # noqa: E402
     write_tmp,
 )
 from mixer.auditquery import open_views  # noqa: E402
-from mixer.auditrow import GENESIS, Batch  # noqa: E402
+from mixer.auditrow import GENESIS, SCHEMA, Batch  # noqa: E402
 from mixer.auditverify import ok, verify  # noqa: E402
 from mixer.settings import AuditSettings  # noqa: E402
 from perf.baselines.nats_archiver import run_baseline  # noqa: E402
@@ -490,7 +490,8 @@ def query_archive(cache: Path, events: int) -> tuple[Path, dict[str, Any]]:
     """The generated archive of ``events`` (made now, or reused when its manifest matches):
     its audit root and manifest."""
     want = {"version": GEN_VERSION, "events": events, "racks": list(QUERY_RACKS),
-            "days": QUERY_DAYS, "first_day": QUERY_FIRST_DAY}
+            "days": QUERY_DAYS, "first_day": QUERY_FIRST_DAY,
+            "schema": [f.name for f in SCHEMA]}  # the writer's columns changed: make it again
     d = cache / f"audit-{events}"
     manifest = d / "manifest.json"
     if manifest.exists():
