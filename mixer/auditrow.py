@@ -27,7 +27,7 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Any, Final
 
 import pyarrow as pa  # type: ignore[import-untyped]
 
@@ -188,11 +188,11 @@ class Batch:
             cols[col] = values
         arrays = []
         for f in SCHEMA:
-            values = cols[f.name]
+            column: Any = cols[f.name]
             try:
-                arrays.append(pa.array(values, f.type))
+                arrays.append(pa.array(column, f.type))
             except (pa.ArrowInvalid, pa.ArrowTypeError):  # a non-text value: null it
-                arrays.append(pa.array([v if type(v) is str else None for v in values],
+                arrays.append(pa.array([v if type(v) is str else None for v in column],
                                        f.type))
         return pa.Table.from_arrays(arrays, schema=SCHEMA)
 

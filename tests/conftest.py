@@ -39,3 +39,13 @@ def nats_server(tmp_path):
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture
+def peers():
+    """Independent peers (acquirers, issuers, proxies) on a thread of their own."""
+    from peers import PeerThread
+
+    p = PeerThread()
+    yield p
+    p.stop()

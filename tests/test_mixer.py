@@ -12,7 +12,6 @@ import signal
 import time
 import urllib.request
 
-import pytest
 import yaml
 from mixerutil import (
     LinkProxy,
@@ -29,15 +28,7 @@ from mixerutil import (
     wait_until,
     write_settings,
 )
-from peers import PeerThread
 from rackutil import RackProcess, rig, uid
-
-
-@pytest.fixture
-def peers():
-    p = PeerThread()
-    yield p
-    p.stop()
 
 
 def test_mixer_start_status_restart_and_stop(tmp_path):

@@ -16,7 +16,6 @@ from pathlib import Path
 import nats
 import psutil
 import pyarrow.parquet as pq
-import pytest
 from mixerutil import (
     LinkProxy,
     MixerProcess,
@@ -30,7 +29,6 @@ from mixerutil import (
     wait_until,
     write_settings,
 )
-from peers import PeerThread
 from rackutil import RackProcess, uid
 
 from engine.cbor import loads
@@ -48,13 +46,6 @@ def _rows(hub: Path, rack: str, stream: str = "EV") -> list[dict]:
     for f in files:
         rows += pq.read_table(f, columns=["event_id", "seq", "cbor", "chain"]).to_pylist()
     return sorted(rows, key=lambda r: r["seq"])
-
-
-@pytest.fixture
-def peers():
-    p = PeerThread()
-    yield p
-    p.stop()
 
 
 def test_two_racks_events_are_archived_exactly_once_and_verify(tmp_path):

@@ -21,7 +21,7 @@ from collections import Counter
 
 import pytest
 import scenarios
-from peers import Issuer, PeerThread, pack, read_message, request_doc
+from peers import Issuer, pack, read_message, request_doc
 from rackutil import RackProcess, stream_contents, switch_rig, wait_switch_ready
 
 from engine.frame import decode as decode_frame
@@ -66,13 +66,6 @@ def _raw(doc: dict, patch: tuple[bytes, bytes] | None = None) -> bytes:
         assert patch[0] in body
         body = body.replace(patch[0], patch[1], 1)
     return len(body).to_bytes(2, "big") + body
-
-
-@pytest.fixture
-def peers():
-    t = PeerThread()
-    yield t
-    t.stop()
 
 
 def test_hostile_requests_get_their_answer_an_audit_event_and_no_log_injection(tmp_path,
