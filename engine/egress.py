@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import signal
 import time
 from collections import deque
@@ -42,6 +43,7 @@ from typing import Any
 from nats.js.errors import NoStreamResponseError
 
 from engine.bus import close_quietly, connect, masked_url
+from engine.cbor import CBORDecodeError, loads
 from engine.counters import ERRORS, StatDef, Stats
 from engine.frame import frame_id_of, frame_ts_of
 from engine.logutil import RateLimitedLog
@@ -60,6 +62,7 @@ STAT_DEFS = (
             "max_bytes budget (a linked rack: the hub has not taken the events yet); they "
             "wait in the rings"),
 )
+TAIL_RE = re.compile(r"^[^\s.*>]+(\.[^\s.*>]+)*$")  # a subject tail: no wildcard, no space
 BUDGET_FULL = 10077  # JetStream's err_code for "maximum bytes exceeded" with discard new
 
 
@@ -137,15 +140,30 @@ class EgressProcess:
         await close_quietly(self.nc)
         self.nc = None
 
+    def _subject_of(self, prefix: str, payload: bytes) -> str:
+        """A ``<prefix>.>`` route's subject for one frame: the prefix and the frame's
+        ``subject`` header; ``<prefix>._unrouted`` (logged) when it has none or a bad one."""
+        try:
+            tail = loads(payload)["headers"].get("subject")
+        except (CBORDecodeError, KeyError, TypeError, AttributeError):
+            tail = None
+        if isinstance(tail, str) and TAIL_RE.match(tail):
+            return prefix + tail
+        self.ratelog.error("unrouted", "frame without a valid subject header published to "
+                           "%s_unrouted: id=%s", prefix, frame_id_of(payload).hex())
+        return prefix + "_unrouted"
+
     def _send(self, lane: int, views: list[memoryview]) -> _Batch:
         route = self.plan.routes[lane]
         messages = []
         stamps = []
         nbytes = 0
+        prefix = route.subject[:-1] if route.subject.endswith(".>") else None
         for view in views:
             payload = bytes(view)
             msg_id = frame_id_of(payload).hex()
-            messages.append((route.subject, msg_id, payload))
+            subject = route.subject if prefix is None else self._subject_of(prefix, payload)
+            messages.append((subject, msg_id, payload))
             ts = frame_ts_of(payload)
             if ts is not None:
                 stamps.append(ts)
@@ -161,7 +179,11 @@ class EgressProcess:
         subject, msg_id, payload = batch.messages[-1]
         if len(batch.messages) > 1:
             wire = self._subjects[batch.lane]
-            blob = b"".join([hpub(wire, m.encode(), p) for _, m, p in batch.messages[:-1]])
+            if wire.endswith(b".>"):  # per-frame subjects
+                blob = b"".join([hpub(s.encode(), m.encode(), p)
+                                 for s, m, p in batch.messages[:-1]])
+            else:
+                blob = b"".join([hpub(wire, m.encode(), p) for _, m, p in batch.messages[:-1]])
             await self.nc._send_command(blob)
         batch.ack = await self.js.publish_async(
             subject, payload, headers={"Nats-Msg-Id": msg_id})

@@ -204,7 +204,9 @@ class Reader:
     def number(self, name: str) -> float:
         """A finite number ``name`` within the key's bounds."""
         key = self._key(name, NUMBER)
-        return get_float(self.values, name, self.at, _seconds(key, self._default(key, None)),
+        default = self._default(key, None)  # None: an optional key, read when given
+        return get_float(self.values, name, self.at,
+                         None if default is None else _seconds(key, default),  # type: ignore[arg-type]
                          key.minimum or 0.0, key.exclusive,
                          1e9 if key.maximum is None else key.maximum)
 

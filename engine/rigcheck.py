@@ -24,6 +24,8 @@ class CheckResult:
     Attributes:
         file: the path as given.
         ok: True when the rig would start (as far as can be known without starting it).
+        notes: what gears say about their work (``Gear.describe``), as (pipeline.gear,
+            lines), e.g. the modbus source's request plan.
         rack, data_dir, nats, pipelines, stages, listeners: what it would run (ok only);
             ``nats`` is ``embedded`` plus address, or the external URL with any password
             masked; ``listeners`` are ``(pipeline.gear, host, port)``.
@@ -40,6 +42,7 @@ class CheckResult:
     pipelines: int = 0
     stages: int = 0
     listeners: tuple[tuple[str, str, int], ...] = field(default=())
+    notes: tuple[tuple[str, tuple[str, ...]], ...] = field(default=())  # (gear, lines)
     error_path: str = ""
     error: str = ""
     text: str = ""
@@ -52,7 +55,8 @@ class CheckResult:
                               "text": self.text}}
         return {"file": self.file, "ok": True, "rack": self.rack, "data_dir": self.data_dir,
                 "nats": self.nats, "pipelines": self.pipelines, "stages": self.stages,
-                "listeners": [{"gear": g, "host": h, "port": p} for g, h, p in self.listeners]}
+                "listeners": [{"gear": g, "host": h, "port": p} for g, h, p in self.listeners],
+                "notes": {g: list(lines) for g, lines in self.notes}}
 
 
 def _summary(file: str, cfg: RigConfig) -> CheckResult:
@@ -71,8 +75,12 @@ def _summary(file: str, cfg: RigConfig) -> CheckResult:
     if clash:
         return CheckResult(file=file, ok=False, error_path=clash[0], error=clash[1],
                            text=f"{file}: {clash[0]}: {clash[1]}")
+    notes = tuple(
+        (f"{p.name}.{g.name}", lines)
+        for p in cfg.pipelines for g in (p.source, *p.stages, *p.sinks)
+        if (lines := gear_class(g.gear, Gear).describe(g.settings)))
     return CheckResult(
-        file=file, ok=True, rack=cfg.rack_id, data_dir=str(cfg.data_dir),
+        file=file, ok=True, rack=cfg.rack_id, data_dir=str(cfg.data_dir), notes=notes,
         nats=masked_url(nats.url) if nats.url else
         f"embedded, nats://{nats.host}:{nats.port or '<free port chosen at start>'}",
         pipelines=len(cfg.pipelines), stages=sum(len(p.stages) for p in cfg.pipelines),
@@ -114,4 +122,7 @@ def summary_lines(result: CheckResult) -> list[str]:
              f"  data_dir: {result.data_dir}",
              f"  nats: {result.nats}"]
     lines += [f"  listens: {gear} on {host}:{port}" for gear, host, port in result.listeners]
+    for gear, notes in result.notes:
+        lines.append(f"  {gear}:")
+        lines += [f"    {line}" for line in notes]
     return lines

@@ -133,6 +133,12 @@ class Gear:
         return ()
 
     @classmethod
+    def describe(cls, settings: Any) -> tuple[str, ...]:
+        """Lines ``engine check`` prints about what this gear will do (e.g. the modbus
+        source's request plan); default: none."""
+        return ()
+
+    @classmethod
     def min_ring_capacity(cls, settings: Any) -> int:
         """The smallest ``rings.capacity`` this gear works with (a record may take 1/8)."""
         return 0
@@ -208,6 +214,7 @@ _BUILTIN: Mapping[str, str] = {
     "stdout": "gears.io.stdout:StdoutSink",
     "egress": "gears.egress:Egress",
     "iso8583": "gears.iso8583.gear:SwitchGear",
+    "modbus": "gears.modbus.gear:ModbusSource",
 }
 
 

@@ -503,6 +503,23 @@ GEAR_SETTINGS: dict[str, dict[str, Any]] = {
         "saf": {"enabled": True, "stream": "SAF", "retry_interval": "5s", "retry_limit": 3,
                 "expire_after": "24h", "inter_delay": "50ms"},
         "idle_spin_us": 0, "pan_luhn": False, "max_inflight": 64},
+    "modbus": {
+        "uns": {"enterprise": "E", "site": "S", "area": "A", "line": "L", "cell": "C"},
+        "groups": {"g": {"interval": "1s"}},
+        "devices": [{
+            "name": "d", "host": "127.0.0.1", "port": 502, "unit": 1, "timeout": "1s",
+            "max_outstanding": 1, "reconnect_min": "500ms", "reconnect_max": "30s",
+            "pause_after_connect": "0s", "one_request_per_tag": False, "max_gap": 10,
+            "max_registers": 125, "max_bits": 2000, "address_base": 0, "stale_after": 3,
+            "uns": {"enterprise": "E", "site": "S", "area": "A", "line": "L", "cell": "C",
+                    "device": "D"},
+            "tags": [{"name": "t", "register": "holding", "address": 0, "type": "bool",
+                      "order": "ABCD", "bit": 3, "scale": 1, "offset": 0, "unit": "",
+                      "group": "g", "deadband": 0.5, "publish": "on_change",
+                      "heartbeat": "60s", "isolate": False, "writable": True, "min": 0,
+                      "max": 1, "uns": {"enterprise": "E", "site": "S", "area": "A",
+                                        "line": "L", "cell": "C", "device": "D",
+                                        "tag": "T"}}]}]},
 }
 
 

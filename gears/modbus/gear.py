@@ -1,0 +1,334 @@
+"""The ``modbus`` source: polls Modbus TCP devices and emits a ``uns.sample`` frame for every
+tag value worth publishing — the asyncio shell around ``codec``, ``planner``, ``sample``
+and ``mbap``.
+
+Theory of operation
+-------------------
+``--workers N`` runs N replicas; a device is polled by exactly one of them (a stable hash of
+its name modulo N). Each device has one ``DevicePoller``: one TCP connection (reconnected
+with exponential back-off and jitter, ``pause_after_connect`` after each connect), one
+task per poll group. A group's cycles start on a fixed schedule (``interval`` apart from
+the first; a cycle that overran makes the next start at once and is counted late, the
+missed slots skipped, never queued). A cycle sends the group's reads (the plan), at most
+``max_outstanding`` in flight (matched to responses by transaction id), slices each
+response by the plan's tag offsets, decodes and scales each tag and hands it to its
+``TagState``, which says whether to publish. What a cycle publishes is emitted together
+(``await emit``: a full ring holds the poller back, and its next cycles start late).
+
+Failures: a request that times out makes its tags ``bad: timeout``; an exception response
+``bad: exception N (...)``; a lost connection makes every tag of the device ``bad:
+disconnected`` until it is back. A bad state is published once per change (``TagState``),
+so a dead device costs one sample per tag, not one per poll. Counted per device:
+requests, exceptions, timeouts, reconnects, late cycles.
+
+Frame: kind ``uns.sample``, ``src`` ``modbus:<device>``, header ``subject`` = the tag's UNS
+path (the egress sink ``uns.v1.>`` completes its subject with it), body ``{path, value,
+unit, quality, ts_source, ts}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+import zlib
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from engine.counters import StatDef, Stats
+from engine.frame import Frame, uuid7
+from engine.schema import At
+from gears.base import GearContext, Source
+from gears.modbus import mbap
+from gears.modbus.codec import CodecError, scaled
+from gears.modbus.planner import Read, plan_text
+from gears.modbus.sample import Sample, TagState
+from gears.modbus.settings import (
+    MODBUS,
+    DeviceSettings,
+    ModbusSettings,
+    TagSettings,
+    parse_modbus,
+)
+
+KIND = "uns.sample"
+STATS = (("requests", "counter", "Modbus requests sent"),
+         ("exceptions", "counter", "exception responses"),
+         ("timeouts", "counter", "requests not answered within the device's timeout"),
+         ("reconnects", "counter", "connections made again after a loss"),
+         ("late", "counter", "poll cycles that started late (the previous one overran)"),
+         ("connected", "gauge", "1 while the device's connection is up"))
+
+
+def shard(device: str, replicas: int) -> int:
+    """The replica that polls ``device`` (stable across restarts and processes)."""
+    return zlib.crc32(device.encode()) % replicas
+
+
+class DeviceDown(ConnectionError):
+    """The device's connection is gone (or was never made)."""
+
+
+class Link(asyncio.Protocol):
+    """One connection to a device: requests out, responses matched by transaction id."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.reader = mbap.Reader()
+        self.waiting: dict[int, asyncio.Future[mbap.Response]] = {}
+        self.closed = asyncio.get_running_loop().create_future()
+        self.tid = random.randrange(65536)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            responses = self.reader.feed(data)
+        except mbap.ModbusProtocolError as exc:
+            self._fail(exc)
+            return
+        for r in responses:
+            fut = self.waiting.pop(r.tid, None)
+            if fut is not None and not fut.done():
+                fut.set_result(r)  # (a late answer to a request that timed out: dropped)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._fail(exc or DeviceDown("connection closed by the device"))
+
+    def _fail(self, exc: Exception) -> None:
+        for fut in self.waiting.values():
+            if not fut.done():
+                fut.set_exception(DeviceDown(str(exc)))
+        self.waiting.clear()
+        if not self.closed.done():
+            self.closed.set_result(None)
+        if self.transport is not None:
+            self.transport.abort()
+
+    async def request(self, build: Callable[[int], bytes], timeout: float) -> mbap.Response:
+        """Send the request ``build(tid)``; its response.
+
+        Raises:
+            TimeoutError: no answer within ``timeout``.
+            DeviceDown: the connection is gone.
+        """
+        if self.transport is None or self.closed.done():
+            raise DeviceDown("not connected")
+        self.tid = (self.tid + 1) & 0xFFFF
+        tid = self.tid
+        fut = asyncio.get_running_loop().create_future()
+        self.waiting[tid] = fut
+        self.transport.write(build(tid))
+        try:
+            return await asyncio.wait_for(fut, timeout)
+        finally:
+            self.waiting.pop(tid, None)
+
+    def close(self) -> None:
+        """Close the connection."""
+        if self.transport is not None:
+            self.transport.close()
+
+
+class DevicePoller:
+    """One device: its connection, its groups' cycles, its tags' states (module doc)."""
+
+    def __init__(self, dev: DeviceSettings, groups: dict[str, float], stats: Stats | None,
+                 stat_base: int, publish: Callable[[list[Frame]], Awaitable[None]]):
+        self.dev = dev
+        self.groups = groups
+        self.stats = stats
+        self.base = stat_base
+        self.publish = publish
+        self.states = {t.name: TagState(t.publishing) for t in dev.tags}
+        self.tags = {t.name: t for t in dev.tags}
+        self.link: Link | None = None
+        self.up = asyncio.Event()
+        self.slots = asyncio.Semaphore(dev.max_outstanding)
+
+    def _count(self, i: int, n: int = 1) -> None:
+        if self.stats is not None:
+            self.stats.add(self.base + i, n)
+
+    async def run(self, stopping: asyncio.Event) -> None:
+        """Connect, poll every group, until ``stopping``."""
+        tasks = [asyncio.create_task(self._connection(stopping))]
+        tasks += [asyncio.create_task(self._group(g, stopping)) for g in self.dev.plan.groups]
+        try:
+            await stopping.wait()
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            if self.link is not None:
+                self.link.close()
+
+    async def _connection(self, stopping: asyncio.Event) -> None:
+        d = self.dev
+        wait = d.reconnect_min
+        first = True
+        loop = asyncio.get_running_loop()
+        while not stopping.is_set():
+            try:
+                _, link = await asyncio.wait_for(
+                    loop.create_connection(Link, d.host, d.port), d.timeout)
+            except (OSError, TimeoutError):
+                await self._all_bad("disconnected")
+                await _sleep(stopping, wait * random.uniform(0.8, 1.2))
+                wait = min(wait * 2, d.reconnect_max)
+                continue
+            if d.pause_after_connect:
+                await _sleep(stopping, d.pause_after_connect)
+            if not first:
+                self._count(3)
+            first = False
+            wait = d.reconnect_min
+            self.link = link
+            if self.stats is not None:
+                self.stats.set(self.base + 5, 1)
+            self.up.set()
+            await link.closed
+            self.up.clear()
+            self.link = None
+            if self.stats is not None:
+                self.stats.set(self.base + 5, 0)
+            await self._all_bad("disconnected")
+
+    async def _all_bad(self, reason: str) -> None:
+        now = time.time_ns()
+        await self._emit([(t, s) for t in self.dev.tags
+                          if (s := self.states[t.name].bad(reason, now)) is not None])
+
+    async def _group(self, group: str, stopping: asyncio.Event) -> None:
+        interval = self.groups[group]
+        reads = self.dev.plan.group_reads(group)
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        while not stopping.is_set():
+            if self.up.is_set():
+                found = await asyncio.gather(*(self._read(r) for r in reads))
+                now = time.time_ns()
+                out = [x for batch in found for x in batch]
+                for r in reads:
+                    for slot in r.tags:
+                        if (s := self.states[slot.tag.name].tick(now)) is not None:
+                            out.append((self.tags[slot.tag.name], s))
+                await self._emit(out)
+            start += interval
+            if loop.time() > start:  # overran: the next starts now, missed slots skipped
+                self._count(4)
+                start = loop.time()
+            await _sleep(stopping, start - loop.time())
+
+    async def _read(self, read: Read) -> list[tuple[TagSettings, Sample]]:
+        d = self.dev
+        fn = read.function
+        link = self.link
+        async with self.slots:
+            self._count(0)
+            try:
+                if link is None:
+                    raise DeviceDown("not connected")
+                resp = await link.request(
+                    lambda tid: mbap.read_request(tid, d.unit, fn, read.address, read.count),
+                    d.timeout)
+            except TimeoutError:
+                self._count(2)
+                return self._bad(read, "timeout")
+            except DeviceDown:
+                return self._bad(read, "disconnected")
+        now = time.time_ns()
+        if resp.failed:
+            self._count(1)
+            return self._bad(read, resp.reason())
+        try:
+            values: list[Any] = (resp.bits(read.count) if read.register in ("coil", "discrete")
+                                 else resp.registers(read.count))
+        except mbap.ModbusProtocolError as exc:
+            return self._bad(read, f"bad response ({exc})")
+        out = []
+        for slot in read.tags:
+            tag = self.tags[slot.tag.name]
+            try:
+                raw = tag.codec.decode(values[slot.offset:slot.stop])
+            except CodecError as exc:
+                s = self.states[tag.name].bad(f"undecodable ({exc})", now)
+            else:
+                value = scaled(raw, tag.scale, tag.offset) if tag.codec.numeric else raw
+                s = self.states[tag.name].good(value, now)
+            if s is not None:
+                out.append((tag, s))
+        return out
+
+    def _bad(self, read: Read, reason: str) -> list[tuple[TagSettings, Sample]]:
+        now = time.time_ns()
+        return [(self.tags[slot.tag.name], s) for slot in read.tags
+                if (s := self.states[slot.tag.name].bad(reason, now)) is not None]
+
+    async def _emit(self, samples: list[tuple[TagSettings, Sample]]) -> None:
+        if samples:
+            src = f"modbus:{self.dev.name}"
+            await self.publish([Frame(
+                id=uuid7(s.ts), ts=s.ts, src=src, kind=KIND, headers={"subject": t.path},
+                body={"path": t.path, "value": s.value, "unit": t.unit,
+                      "quality": s.quality, "ts_source": s.ts_source, "ts": s.ts})
+                for t, s in samples])
+
+
+async def _sleep(stopping: asyncio.Event, seconds: float) -> None:
+    try:
+        await asyncio.wait_for(stopping.wait(), seconds)
+    except TimeoutError:
+        pass
+
+
+class ModbusSource(Source):
+    """Polls Modbus TCP devices into UNS samples (module doc)."""
+
+    replicated = True
+    settings_table = MODBUS
+
+    @classmethod
+    def parse_settings(cls, raw: Any, at: At) -> ModbusSettings:
+        return parse_modbus(raw, at)
+
+    @classmethod
+    def describe(cls, settings: ModbusSettings) -> tuple[str, ...]:
+        """Each device's request plan (``engine check`` prints it)."""
+        lines: list[str] = []
+        for d in settings.devices:
+            lines.append(f"device {d.name} ({d.host}:{d.port} unit {d.unit}): "
+                         f"{len(d.tags)} tags")
+            lines += ["  " + line for line in plan_text(d.plan).splitlines() if line]
+        return tuple(lines)
+
+    @classmethod
+    def stat_defs(cls, settings: ModbusSettings) -> tuple[StatDef, ...]:
+        return tuple(StatDef(f"modbus.{name}", kind, doc, (("device", d.name),))
+                     for d in settings.devices for name, kind, doc in STATS)
+
+    def __init__(self, settings: ModbusSettings, ctx: GearContext):
+        super().__init__(settings, ctx)
+        self.mine = [(i, d) for i, d in enumerate(settings.devices)
+                     if shard(d.name, ctx.replicas) == ctx.replica]
+
+    async def run(self, emit: Callable[[list[Frame]], Awaitable[None]],
+                  stopping: asyncio.Event) -> None:
+        s: ModbusSettings = self.settings
+        lock = asyncio.Lock()  # one emit at a time: frames of a cycle stay together
+
+        async def publish(frames: list[Frame]) -> None:
+            async with lock:
+                await emit(frames)
+
+        pollers = [DevicePoller(d, dict(s.groups), self.ctx.stats, i * len(STATS), publish)
+                   for i, d in self.mine]
+        self.ctx.log.info("modbus polling: devices=%s (replica %d of %d)",
+                          ",".join(p.dev.name for p in pollers) or "-", self.ctx.replica,
+                          self.ctx.replicas)
+        await asyncio.gather(*(p.run(stopping) for p in pollers))
+
+
+__all__ = ["DevicePoller", "KIND", "ModbusSource", "shard"]
