@@ -417,6 +417,151 @@ def keys_rotate(
 iso = typer.Typer(help="ISO 8583 tools: load generator, issuer simulator, codec.",
                   no_args_is_help=True)
 app.add_typer(iso, name="iso")
+modbus = typer.Typer(help="Modbus tools: a device simulator.", no_args_is_help=True)
+app.add_typer(modbus, name="modbus")
+uns = typer.Typer(help="The rack's Unified Namespace: last values (KV bucket uns) and live "
+                  "samples.", no_args_is_help=True)
+app.add_typer(uns, name="uns")
+UNS_BUCKET = "uns"
+
+
+def _rack_bus(config: Path | None, data_dir: Path | None) -> tuple[str, object]:
+    """(NATS URL, auth) of a running rack."""
+    from engine.bus import load_auth
+    from engine.supervisor import running_pid
+    from engine.telemetry import read_state
+
+    d = _data_dir(config, data_dir)
+    try:
+        if running_pid(d) is None:
+            raise FileNotFoundError(d)
+        state = read_state(d)
+    except FileNotFoundError:
+        _fail(f"no rack running: data_dir={d}", 1)
+    return state["nats_url"], load_auth(d)
+
+
+async def _uns_values(url: str, auth, prefix: str) -> dict:
+    from nats.js.errors import NoKeysError, NotFoundError
+
+    from engine.bus import close_quietly, connect
+    from engine.cbor import loads
+
+    nc = await connect(url, auth, "fluxrig-uns-cli")
+    try:
+        try:
+            kv = await nc.jetstream().key_value(UNS_BUCKET)
+            keys = await kv.keys()
+        except (NotFoundError, NoKeysError):
+            return {}
+        out = {}
+        for k in keys:
+            if not prefix or k == prefix or k.startswith(prefix + "."):
+                entry = await kv.get(k)
+                out[k] = loads(entry.value)["body"]
+        return out
+    finally:
+        await close_quietly(nc)
+
+
+@uns.command("browse")
+def uns_browse(
+    prefix: str = typer.Argument("", help="a path prefix (acme.lyon): only under it"),
+    config: Path = typer.Option(None, "--config", "-c", help="rig file (YAML)"),
+    data_dir: Path = typer.Option(None, "--data-dir", help="the rack's data dir"),
+    as_json: bool = typer.Option(False, "--json", help="print {path: sample}"),
+) -> None:
+    """The UNS tree under PREFIX with every tag's last value, quality and age."""
+    import asyncio
+
+    from gears.modbus.unsview import tree
+
+    url, auth = _rack_bus(config, data_dir)
+    values = asyncio.run(_uns_values(url, auth, prefix))
+    if as_json:
+        typer.echo(json.dumps(values, indent=1, sort_keys=True))
+    elif values:
+        typer.echo(tree(values, time.time_ns()), nl=False)
+    else:
+        _fail(f"no UNS values{' under ' + prefix if prefix else ''}", 1)
+
+
+@uns.command("get")
+def uns_get(
+    path: str = typer.Argument(..., help="a tag's full path"),
+    config: Path = typer.Option(None, "--config", "-c", help="rig file (YAML)"),
+    data_dir: Path = typer.Option(None, "--data-dir", help="the rack's data dir"),
+    as_json: bool = typer.Option(False, "--json", help="print the sample as JSON"),
+) -> None:
+    """One tag's last value (exit 1 when the path has none)."""
+    import asyncio
+
+    from gears.modbus.unsview import line
+
+    url, auth = _rack_bus(config, data_dir)
+    values = asyncio.run(_uns_values(url, auth, path))
+    sample = values.get(path)
+    if sample is None:
+        _fail(f"no value for {path}", 1)
+    typer.echo(json.dumps(sample, sort_keys=True) if as_json else line(sample, time.time_ns()))
+
+
+@uns.command("watch")
+def uns_watch(
+    prefix: str = typer.Argument("", help="a path prefix: only samples under it"),
+    config: Path = typer.Option(None, "--config", "-c", help="rig file (YAML)"),
+    data_dir: Path = typer.Option(None, "--data-dir", help="the rack's data dir"),
+    as_json: bool = typer.Option(False, "--json", help="one JSON object per line"),
+    count: int = typer.Option(0, min=0, help="stop after this many samples (0: Ctrl-C)"),
+) -> None:
+    """Samples as they are published (the stream's subjects uns.v1.PREFIX.>)."""
+    import asyncio
+
+    from engine.bus import close_quietly, connect
+    from engine.cbor import loads
+    from gears.modbus.unsview import line
+
+    url, auth = _rack_bus(config, data_dir)
+    subject = f"uns.v1.{prefix}.>" if prefix else "uns.v1.>"
+
+    async def follow() -> None:
+        nc = await connect(url, auth, "fluxrig-uns-watch")
+        try:
+            sub = await nc.subscribe(subject)
+            seen = 0
+            async for msg in sub.messages:
+                body = loads(msg.data)["body"]
+                typer.echo(json.dumps(body, sort_keys=True) if as_json
+                           else line(body, time.time_ns()))
+                seen += 1
+                if count and seen >= count:
+                    return
+        finally:
+            await close_quietly(nc)
+
+    try:
+        asyncio.run(follow())
+    except KeyboardInterrupt:
+        return
+
+
+@modbus.command("sim")
+def modbus_sim(
+    devices: int = typer.Option(1, min=1, max=10_000, help="devices to simulate"),
+    port: int = typer.Option(5020, min=1, max=65535, help="first port (device i on "
+                             "port + i), or the one port with --units"),
+    units: bool = typer.Option(False, "--units", help="all devices on one port, unit ids "
+                               "1..N (a gateway)"),
+    host: str = typer.Option("127.0.0.1", help="address to listen on"),
+    registers: int = typer.Option(100, min=22, max=65536, help="registers per table"),
+    seed: int = typer.Option(0, help="seed of the random walks"),
+) -> None:
+    """Modbus TCP devices with moving values (counter, sine, random walk, float32) and fixed
+    test values; the register map is in gears/modbus/simulator.py. Runs until stopped."""
+    from gears.modbus.simulator import sim_command
+
+    raise typer.Exit(sim_command(devices=devices, port=port, units=units, host=host,
+                                 registers=registers, seed=seed))
 
 
 def _framing(prefix: str, header_len: int, max_frame: int):

@@ -276,10 +276,14 @@ def _egress(r: Reader) -> EgressConfig:
         if max_age and window > max_age:
             raise s.where("duplicate_window").error(
                 f"must not be longer than max_age ({max_age:g} s), got {window:g} s")
+        last_values = s.optional_string("last_values") or ""
+        if last_values and not any(str(x).endswith(".>") for x in subjects):
+            raise s.where("last_values").error(
+                "the stream needs a subject pattern ending in .> (its tail is the key)")
         streams.append(StreamConfig(
             name=s.string("name"), subjects=tuple(map(str, subjects)),
             storage=s.string("storage"), max_age=max_age, duplicate_window=window,
-            hub=s.boolean("hub"), max_bytes=s.size("max_bytes")))
+            hub=s.boolean("hub"), max_bytes=s.size("max_bytes"), last_values=last_values))
     names = [s.name for s in streams]
     if len(set(names)) != len(names):
         raise r.where("streams").error(f"duplicate stream names: {names}")

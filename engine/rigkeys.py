@@ -119,6 +119,11 @@ STREAM = Table("egress.streams[]", "A JetStream stream that egress creates and o
     Key("hub", BOOLEAN, "With a Mixer passport (`mixer.passport`): the hub keeps a copy "
         "(egress makes the durable consumer `hub` the hub sources it through, and the rack's "
         "hello lists the stream).", True),
+    Key("last_values", STRING, "A KV bucket holding the newest message of every subject "
+        "under the stream's first subject pattern ending in `.>` (keyed by the rest of the "
+        "subject; `uns` for the UNS): the bucket sources the stream, so it is filled by "
+        "JetStream itself, durably, with nothing published twice.", None,
+        pattern=STREAM_NAME_RE, rule="letters, digits, '-' or '_'"),
 ))
 
 EGRESS = Table("egress", "Rings -> JetStream.", (

@@ -13,6 +13,8 @@ from nats.js.api import (
     DiscardPolicy,
     RetentionPolicy,
     StorageType,
+    StreamSource,
+    SubjectTransform,
 )
 from nats.js.api import StreamConfig as JsStreamConfig
 from nats.js.errors import NotFoundError
@@ -33,6 +35,7 @@ class StreamConfig:
     hub: bool = False  # a Mixer hub sources it (through the durable consumer ``hub``)
     max_bytes: int = 0  # 0: no budget of its own
     linked: bool = False  # hub and the rack is linked: interest retention, discard new
+    last_values: str = ""  # a KV bucket that sources it (the newest message per subject)
 
 
 def js_stream_config(s: StreamConfig) -> JsStreamConfig:
@@ -108,9 +111,40 @@ async def drop_hub_consumer(js: JetStreamContext, stream: str) -> bool:
     return True
 
 
+def last_values_config(s: StreamConfig) -> JsStreamConfig:
+    """The KV bucket ``s.last_values``: a stream ``KV_<bucket>`` keeping one message per key,
+    that *sources* ``s`` with the subject transform ``<prefix>.>`` -> ``$KV.<bucket>.>`` — the
+    key of a message is the rest of its subject. Sourcing is JetStream's own reliable copy
+    (a server-side republish would be at most once), and the bucket is an ordinary KV bucket
+    for every client (``kv.get``, ``kv.keys``, ``kv.watch``)."""
+    pattern = next(x for x in s.subjects if x.endswith(".>"))
+    bucket = s.last_values
+    return JsStreamConfig(
+        name=f"KV_{bucket}", subjects=[f"$KV.{bucket}.>"],
+        storage=StorageType.FILE if s.storage == "file" else StorageType.MEMORY,
+        max_msgs_per_subject=1, discard=DiscardPolicy.NEW, allow_rollup_hdrs=True,
+        deny_delete=True, allow_direct=True,
+        sources=[StreamSource(name=s.name, subject_transforms=[
+            SubjectTransform(src=pattern, dest=f"$KV.{bucket}.>")])])
+
+
+async def ensure_last_values(js: JetStreamContext, s: StreamConfig) -> None:
+    """Create ``s``'s last-values bucket if missing (``last_values_config``)."""
+    cfg = last_values_config(s)
+    try:
+        await js.stream_info(cfg.name)
+    except NotFoundError:
+        await js.add_stream(cfg)
+
+
 async def ensure_streams(js: JetStreamContext, streams: list[StreamConfig]) -> dict[str, int]:
-    """``ensure_stream`` for each; their last sequences by name."""
-    return {s.name: await ensure_stream(js, s) for s in streams}
+    """``ensure_stream`` for each (and its last-values bucket); their last sequences."""
+    out = {}
+    for s in streams:
+        out[s.name] = await ensure_stream(js, s)
+        if s.last_values:
+            await ensure_last_values(js, s)
+    return out
 
 
 def subject_matches(pattern: str, subject: str) -> bool:

@@ -200,6 +200,7 @@ class Supervisor:
         subjects = sorted({subject for st in streams for subject in st.subjects})
         roles["egress"] = Permissions(publish=(
             *subjects, *stream_admin(s.name for s in streams),
+            *stream_admin(f"KV_{s.last_values}" for s in cfg.egress.streams if s.last_values),
             *(p for s in cfg.egress.streams if s.hub for p in hub_consumer_admin(s.name))))
         if cfg.passport is not None:
             roles["hublink"] = self._hublink_permissions()

@@ -253,7 +253,7 @@ BAD = [
     # pipelines: gears
     ("gear-unknown", {"pipelines.0.stages.0.gear": "iso8538"},
      "pipelines[0].stages[0].gear: unknown gear 'iso8538' "
-     "(known: egress, file, generator, iso8583, mapping, stdout)"),
+     "(known: egress, file, generator, iso8583, mapping, modbus, stdout)"),
     ("sink-as-stage", {"pipelines.0.stages.0.gear": "file"},
      "pipelines[0].stages[0].gear: gear 'file' is a sink, expected a stage"),
     ("stage-as-source", {"pipelines.0.source.gear": "mapping"},
@@ -297,7 +297,7 @@ BAD = [
     # egress subjects against streams
     ("egress-subject-wildcard", {"pipelines.0.sinks.0.settings.subject": "fx.*"},
      "pipelines[0].sinks[0].settings.subject: invalid value 'fx.*' "
-     "(expected a NATS subject without wildcards)"),
+     "(expected a NATS subject without wildcards, or one ending in .>)"),
     ("egress-subject-uncaptured", {"pipelines.0.sinks.0.settings.subject": "other.events"},
      "pipelines[0].sinks[0].settings.subject: subject 'other.events' must be captured by exactly "
      "one egress stream, captured by none"),
@@ -457,7 +457,7 @@ def test_cli_check_refuses_a_bad_config_with_exit_2(tmp_path):
     assert result.stdout == ""
     assert result.stderr == (
         f"error: {path}: pipelines[0].stages[0].gear: unknown gear 'iso8538' "
-        "(known: egress, file, generator, iso8583, mapping, stdout)\n"
+        "(known: egress, file, generator, iso8583, mapping, modbus, stdout)\n"
     )
 
 
