@@ -506,6 +506,68 @@ def uns_get(
     typer.echo(json.dumps(sample, sort_keys=True) if as_json else line(sample, time.time_ns()))
 
 
+@uns.command("set")
+def uns_set(
+    path: str = typer.Argument(..., help="a writable tag's full path"),
+    value: str = typer.Argument(..., help="the value: a number, true/false, or text"),
+    config: Path = typer.Option(None, "--config", "-c", help="rig file (YAML)"),
+    data_dir: Path = typer.Option(None, "--data-dir", help="the rack's data dir"),
+    who: str = typer.Option(None, "--as", help="who asks (kept in the audit event; default: "
+                            "user@host)"),
+    as_json: bool = typer.Option(False, "--json", help="print the answer as JSON"),
+    timeout: float = typer.Option(10.0, min=0.1, help="seconds to wait for the answer"),
+) -> None:
+    """Write a value to a tag (writable: true in the rig): range-checked, encoded with the
+    tag's type and order, written in order with the device's other writes, read back to
+    confirm, and kept as an audit event (stream UNS_WRITES). Exit 0 when confirmed, 1 when
+    refused or failed (the reason is printed)."""
+    import asyncio
+    import getpass
+    import secrets
+    import socket
+
+    from engine.bus import close_quietly, connect
+    from engine.telemetry import read_state
+    from gears.modbus.write import reply_prefix, set_subject
+
+    url, auth = _rack_bus(config, data_dir)
+    rack = read_state(_data_dir(config, data_dir))["rack"]
+    try:
+        parsed: object = json.loads(value)
+    except ValueError:
+        parsed = value  # bare text
+    asker = who or f"{getpass.getuser()}@{socket.gethostname()}"
+
+    async def ask() -> dict | None:
+        nc = await connect(url, auth, "fluxrig-uns-set")
+        try:
+            reply = f"{reply_prefix(rack)}.{secrets.token_hex(8)}"
+            sub = await nc.subscribe(reply, max_msgs=1)
+            await nc.publish(set_subject(rack, path), json.dumps(
+                {"value": parsed, "who": asker}).encode(), reply=reply)
+            try:
+                msg = await sub.next_msg(timeout=timeout)
+            except Exception:
+                return None
+            return json.loads(msg.data)
+        finally:
+            await close_quietly(nc)
+
+    answer = asyncio.run(ask())
+    if answer is None:
+        _fail(f"no answer for {path} (no modbus source with writable tags runs here?)", 1)
+    if as_json:
+        typer.echo(json.dumps(answer, sort_keys=True))
+    elif answer["result"] == "confirmed":
+        typer.echo(f"{path}: {answer.get('old')} -> {answer.get('new')} (read back "
+                   f"{answer.get('read_back')})")
+    else:
+        typer.echo(f"error: {path}: {answer['result']}: {answer.get('reason', '')}",
+                   err=True)
+    if answer["result"] != "confirmed":
+        raise typer.Exit(1)
+
+
 @uns.command("watch")
 def uns_watch(
     prefix: str = typer.Argument("", help="a path prefix: only samples under it"),

@@ -24,7 +24,11 @@ TAGS = [{"name": "cycles", "register": "holding", "address": 0, "publish": "ever
         {"name": "temp", "register": "holding", "address": 3, "type": "float32",
          "unit": "degC"},
         {"name": "serial", "register": "holding", "address": 16, "type": "string(12)"},
-        {"name": "running", "register": "coil", "address": 0}]
+        {"name": "running", "register": "coil", "address": 0, "writable": True},
+        {"name": "setpoint", "register": "holding", "address": 15, "writable": True,
+         "min": 0, "max": 3000, "scale": 0.5},
+        {"name": "door", "register": "holding", "address": 14, "type": "bool", "bit": 1,
+         "writable": True}]
 
 
 def _engine(*args: str) -> subprocess.CompletedProcess[str]:
@@ -84,6 +88,18 @@ def test_devices_are_sharded_their_samples_reach_the_uns_and_the_kv_survives_a_r
             missing = _engine("uns", "get", "acme.nowhere", "--data-dir", data)
             watched = _engine("uns", "watch", "acme.lyon.press.l7.c1.press-3", "--data-dir",
                               data, "--json", "--count", "3")
+            sp = "acme.lyon.press.l7.c1.press-1.setpoint"
+            writes = [_engine("uns", "set", sp, "600", "--data-dir", data, "--as", "alice",
+                              "--json"),
+                      _engine("uns", "set", sp, "4000", "--data-dir", data, "--as", "bob"),
+                      _engine("uns", "set", "acme.lyon.press.l7.c1.press-1.temp", "1",
+                              "--data-dir", data),
+                      _engine("uns", "set", "acme.lyon.press.l7.c1.press-1.door", "true",
+                              "--data-dir", data),
+                      _engine("uns", "set", "acme.lyon.press.l7.c1.press-1.running", "false",
+                              "--data-dir", data),
+                      _engine("uns", "set", "acme.nowhere.x", "1", "--data-dir", data)]
+            device_words = sim.get_registers(1, 14, 2)
             sim.down(2)  # one device goes away
             down = "acme.lyon.press.l7.c1.press-2"
             rack.wait_for(lambda: all(v["quality"] == "bad: disconnected"
@@ -120,6 +136,23 @@ def test_devices_are_sharded_their_samples_reach_the_uns_and_the_kv_survives_a_r
     lines = [json.loads(x) for x in watched.stdout.splitlines()]
     assert len(lines) == 3 and all(x["path"].startswith("acme.lyon.press.l7.c1.press-3.")
                                    for x in lines)
+    # writes: confirmed and read back, refused with the reason, every one audited
+    ok = json.loads(writes[0].stdout)
+    assert writes[0].returncode == 0 and ok["result"] == "confirmed"
+    assert ok["read_back"] == 600 and ok["who"] == "alice"
+    assert writes[1].returncode == 1 and "4000 is above the tag's max 3000" in writes[1].stderr
+    assert writes[2].returncode == 1 and "is not writable" in writes[2].stderr
+    assert writes[3].returncode == 0 and writes[4].returncode == 0, (writes[3].stderr,
+                                                                    writes[4].stderr)
+    assert "no tag at acme.nowhere.x on this rack" in writes[5].stderr
+    assert device_words == [0xA5C3 | 0b10, 1200]  # bit 1 set, 600 / scale 0.5
+    audit = read_store(tmp_path / "data", rack.state["rack"], "UNS_WRITES",
+                       f"uns.writes.{rack.state['rack']}")
+    events = [loads(d)["body"] for _, d in audit.messages]
+    assert [(e["path"].rsplit(".", 1)[1], e["result"]) for e in events] == [
+        ("setpoint", "confirmed"), ("setpoint", "refused"), ("temp", "refused"),
+        ("door", "confirmed"), ("running", "confirmed")]
+    assert events[0]["who"] == "alice" and events[0]["new"] == 600 and events[1]["who"] == "bob"
     # every sample on uns.v1.<its path>
     subjects = {loads(d)["headers"]["subject"] for _, d in history.messages}
     assert subjects == paths

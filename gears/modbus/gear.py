@@ -35,9 +35,15 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import orjson
+from nats.aio.msg import Msg
+
+from engine.bus import Permissions, close_quietly, connect
 from engine.counters import StatDef, Stats
-from engine.frame import Frame, uuid7
+from engine.frame import Frame, encode, uuid7
+from engine.outlet import OutletSpec
 from engine.schema import At
+from engine.streams import StreamConfig
 from gears.base import GearContext, Source
 from gears.modbus import mbap
 from gears.modbus.codec import CodecError, scaled
@@ -49,6 +55,17 @@ from gears.modbus.settings import (
     ModbusSettings,
     TagSettings,
     parse_modbus,
+)
+from gears.modbus.write import (
+    WRITE_KIND,
+    WRITES_OUTLET,
+    WRITES_STREAM,
+    PlannedWrite,
+    WriteRefused,
+    check,
+    reply_prefix,
+    set_subject,
+    writes_subject,
 )
 
 KIND = "uns.sample"
@@ -149,6 +166,7 @@ class DevicePoller:
         self.link: Link | None = None
         self.up = asyncio.Event()
         self.slots = asyncio.Semaphore(dev.max_outstanding)
+        self.writing = asyncio.Lock()  # one device's writes one at a time, in order
 
     def _count(self, i: int, n: int = 1) -> None:
         if self.stats is not None:
@@ -264,6 +282,50 @@ class DevicePoller:
                 out.append((tag, s))
         return out
 
+    async def write(self, tag: TagSettings, planned: PlannedWrite) -> dict[str, Any]:
+        """Apply one checked write to ``tag`` and read it back (``gears.modbus.write``):
+        ``{result, reason, read_back}`` — ``confirmed``, ``mismatch``, ``refused`` (by the
+        device) or ``failed`` (no answer, not connected)."""
+        d = self.dev
+        async with self.writing:
+            link = self.link
+            if link is None:
+                return {"result": "failed", "reason": "device disconnected"}
+            unit, addr, codec = d.unit, tag.address, tag.codec
+            coil = codec.bit_space
+            try:
+                words = planned.words
+                if codec.bit is not None:  # read, change the bit, write back (under the lock)
+                    cur = await link.request(lambda tid: mbap.read_request(
+                        tid, unit, mbap.READ_HOLDING, addr, 1), d.timeout)
+                    if cur.failed:
+                        return {"result": "refused", "reason": cur.reason()}
+                    words = codec.encode(planned.raw, current=cur.registers(1))
+                if coil:
+                    resp = await link.request(lambda tid: mbap.write_coil_request(
+                        tid, unit, addr, bool(planned.raw)), d.timeout)
+                else:
+                    resp = await link.request(lambda tid: mbap.write_registers_request(
+                        tid, unit, addr, words), d.timeout)
+                if resp.failed:
+                    return {"result": "refused", "reason": resp.reason()}
+                fn = mbap.READ_COILS if coil else mbap.READ_HOLDING
+                n = 1 if coil else len(words)
+                back = await link.request(lambda tid: mbap.read_request(
+                    tid, unit, fn, addr, n), d.timeout)
+                if back.failed:
+                    return {"result": "failed", "reason": f"read-back: {back.reason()}"}
+                got = back.bits(1) if coil else back.registers(n)
+                value = codec.decode(got)
+            except TimeoutError:
+                return {"result": "failed", "reason": "timeout"}
+            except (DeviceDown, mbap.ModbusProtocolError, CodecError) as exc:
+                return {"result": "failed", "reason": str(exc)}
+            same = got == [bool(planned.raw)] if coil else got == words
+            shown = scaled(value, tag.scale, tag.offset) if codec.numeric else value
+            return {"result": "confirmed" if same else "mismatch", "read_back": shown,
+                    **({} if same else {"reason": "the device holds another value"})}
+
     def _bad(self, read: Read, reason: str) -> list[tuple[TagSettings, Sample]]:
         now = time.time_ns()
         return [(self.tags[slot.tag.name], s) for slot in read.tags
@@ -277,6 +339,10 @@ class DevicePoller:
                 body={"path": t.path, "value": s.value, "unit": t.unit,
                       "quality": s.quality, "ts_source": s.ts_source, "ts": s.ts})
                 for t, s in samples])
+
+
+def _writable(settings: ModbusSettings) -> bool:
+    return any(t.writable for d in settings.devices for t in d.tags)
 
 
 async def _sleep(stopping: asyncio.Event, seconds: float) -> None:
@@ -307,6 +373,23 @@ class ModbusSource(Source):
         return tuple(lines)
 
     @classmethod
+    def outlets(cls, settings: ModbusSettings, rack_id: str) -> tuple[OutletSpec, ...]:
+        """With writable tags: the ``writes`` outlet (audit events -> ``UNS_WRITES``)."""
+        if not _writable(settings):
+            return ()
+        subject = writes_subject(rack_id)
+        return (OutletSpec(name=WRITES_OUTLET, subject=subject, stream=StreamConfig(
+            name=WRITES_STREAM, subjects=(subject,), storage="file")),)
+
+    @classmethod
+    def bus_permissions(cls, settings: ModbusSettings, rack_id: str) -> Permissions | None:
+        """With writable tags: hear write requests, answer them; nothing else."""
+        if not _writable(settings):
+            return None
+        return Permissions(publish=(f"{reply_prefix(rack_id)}.>",),
+                           subscribe=(set_subject(rack_id),))
+
+    @classmethod
     def stat_defs(cls, settings: ModbusSettings) -> tuple[StatDef, ...]:
         return tuple(StatDef(f"modbus.{name}", kind, doc, (("device", d.name),))
                      for d in settings.devices for name, kind, doc in STATS)
@@ -330,7 +413,77 @@ class ModbusSource(Source):
         self.ctx.log.info("modbus polling: devices=%s (replica %d of %d)",
                           ",".join(p.dev.name for p in pollers) or "-", self.ctx.replica,
                           self.ctx.replicas)
-        await asyncio.gather(*(p.run(stopping) for p in pollers))
+        jobs = [p.run(stopping) for p in pollers]
+        if _writable(s) and self.ctx.nats_url:
+            jobs.append(self._commands(pollers, stopping))
+        await asyncio.gather(*jobs)
+
+    async def _commands(self, pollers: list[DevicePoller], stopping: asyncio.Event) -> None:
+        """Answer write requests for the tags of this replica's devices (module
+        ``gears.modbus.write``); replica 0 also answers for paths no device has."""
+        ctx = self.ctx
+        owned = {t.path: (p, t) for p in pollers for t in p.dev.tags}
+        known = {t.path for d in self.settings.devices for t in d.tags}
+        prefix = set_subject(ctx.rack_id, "")
+        replies = reply_prefix(ctx.rack_id) + "."
+        nc = await connect(ctx.nats_url, ctx.bus_auth, f"fluxrig-modbus-{ctx.replica}",
+                           max_reconnect_attempts=-1, reconnect_time_wait=0.5)
+
+        async def on_request(msg: Msg) -> None:
+            path = msg.subject[len(prefix):]
+            if path not in owned and (path in known or ctx.replica != 0):
+                return  # another replica's device
+            try:
+                req = orjson.loads(msg.data)
+                value, who = req["value"], str(req.get("who") or "unknown")[:128]
+            except (orjson.JSONDecodeError, KeyError, TypeError):
+                answer: dict[str, Any] = {"result": "refused",
+                                          "reason": "expected JSON {value, who}"}
+                value, who = None, "unknown"
+            else:
+                answer = await self._write(owned.get(path), path, value, who)
+            if msg.reply.startswith(replies):
+                await nc.publish(msg.reply, orjson.dumps(answer))
+
+        try:
+            await nc.subscribe(set_subject(ctx.rack_id), cb=on_request)
+            await stopping.wait()
+        finally:
+            await close_quietly(nc)
+
+    async def _write(self, owner: tuple[DevicePoller, TagSettings] | None, path: str,
+                     value: object, who: str) -> dict[str, Any]:
+        now = time.time_ns()
+        old = None
+        if owner is None:
+            answer: dict[str, Any] = {"result": "refused",
+                                      "reason": f"no tag at {path} on this rack"}
+        else:
+            poller, tag = owner
+            old = poller.states[tag.name].value
+            try:
+                planned = check(tag, value)
+            except WriteRefused as exc:
+                answer = {"result": "refused", "reason": str(exc)}
+            else:
+                answer = await poller.write(tag, planned)
+        answer = {"path": path, "who": who, "old": old, "new": value, **answer}
+        self.ctx.log.info("uns write: path=%s, who=%s, result=%s%s", path, who,
+                          answer["result"], f", reason={answer['reason']}"
+                          if "reason" in answer else "")
+        outlet = self.ctx.outlets.get(WRITES_OUTLET)
+        if outlet is not None and owner is not None:
+            frame = encode(Frame(id=uuid7(now), ts=now, src=f"modbus:{owner[0].dev.name}",
+                                 kind=WRITE_KIND, headers={"subject": path},
+                                 body={**answer, "ts": now}))
+            for _ in range(500):  # a full ring: wait for egress, up to ~5 s
+                if outlet.try_write([frame]):
+                    break
+                await asyncio.sleep(0.01)
+            else:
+                self.ctx.log.error("uns write audit event not stored (writes ring full): "
+                                   "path=%s, who=%s", path, who)
+        return answer
 
 
 __all__ = ["DevicePoller", "KIND", "ModbusSource", "shard"]

@@ -314,6 +314,8 @@ def _tag(t: Any, at: At, base: int, groups: Mapping[str, float], levels: dict[st
     deadband, percent = _deadband(t.raw("deadband"), t.where("deadband"))
     lo, hi = t.raw("min"), t.raw("max")
     writable = t.boolean("writable")
+    if writable and register in ("input", "discrete"):
+        raise t.where("writable").error(f"an {register} register is read-only in Modbus")
     try:
         path = path_of({**levels, "tag": name, **_uns_levels(t, "uns", LEVELS)})
     except UnsNameError as exc:
