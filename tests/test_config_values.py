@@ -466,7 +466,7 @@ def _full_rig(tmp_path: Path) -> dict[str, Any]:
                       "subject": "fx.stats"},
         "egress": {"streams": [{"name": "EV", "subjects": ["fx.>"], "storage": "file",
                                 "max_age": 0, "duplicate_window": "2m", "hub": True,
-                                "max_bytes": "1GiB"}],
+                                "max_bytes": "1GiB", "last_values": "last"}],
                    "batch": 1000, "max_inflight": 8, "ack_timeout": "5s"},
         "pipelines": [{"name": "p", "key": "headers.device",
                        "source": {"name": "src", "gear": "generator", "settings": {}},
