@@ -227,6 +227,18 @@ class DevicePoller:
         loop = asyncio.get_running_loop()
         start = loop.time()
         while not stopping.is_set():
+            if not self.up.is_set():
+                # not connected: poll as soon as the link is up (not a whole interval
+                # later), the schedule anchored there
+                waits = [asyncio.ensure_future(self.up.wait()),
+                         asyncio.ensure_future(stopping.wait())]
+                await asyncio.wait(waits, timeout=interval,
+                                   return_when=asyncio.FIRST_COMPLETED)
+                for w in waits:
+                    w.cancel()
+                start = loop.time()
+                if not self.up.is_set():
+                    continue
             if self.up.is_set():
                 found = await asyncio.gather(*(self._read(r) for r in reads))
                 now = time.time_ns()
