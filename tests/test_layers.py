@@ -11,7 +11,10 @@ ROOT = Path(__file__).resolve().parent.parent
 IO_MODULES = {"asyncio", "socket", "selectors", "multiprocessing", "typer", "nats"}
 SANS_IO = ["gears/iso8583/core.py", "gears/iso8583/validate.py", "gears/iso8583/codec.py",
            "gears/iso8583/framing.py", "gears/iso8583/matcher.py", "gears/iso8583/router.py",
-           "gears/iso8583/reversal.py", "gears/iso8583/settings.py", "engine/journal.py"]
+           "gears/iso8583/reversal.py", "gears/iso8583/settings.py", "engine/journal.py",
+           "gears/modbus/codec.py", "gears/modbus/planner.py", "gears/modbus/sample.py",
+           "gears/modbus/uns.py", "gears/modbus/mbap.py", "gears/modbus/settings.py",
+           "gears/modbus/write.py", "gears/modbus/unsview.py", "mixer/auditrow.py"]
 
 
 def _imports(path: Path) -> set[str]:
