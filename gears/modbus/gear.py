@@ -272,6 +272,11 @@ class DevicePoller:
             except DeviceDown:
                 return self._bad(read, "disconnected")
         now = time.time_ns()
+        if resp.function != fn or resp.unit != d.unit:
+            # an answer to another request under this transaction id (a device or gateway
+            # that reuses ids after a timeout): never taken as this read's values
+            return self._bad(read, f"bad response (function {resp.function}, unit "
+                             f"{resp.unit} to a function {fn} read of unit {d.unit})")
         if resp.failed:
             self._count(1)
             return self._bad(read, resp.reason())
