@@ -246,10 +246,14 @@ async def run_source(spec: ProcessSpec, rt: Runtime) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     batch_no = 0
 
-    async def emit(frames: list[Frame]) -> None:
+    async def emit(frames: list[Frame | bytes]) -> None:
         nonlocal batch_no
         per_lane: list[list[bytes]] = [[] for _ in range(lanes)]
         for frame in frames:
+            if isinstance(frame, bytes):  # encoded by the gear (engine.frame.encode_parts)
+                lane = 0 if lanes == 1 else lane_of(decode(frame), spec.key, lanes, batch_no)
+                per_lane[lane].append(frame)
+                continue
             per_lane[lane_of(frame, spec.key, lanes, batch_no)].append(encode(frame))
         batch_no += 1
         nbytes = 0

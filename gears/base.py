@@ -20,7 +20,9 @@ Life cycle (all in the gear's own process, after ``fork``):
      1:1 transform (use ``derive_id`` for extra frames) so replays de-duplicate downstream.
    * ``Source.run(emit, stopping)``: an asyncio coroutine producing frames with
      ``await emit(frames)`` until ``stopping`` is set; ``emit`` returns once the frames are in
-     the ring (it waits on a full ring: that is backpressure).
+     the ring (it waits on a full ring: that is backpressure). An item may also be a frame
+     already encoded (``engine.frame.encode_parts``): a source making many small frames
+     saves building and checking a ``Frame`` for each.
    * ``Sink.write(frames)``: an asyncio coroutine that makes a batch durable; the batch is
      committed upstream when it returns, so raising means "retry later".
 
@@ -176,7 +178,8 @@ class Source(Gear):
 
     async def run(self, emit: Callable[[list[Frame]], Awaitable[None]],
                   stopping: asyncio.Event) -> None:
-        """Produce frames with ``await emit(frames)`` until ``stopping`` is set."""
+        """Produce frames with ``await emit(frames)`` (``Frame`` objects or encoded frames)
+        until ``stopping`` is set."""
         raise NotImplementedError
 
 
