@@ -73,7 +73,7 @@ decodable = st.recursive(
 )
 
 
-@settings(max_examples=1500, deadline=None)
+@settings(max_examples=600, deadline=None)
 @given(decodable, st.booleans())
 def test_fast_decode_gives_cbor2s_value(obj, canonical):
     data = cbor2.dumps(obj, canonical=canonical)  # cbor2's own choices of widths too
@@ -83,7 +83,7 @@ def test_fast_decode_gives_cbor2s_value(obj, canonical):
     assert cbor.loads(memoryview(data)) == obj
 
 
-@settings(max_examples=3000, deadline=None)
+@settings(max_examples=2000, deadline=None)
 @given(st.binary(max_size=64))
 def test_fast_decode_of_any_bytes_is_cbor2s_value_or_falls_back(data):
     """Fuzz: never a crash, never a value cbor2 would not give."""
