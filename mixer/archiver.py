@@ -96,6 +96,7 @@ COMPACT_ROWS: Final = 250_000  # parts smaller than this are merged, up to COMPA
 COMPACT_MAX: Final = 2_000_000
 REPORT_EVERY: Final = 60.0
 INFLIGHT_BATCHES: Final = 2    # batches a source may have at the writer before pulls wait
+WRITER_PROBE: Final = 1.0      # seconds between checks that the writer process lives
 
 
 class ArchiveWriteError(RuntimeError):
@@ -142,6 +143,11 @@ def _writer_init() -> None:
 
 def _writer_ready() -> bool:
     return True
+
+
+def _ignore(fut: Any) -> None:
+    if not fut.cancelled():
+        fut.exception()  # retrieved: a probe that failed is not an unhandled error
 
 
 def writer_pool() -> Executor:
@@ -243,6 +249,7 @@ class Archiver:
         self.archived = 0
         self._reported = (time.monotonic(), 0)
         self.failed: str | None = None
+        self._probed = 0.0
 
     # --- the hot path -----------------------------------------------------------------------
 
@@ -421,8 +428,17 @@ class Archiver:
             self._pull(s)
 
     def tick(self) -> None:
-        """Timed flushes, acks of skipped copies, pulls that went quiet, a failed write."""
+        """Timed flushes, acks of skipped copies, pulls that went quiet, a failed write, a
+        dead writer."""
         now = time.monotonic()
+        if now - self._probed >= WRITER_PROBE and self.failed is None:
+            # an idle archiver would learn of a dead writer only at its next write: ask the
+            # pool for a no-op (refused at once once it knows its process died)
+            self._probed = now
+            try:
+                self.writer.submit(_writer_ready).add_done_callback(_ignore)
+            except RuntimeError as exc:  # BrokenProcessPool
+                self._fail(f"the writer process is gone: {exc!r}")
         for s in self.sources:
             if s.commit is not None and s.commit.done() and not s.commit.cancelled() \
                     and s.commit.exception() is not None and self.failed is None:

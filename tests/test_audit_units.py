@@ -401,3 +401,32 @@ def test_a_batch_completed_status_keeps_what_the_next_request_owes(tmp_path: Pat
     arch.on_status(0, b"NATS/1.0 409 Exceeded MaxWaiting\r\n\r\n")
     assert src.asked == 0
 
+
+
+def test_an_idle_archiver_notices_its_writer_died(tmp_path: Path) -> None:
+    """A dead writer used to be found only at the next write: an archiver with nothing to
+    write went on as if it could (a CI run saw it never restart)."""
+    import signal
+    import time
+
+    import psutil
+
+    from mixer.archiver import Archiver, ArchiverPlan, _writer_ready, writer_pool
+    from mixer.settings import AuditSettings
+
+    arch = Archiver(ArchiverPlan(data_dir=str(tmp_path), hub_url="nats://127.0.0.1:1",
+                                 user="archiver", password="x", settings=AuditSettings()),
+                    writer_pool())
+    try:
+        assert arch.writer.submit(_writer_ready).result(30) is True
+        (child,) = [p for p in psutil.Process().children() if p.is_running()]
+        child.send_signal(signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while arch.failed is None and time.monotonic() < deadline:
+            arch._probed = 0.0  # probe at every tick here
+            arch.tick()
+            time.sleep(0.05)  # the pool's own thread notices the death: no event to await
+        assert arch.failed is not None and "the writer process is gone" in arch.failed
+        assert arch.lost.is_set()
+    finally:
+        arch.writer.shutdown(wait=False)
