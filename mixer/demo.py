@@ -154,10 +154,16 @@ def run() -> int:
     source["settings"].update(rate=400, count=int(400 * (SECONDS - 4)))
     plant_rig = _rig("demo.yaml", "plant", ROOT / "plant.passport",
                      {"pipelines": plant_doc["pipelines"]})
-    issuer = start_issuer_simulator(["--port", "9001", "--port", "9002", "--port", "9003",
-                                     "--rule", "4=00", "--rule", "5=05"], 3)
-    racks = {name: start_rack(rig, workers=1) for name, rig in
-             (("switch", switch_rig), ("plant", plant_rig))}
+    racks: dict[str, Any] = {}
+    issuer = None
+    try:  # a child that cannot start must not leave the others running (and their ports)
+        issuer = start_issuer_simulator(["--port", "9001", "--port", "9002", "--port",
+                                         "9003", "--rule", "4=00", "--rule", "5=05"], 3)
+        for name, rig in (("switch", switch_rig), ("plant", plant_rig)):
+            racks[name] = start_rack(rig, workers=1)
+    except BaseException:
+        _stop_all(racks, (issuer, mixer))
+        raise
     print("racks 'switch' (ISO 8583, role=payments) and 'plant' (generator, role=plant) "
           "started and linked")
     streams = {"switch": "TXN", "plant": "DEMO"}
@@ -237,16 +243,21 @@ def run() -> int:
               f"     mixer audit report daily {hub}\n     mixer audit verify {hub}")
         return 0 if ok else 1
     finally:
-        for run_ in racks.values():
-            if run_.proc.poll() is None:
-                run_.proc.kill()
-        for proc in (issuer, mixer):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+        _stop_all(racks, (issuer, mixer))
+
+
+def _stop_all(racks: dict[str, Any], procs: tuple[subprocess.Popen[bytes] | None, ...]) -> None:
+    """Kill the racks still running; SIGTERM (then kill) the other children."""
+    for run_ in racks.values():
+        if run_.proc.poll() is None:
+            run_.proc.kill()
+    for proc in procs:
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
 
 
 def _audit(hub: Path, wanted: dict[str, tuple[str, int]]) -> bool:
