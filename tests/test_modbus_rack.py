@@ -163,6 +163,8 @@ def test_devices_are_sharded_their_samples_reach_the_uns_and_the_kv_survives_a_r
     assert set(by_replica) == {"0", "1"}
     assert by_replica["0"] | by_replica["1"] == {f"press-{i}" for i in range(4)}
     assert not by_replica["0"] & by_replica["1"]
+    # both replicas have work (CRC-32 had sent all four names to replica 0)
+    assert by_replica["0"] and by_replica["1"]
     # while press-2 was down, the others stayed good with fresh values
     assert all(v["quality"] == "good" for k, v in others.items() if not k.startswith(down))
     assert others[f"{down}.temp"]["value"] is not None  # the last good value is kept
