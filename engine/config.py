@@ -283,6 +283,7 @@ def _egress(r: Reader) -> EgressConfig:
         streams.append(StreamConfig(
             name=s.string("name"), subjects=tuple(map(str, subjects)),
             storage=s.string("storage"), max_age=max_age, duplicate_window=window,
+            max_msgs_per_subject=s.integer("max_msgs_per_subject"),
             hub=s.boolean("hub"), max_bytes=s.size("max_bytes"), last_values=last_values))
     names = [s.name for s in streams]
     if len(set(names)) != len(names):

@@ -110,6 +110,10 @@ STREAM = Table("egress.streams[]", "A JetStream stream that egress creates and o
     Key("storage", STRING, "Where JetStream keeps it.", "file", choices=("file", "memory")),
     Key("max_age", DURATION, "Age at which messages are removed; 0: kept until removed "
         "otherwise.", 0.0, minimum=0),
+    Key("max_msgs_per_subject", INTEGER, "Messages kept per subject (the oldest of a subject "
+        "is removed first): a per-subject history depth, e.g. the UNS history of every tag; "
+        "0: no per-subject limit. With `max_age` (every message's age) it bounds each "
+        "subject's share.", 0, minimum=0, maximum=1_000_000_000),
     Key("duplicate_window", DURATION, "How long JetStream remembers message ids to drop "
         "duplicates (a replayed batch).", 120.0, minimum=0, exclusive=True, maximum=86_400),
     Key("max_bytes", SIZE, "Disk budget: at this size the stream refuses new events "

@@ -30,6 +30,7 @@ class StreamConfig:
     subjects: tuple[str, ...]
     storage: str = "file"
     max_age: float = 0.0  # seconds, 0 = unlimited
+    max_msgs_per_subject: int = 0  # 0 = unlimited
     duplicate_window: float = 120.0  # seconds
     retention: str = "limits"  # or "work_queue": a message leaves when a consumer acks it
     hub: bool = False  # a Mixer hub sources it (through the durable consumer ``hub``)
@@ -52,6 +53,7 @@ def js_stream_config(s: StreamConfig) -> JsStreamConfig:
         storage=StorageType.FILE if s.storage == "file" else StorageType.MEMORY,
         max_age=None if s.linked else (s.max_age or None),
         max_bytes=s.max_bytes or None,
+        max_msgs_per_subject=s.max_msgs_per_subject or -1,
         discard=DiscardPolicy.NEW if s.linked else DiscardPolicy.OLD,
         duplicate_window=s.duplicate_window,
         retention=retention,
@@ -59,7 +61,7 @@ def js_stream_config(s: StreamConfig) -> JsStreamConfig:
 
 
 async def ensure_stream(js: JetStreamContext, s: StreamConfig) -> int:
-    """Create stream ``s`` if missing (its subjects updated if they changed); returns its
+    """Create stream ``s`` if missing (its subjects and limits updated if they changed); returns its
     last sequence. Errors are nats-py's typed ones (``NotFoundError`` is handled here)."""
     cfg = js_stream_config(s)
     try:
@@ -72,6 +74,8 @@ async def ensure_stream(js: JetStreamContext, s: StreamConfig) -> int:
             cfg.retention = info.config.retention
         if (sorted(info.config.subjects or []) != sorted(s.subjects)
                 or (info.config.max_bytes or -1) != (cfg.max_bytes or -1)
+                or (info.config.max_age or 0) != (cfg.max_age or 0)
+                or (info.config.max_msgs_per_subject or -1) != cfg.max_msgs_per_subject
                 or info.config.discard != cfg.discard):
             info = await js.update_stream(cfg)
     except NotFoundError:

@@ -40,7 +40,7 @@ def _rig(tmp_path, rack_id, ports):
     cfg = {"rack": {"id": rack_id, "data_dir": str(tmp_path / "data")},
            "rings": {"capacity": "1MiB", "batch": 256}, "telemetry": {"interval": 0.5},
            "egress": {"streams": [{"name": "UNS", "subjects": ["uns.v1.>"],
-                                   "last_values": "uns"}]},
+                                   "last_values": "uns", "max_msgs_per_subject": 3}]},
            "pipelines": [{"name": "plant", "source": {"name": "plc", "gear": "modbus",
                                                       "settings": {
                "uns": {"enterprise": "acme", "site": "lyon", "area": "press", "line": "l7",
@@ -154,8 +154,12 @@ def test_devices_are_sharded_their_samples_reach_the_uns_and_the_kv_survives_a_r
         ("door", "confirmed"), ("running", "confirmed")]
     assert events[0]["who"] == "alice" and events[0]["new"] == 600 and events[1]["who"] == "bob"
     # every sample on uns.v1.<its path>
-    subjects = {loads(d)["headers"]["subject"] for _, d in history.messages}
-    assert subjects == paths
+    subjects = [loads(d)["headers"]["subject"] for _, d in history.messages]
+    assert set(subjects) == paths
+    # the history keeps 3 samples per tag (max_msgs_per_subject); cycles had many more
+    per_subject = {p: subjects.count(p) for p in paths}
+    assert max(per_subject.values()) == 3, per_subject
+    assert per_subject["acme.lyon.press.l7.c1.press-0.cycles"] == 3
     # each device polled by exactly one of the two replicas
     polled = re.findall(r"plant\.plc\.(\d) fluxrig\.plant\.plc INFO modbus polling: "
                         r"devices=(\S+) \(replica", output)

@@ -33,7 +33,7 @@ import hashlib
 import random
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Final
 
 import orjson
 from nats.aio.msg import Msg
@@ -74,7 +74,10 @@ STATS = (("requests", "counter", "Modbus requests sent"),
          ("timeouts", "counter", "requests not answered within the device's timeout"),
          ("reconnects", "counter", "connections made again after a loss"),
          ("late", "counter", "poll cycles that started late (the previous one overran)"),
-         ("connected", "gauge", "1 while the device's connection is up"))
+         ("connected", "gauge", "1 while the device's connection is up"),
+         ("values", "counter", "tag values read (in answered reads)"),
+         ("published", "counter", "samples published: values that changed (or every poll, "
+          "heartbeats) and quality changes"))
 
 
 def shard(device: str, replicas: int) -> int:
@@ -141,7 +144,10 @@ class Link(asyncio.Protocol):
         self.waiting[tid] = fut
         self.transport.write(build(tid))
         try:
-            return await asyncio.wait_for(fut, timeout)
+            # asyncio.timeout, not wait_for: no wrapping task per request (an idle rack's
+            # cost is mostly the event loop's work per request, perf/modbus_bench.py)
+            async with asyncio.timeout(timeout):
+                return await fut
         finally:
             self.waiting.pop(tid, None)
 
@@ -155,8 +161,10 @@ class DevicePoller:
     """One device: its connection, its groups' cycles, its tags' states (module doc)."""
 
     def __init__(self, dev: DeviceSettings, groups: dict[str, float], stats: Stats | None,
-                 stat_base: int, publish: Callable[[list[Frame]], Awaitable[None]]):
+                 stat_base: int, publish: Callable[[list[Frame]], Awaitable[None]],
+                 phases: int = 1):
         self.dev = dev
+        self.phases = phases  # the replica's cycle start slots per interval (``phases``)
         self.groups = groups
         self.stats = stats
         self.base = stat_base
@@ -226,11 +234,13 @@ class DevicePoller:
         interval = self.groups[group]
         reads = self.dev.plan.group_reads(group)
         loop = asyncio.get_running_loop()
-        # after the first cycle, devices' cycles are spread over the interval (a stable
-        # fraction of the names): all starting together made every second's values queue
-        # through the rack at once (p99 604 ms at 200 devices x 100 tags,
-        # perf/modbus_bench.py)
-        spread = interval * _fraction(f"{self.dev.name}/{group}")
+        # after the first cycle, devices' cycles start in one of ``phases`` slots over the
+        # interval (a stable fraction of the names): all starting together made every
+        # second's values queue through the rack at once (p99 604 ms at 200 devices x 100
+        # tags, perf/modbus_bench.py), while a slot of its own per device costs a wake-up
+        # of its own (~0.1-0.25 ms of CPU each on a VM: most of an idle rack's CPU)
+        k = self.phases
+        spread = interval * int(_fraction(f"{self.dev.name}/{group}") * k) / k
         start = loop.time()
         while not stopping.is_set():
             if not self.up.is_set():
@@ -246,9 +256,14 @@ class DevicePoller:
                 if not self.up.is_set():
                     continue
             if self.up.is_set():
-                found = await asyncio.gather(*(self._read(r) for r in reads))
+                if self.dev.max_outstanding > 1:  # pipelined: every read in flight at once
+                    found = await asyncio.gather(*(self._read(r) for r in reads))
+                    out = [x for batch in found for x in batch]
+                else:  # one at a time anyway: no task per read
+                    out = []
+                    for r in reads:
+                        out += await self._read(r)
                 now = time.time_ns()
-                out = [x for batch in found for x in batch]
                 for r in reads:
                     for slot in r.tags:
                         if (s := self.states[slot.tag.name].tick(now)) is not None:
@@ -293,6 +308,7 @@ class DevicePoller:
         except mbap.ModbusProtocolError as exc:
             return self._bad(read, f"bad response ({exc})")
         out = []
+        self._count(6, len(read.tags))
         for slot in read.tags:
             tag = self.tags[slot.tag.name]
             try:
@@ -357,6 +373,7 @@ class DevicePoller:
 
     async def _emit(self, samples: list[tuple[TagSettings, Sample]]) -> None:
         if samples:
+            self._count(7, len(samples))
             src = self.src
             # encoded here (encode_parts): a Frame object per sample was a third of the cost
             # of a value at 20,000 values/s (perf/modbus_bench.py)
@@ -364,6 +381,17 @@ class DevicePoller:
                 uuid7(s.ts), s.ts, src, KIND, {"subject": t.path},
                 {"path": t.path, "value": s.value, "unit": t.unit, "quality": s.quality,
                  "ts_source": s.ts_source, "ts": s.ts}) for t, s in samples])
+
+
+PHASE_VALUES: Final = 500  # tag values per cycle start slot (``phases``)
+
+
+def phases(tags: int, devices: int) -> int:
+    """How many start slots a replica spreads its devices' cycles over: one per
+    ``PHASE_VALUES`` tags read per interval, at most one per device, at least one — a
+    small replica polls its devices together (fewer wake-ups), a big one in slices that
+    each pass through the rack in a few milliseconds."""
+    return max(1, min(devices, -(-tags // PHASE_VALUES)))
 
 
 def _fraction(name: str) -> float:
@@ -378,7 +406,8 @@ def _writable(settings: ModbusSettings) -> bool:
 
 async def _sleep(stopping: asyncio.Event, seconds: float) -> None:
     try:
-        await asyncio.wait_for(stopping.wait(), seconds)
+        async with asyncio.timeout(max(seconds, 0.0)):
+            await stopping.wait()
     except TimeoutError:
         pass
 
@@ -439,8 +468,9 @@ class ModbusSource(Source):
             async with lock:
                 await emit(frames)
 
-        pollers = [DevicePoller(d, dict(s.groups), self.ctx.stats, i * len(STATS), publish)
-                   for i, d in self.mine]
+        k = phases(sum(len(d.tags) for _, d in self.mine), len(self.mine))
+        pollers = [DevicePoller(d, dict(s.groups), self.ctx.stats, i * len(STATS), publish,
+                                phases=k) for i, d in self.mine]
         self.ctx.log.info("modbus polling: devices=%s (replica %d of %d)",
                           ",".join(p.dev.name for p in pollers) or "-", self.ctx.replica,
                           self.ctx.replicas)
