@@ -322,6 +322,72 @@ def top(
         return
 
 
+console_app = typer.Typer(help="The web console's users and API tokens (console: in "
+                          "mixer.yaml turns it on).", no_args_is_help=True)
+app.add_typer(console_app, name="console")
+console_user_app = typer.Typer(help="Console users (viewer: reads; admin: also deploys).",
+                               no_args_is_help=True)
+console_app.add_typer(console_user_app, name="user")
+
+
+@console_user_app.command("add")
+def console_user_add(
+    data_dir: Path = DATA_DIR,
+    name: str = typer.Argument(..., help="the user's name"),
+    role: str = typer.Option("viewer", "--role", help="viewer or admin"),
+    password_env: str = typer.Option("", "--password-env", help="take the password from "
+                                     "this environment variable (else asked twice)"),
+) -> None:
+    """Add a console user, or change its password and role (kept as scrypt, 0600)."""
+    from mixer.consoleauth import ConsoleAuthError, Credentials
+
+    if password_env:
+        password = os.environ.get(password_env, "")
+        if not password:
+            _fail(f"--password-env: {password_env} is not set or empty")
+    else:
+        password = typer.prompt("password", hide_input=True, confirmation_prompt=True)
+    try:
+        Credentials(data_dir).set_user(name, password, role)
+    except ConsoleAuthError as exc:
+        _fail(exc)
+    typer.echo(f"console user {name!r} ({role}) saved")
+
+
+@console_user_app.command("remove")
+def console_user_remove(data_dir: Path = DATA_DIR,
+                        name: str = typer.Argument(..., help="the user's name")) -> None:
+    """Remove a console user and its tokens (its sessions end at their next request)."""
+    from mixer.consoleauth import Credentials
+
+    if not Credentials(data_dir).remove_user(name):
+        _fail(f"no console user {name!r}", 1)
+    typer.echo(f"console user {name!r} removed")
+
+
+@console_user_app.command("list")
+def console_user_list(data_dir: Path = DATA_DIR) -> None:
+    """The console's users and their roles."""
+    from mixer.consoleauth import Credentials
+
+    creds = Credentials(data_dir)
+    for name, user in sorted(creds.users.items()):
+        tokens = sum(1 for t in creds.tokens.values() if t["name"] == name)
+        typer.echo(f"{name:<24} {user['role']:<8} {tokens} token(s)")
+
+
+@console_app.command("token")
+def console_token(data_dir: Path = DATA_DIR,
+                  name: str = typer.Argument(..., help="the user the token acts as")) -> None:
+    """A new API token for a user (Authorization: Bearer TOKEN); printed once, kept hashed."""
+    from mixer.consoleauth import ConsoleAuthError, Credentials
+
+    try:
+        typer.echo(Credentials(data_dir).new_token(name))
+    except ConsoleAuthError as exc:
+        _fail(exc, 1)
+
+
 audit_app = typer.Typer(help="The audit trail: every rack's events in hash-chained Parquet "
                         "(query, reports, verification).", no_args_is_help=True)
 app.add_typer(audit_app, name="audit")

@@ -37,7 +37,7 @@ from mixer.settings import MixerSettings
 
 RACKS_FILE = "racks.json"
 USERS_FILE = "nats-users.json"
-LOCAL_USERS = ("registry", "admin", "sys", "sim", "archiver")
+LOCAL_USERS = ("registry", "admin", "sys", "sim", "archiver", "console")
 
 
 class HubFileError(RuntimeError):
@@ -146,6 +146,19 @@ def user_entries(users: dict[str, str], simulator: bool = False) -> list[dict[st
                 "$JS.API.CONSUMER.DELETE.*.archiver",
                 "$JS.API.CONSUMER.INFO.*.archiver", "$JS.API.CONSUMER.MSG.NEXT.*.archiver",
                 "$JS.ACK.*.archiver.>", "$JS.ACK.*.*.*.archiver.>"]},
+            "subscribe": {"allow": ["_INBOX.>"]}}},
+        # the console: reads the hub's streams by direct gets (UNS copies, config history);
+        # deploys and rolls back for its admins (the config bucket and its consumers only)
+        {"user": "console", "password": users["console"], "permissions": {
+            "publish": {"allow": [
+                "$JS.API.INFO", "$JS.API.STREAM.NAMES", "$JS.API.STREAM.LIST",
+                "$JS.API.STREAM.INFO.*", "$JS.API.DIRECT.GET.>", "$JS.API.STREAM.MSG.GET.*",
+                "$JS.API.STREAM.CREATE.KV_fluxrig_config",
+                "$JS.API.STREAM.CREATE.KV_fluxrig_applied",
+                "$JS.API.CONSUMER.CREATE.KV_fluxrig_config.>",
+                "$JS.API.CONSUMER.DURABLE.CREATE.KV_fluxrig_config.>",
+                "$JS.API.CONSUMER.INFO.KV_fluxrig_config.>", "$KV.fluxrig_config.>",
+                "_INBOX.>"]},
             "subscribe": {"allow": ["_INBOX.>"]}}},
         {"user": "admin", "password": users["admin"], "permissions": {
             "publish": {"allow": ["fluxrig.mixer.>", "fluxrig.down.>", f"$JS.{HUB_DOMAIN}.API.>",

@@ -88,9 +88,11 @@ def hub_stream_name(stream: str, rack: str) -> str:
 def hub_stream_config(stream: str, rack: str) -> StreamConfig:
     """The hub stream sourcing ``stream`` of ``rack`` across the domain boundary through the
     rack's durable ``hub`` consumer. It captures no subject of its own: one that matched the
-    racks' business subjects would pull every egress publish over the link a second time."""
+    racks' business subjects would pull every egress publish over the link a second time.
+    Direct gets are allowed: the console reads a copy's newest message per subject and a
+    subject's history with them, without a consumer."""
     return StreamConfig(
-        name=hub_stream_name(stream, rack), subjects=[],
+        name=hub_stream_name(stream, rack), subjects=[], allow_direct=True,
         sources=[StreamSource(
             name=stream, external=ExternalStream(api=f"$JS.{rack}.API"),
             consumer=StreamConsumerSource(name=HUB_CONSUMER,
@@ -221,7 +223,10 @@ class RegistryShell:
             return
         js = self.nc.jetstream()
         try:
-            await js.stream_info(name)
+            info = await js.stream_info(name)
+            if not info.config.allow_direct:  # made before the console read them
+                info.config.allow_direct = True
+                await js.update_stream(info.config)
         except NotFoundError:
             await js.add_stream(hub_stream_config(stream, rack))
             log.info("hub stream created: stream=%s, rack=%s, source=%s", name, rack, stream)
@@ -253,10 +258,24 @@ class RegistryShell:
                  f" ({report.get('error')})" if report.get("error") else "")
 
     def answer(self, what: str, data: bytes) -> bytes:
-        """The answer to a question of the CLI: ``racks`` (``{"labels": {...}}`` -> the
-        matching racks) or ``top`` (one row per rack), as JSON."""
+        """The answer to a question of the CLI or the console: ``racks`` (``{"labels":
+        {...}}`` -> the matching racks), ``top`` (one row per rack) or ``rack`` (``{"rack":
+        id}`` -> its latest snapshot), as JSON."""
         if what == "top":
             return orjson.dumps(self.fleet.top_rows(time.time_ns()))
+        if what == "rack":  # one rack's latest snapshot, process by process (the console)
+            try:
+                rack = str(orjson.loads(data).get("rack", "")) if data else ""
+            except (ValueError, AttributeError) as exc:
+                return orjson.dumps({"error": f"bad query: {exc}"})
+            snap = self.fleet.latest(rack)
+            if snap is None:
+                return orjson.dumps({"rack": rack, "snapshot": None})
+            return orjson.dumps({"rack": rack, "snapshot": {
+                "received_ns": snap.received_ns, "ts_ns": snap.ts_ns,
+                "host_cpu_pct": snap.host_cpu_pct, "host_mem_used": snap.host_mem_used,
+                "hub_backlog": snap.hub_backlog,
+                "processes": [p._asdict() for p in snap.processes]}})
         try:
             query = orjson.loads(data) if data else {}
             selector = parse_selector(f"{k}={v}" for k, v in query.get("labels", {}).items())

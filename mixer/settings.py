@@ -23,6 +23,13 @@ audit:                   # the archiver: every rack's events into audit/ (Parque
   flush_after: 5s        # ...or the oldest has waited this long
   compact_after: 10m     # an hour partition untouched this long has its small parts merged
   retention_days: 0      # whole days older than this are deleted (recorded); 0: keep all
+console:                 # the web console (off unless enabled; docs/console.md)
+  enabled: false
+  host: 127.0.0.1
+  port: 8470             # 0: a free port (mixer status and the log say which)
+  session_ttl: 12h
+  max_clients: 64        # connections at once (live pages hold one each)
+  login_attempts: 10     # failed logins per minute from one address before 429
 ```
 """
 
@@ -62,6 +69,18 @@ class AuditSettings:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class ConsoleSettings:
+    """The web console's settings (``console:``; see the module docstring)."""
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = 8470
+    session_ttl: float = 12 * 3600.0
+    max_clients: int = 64
+    login_attempts: int = 10
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class MixerSettings:
     """What ``mixer start`` runs with (see the module docstring)."""
 
@@ -76,6 +95,7 @@ class MixerSettings:
     rollup_interval: float = 10.0
     simulator: bool = False  # a ``sim`` hub user may speak for any rack (load tests only)
     audit: AuditSettings = AuditSettings()
+    console: ConsoleSettings = ConsoleSettings()
 
     @property
     def hub_url(self) -> str:
@@ -98,7 +118,7 @@ def parse_settings(raw: object, file: str,
     at = At(file, origins=origins or {})
     top = dict(get_map(raw if raw is not None else {}, at,
                        ("hub", "leaf", "registry", "prometheus", "rollup_interval",
-                        "simulator", "audit")))
+                        "simulator", "audit", "console")))
     hub = dict(get_map(top.get("hub") or {}, at.key("hub"), ("host", "port")))
     leaf = dict(get_map(top.get("leaf") or {}, at.key("leaf"), ("host", "port", "urls")))
     reg = dict(get_map(top.get("registry") or {}, at.key("registry"), ("offline_after",)))
@@ -127,8 +147,21 @@ def parse_settings(raw: object, file: str,
                                    minimum=0.0, exclusive=False),
         retention_days=get_int(aud, "retention_days", at.key("audit"), 0, minimum=0,
                                maximum=100_000))
+    con = dict(get_map(top.get("console") or {}, at.key("console"),
+                       ("enabled", "host", "port", "session_ttl", "max_clients",
+                        "login_attempts")))
+    ca = at.key("console")
+    console = ConsoleSettings(
+        enabled=get_bool(con, "enabled", ca, False),
+        host=get_str(con, "host", ca, "127.0.0.1"),
+        port=get_int(con, "port", ca, 8470, minimum=0, maximum=65535),
+        session_ttl=get_duration(con, "session_ttl", ca, 12 * 3600.0, minimum=60.0,
+                                 exclusive=False),
+        max_clients=get_int(con, "max_clients", ca, 64, minimum=1, maximum=10_000),
+        login_attempts=get_int(con, "login_attempts", ca, 10, minimum=1, maximum=10_000))
     return MixerSettings(
         audit=audit,
+        console=console,
         hub_host=get_str(hub, "host", at.key("hub"), "127.0.0.1"),
         hub_port=_port(hub, "port", at.key("hub"), 4222),
         leaf_host=get_str(leaf, "host", at.key("leaf"), "0.0.0.0"),
@@ -179,5 +212,5 @@ def settings_text(hosts: list[str], hub_port: int = 4222, leaf_port: int = 7422)
             f"rollup_interval: 10s\n")
 
 
-__all__ = ["AuditSettings", "ConfigError", "MixerSettings", "SETTINGS_FILE", "load_settings",
+__all__ = ["AuditSettings", "ConfigError", "ConsoleSettings", "MixerSettings", "SETTINGS_FILE", "load_settings",
            "parse_settings", "settings_text"]

@@ -10,7 +10,9 @@ readiness, ordered stop); what differs is the plan:
   sourced streams, answers to the CLI; the fleet's Prometheus socket is bound here, before
   the fork, so a busy port stops the start with a clear message;
 * the ``archiver`` process (``mixer.archiver``, unless ``audit.enabled`` is false): the
-  hub's copies of the racks' streams into the audit trail.
+  hub's copies of the racks' streams into the audit trail;
+* the ``console`` process (``mixer.console``, with ``console.enabled``): the web console,
+  its socket bound here before the fork like Prometheus'.
 
 ``state.json`` in the hub's data dir says what runs (``mixer status``); ``mixer.lock`` says
 who runs it.
@@ -34,6 +36,7 @@ from engine.procset import AlreadyRunning, Child, ProcessSet
 from engine.procset import running_pid as procset_running_pid
 from engine.service import Notifier, process_title, set_process_title
 from mixer.archiver import ArchiverPlan, run_archiver
+from mixer.console import ConsolePlan, run_console
 from mixer.hubconf import HubConfigError
 from mixer.hubfiles import HubFileError, HubServer, local_users
 from mixer.pki import HubPki
@@ -66,6 +69,7 @@ class MixerSupervisor:
                                                   notifier, self._write_state)
         self.hub = HubServer(self.data_dir, settings)
         self.prometheus: socket.socket | None = None
+        self.console: socket.socket | None = None
 
     def start(self) -> None:
         """Lock, check the files, start the hub's nats-server, fork the registry.
@@ -86,6 +90,8 @@ class MixerSupervisor:
             if self.settings.prometheus_port is not None:
                 self.prometheus = bind(self.settings.prometheus_host,
                                        self.settings.prometheus_port)
+            if self.settings.console.enabled:
+                self.console = bind(self.settings.console.host, self.settings.console.port)
             self.procs.clear_crash_files()
             self.hub.start()
         except (HubFileError, HubConfigError, ListenerError, NatsServerError, OSError) as exc:
@@ -111,6 +117,13 @@ class MixerSupervisor:
             self.procs.children.append(Child(
                 name="archiver", role="archiver", title=process_title("mixer", "archiver"),
                 spec=None, run=functools.partial(run_archiver, arch, rt, "archiver")))
+        if self.console is not None:
+            cons = ConsolePlan(data_dir=str(self.data_dir), hub_url=self.hub.url,
+                               password=users["console"], settings=self.settings.console)
+            self.procs.children.append(Child(
+                name="console", role="console", title=process_title("mixer", "console"),
+                spec=None, run=functools.partial(run_console, cons, rt, "console",
+                                                 self.console)))
         for child in self.procs.children:
             self.procs.fork(child)
         self._write_state()
@@ -147,6 +160,7 @@ class MixerSupervisor:
         """Stop the registry (it flushes), then the hub; 0 unless the Mixer gave up."""
         self.procs.notifier.send("STOPPING=1", "STATUS=stopping")
         # the archiver first: it writes what waits while the hub is still there to ack it
+        self.procs.stop_children({"console"}, 5.0)
         self.procs.stop_children({"archiver"}, 30.0)
         self.procs.stop_children({"registry"}, 15.0)
         self.hub.stop()
@@ -162,11 +176,13 @@ class MixerSupervisor:
         self.hub.reload()
 
     def cleanup(self) -> None:
-        """Remove the state file, close the Prometheus socket, release the lock."""
+        """Remove the state file, close the Prometheus and console sockets, release the
+        lock."""
         (self.data_dir / STATE_FILE).unlink(missing_ok=True)
-        if self.prometheus is not None:
-            self.prometheus.close()
-            self.prometheus = None
+        for sock in (self.prometheus, self.console):
+            if sock is not None:
+                sock.close()
+        self.prometheus = self.console = None
         self.procs.close()
 
     def _write_state(self) -> None:
@@ -180,6 +196,9 @@ class MixerSupervisor:
             "leaf_urls": list(self.settings.leaf_urls),
             "prometheus": (f"{self.settings.prometheus_host}:{self.prometheus.getsockname()[1]}"
                            if self.prometheus is not None else None),
+            "console": (f"http://{self.settings.console.host}:"
+                        f"{self.console.getsockname()[1]}/" if self.console is not None
+                        else None),
             "status": "failed" if procs.failed else "degraded" if procs.degraded
             else "running",
             "ready": procs.ready,
