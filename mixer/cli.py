@@ -150,6 +150,8 @@ def status(data_dir: Path = DATA_DIR,
                f"leaf listener {state['leaf']}, racks dial {', '.join(state['leaf_urls'])}")
     if state.get("prometheus"):
         typer.echo(f"  prometheus: http://{state['prometheus']}/metrics")
+    if state.get("console"):
+        typer.echo(f"  console: {state['console']}")
     if state.get("reason"):
         typer.echo(f"  reason: {state['reason']}")
     for p in state["processes"]:

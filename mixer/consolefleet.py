@@ -19,9 +19,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+from mixer.consoledata import mask_pans
+
 SPARK_POINTS: Final = 60     # a minute at one update per second
 RECENT_ERRORS: Final = 50    # error increases kept per rack
-FIGURES: Final = ("frames_per_s", "p99_ms", "errors", "cpu_pct", "rss_mib", "backlog")
+FIGURES: Final = ("frames_per_s", "p99_ms", "errors", "cpu_pct", "rss_mib", "backlog",
+                  "link")
 
 
 @dataclass(slots=True)
@@ -54,7 +57,8 @@ class FleetBoard:
             i, f = info.get(rack, {}), figures.get(rack, {})
             row: dict[str, Any] = {
                 "rack": rack, "state": i.get("state") or f.get("state") or "unknown",
-                "labels": dict(i.get("labels") or {}), "version": i.get("version"),
+                # labels come from enrolment; masked all the same (no PAN leaves the console)
+                "labels": mask_pans(dict(i.get("labels") or {})), "version": i.get("version"),
                 # the rig's hash shortened, as git shows commits (the whole is in `mixer
                 # racks`): 64 hex digits can hold a run a card-number scanner would flag
                 "rig": str(i["rig_hash"])[:12] if i.get("rig_hash") else None,

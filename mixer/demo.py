@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import secrets
 import select
 import shutil
 import signal
@@ -37,6 +38,7 @@ from engine.frame import decode
 from engine.harness import start_rack
 from engine.natsd import free_port
 from engine.rigs import shipped_rig
+from mixer.consoleauth import Credentials
 
 ROOT = Path("var/fleet")
 TPS = 300.0
@@ -140,11 +142,18 @@ def run() -> int:
     port, leaf = free_port(), free_port()
     _mixer("init", str(hub), "--host", "127.0.0.1", "--port", str(port),
            "--leaf-port", str(leaf))
+    console_port = free_port()
+    with open(hub / "mixer.yaml", "a") as f:
+        f.write(f"console: {{enabled: true, host: 127.0.0.1, port: {console_port}}}\n")
+    console_password = secrets.token_urlsafe(12)
+    Credentials(hub).set_user("demo", console_password, "admin")
     log = ROOT / "mixer.out"
     mixer = _start_mixer(hub, log)
     hub_url = f"nats://127.0.0.1:{port}"
     admin = json.loads((hub / "nats-users.json").read_text())["admin"]
     print(f"Mixer: hub {hub_url}, racks link over TLS to 127.0.0.1:{leaf} (data: {hub})")
+    print(f"Mixer console: http://127.0.0.1:{console_port}/  user demo, password "
+          f"{console_password} (admin)")
     for rack, role in (("switch", "payments"), ("plant", "plant")):
         _mixer("rack", "add", str(hub), rack, "--label", f"role={role}",
                "--out", str(ROOT / f"{rack}.passport"))
@@ -241,6 +250,9 @@ def run() -> int:
               "through a hub kill" if ok else "FAILED")
         print(f"try: mixer audit query {hub} \"select de39, count(*) from txn group by 1\"\n"
               f"     mixer audit report daily {hub}\n     mixer audit verify {hub}")
+        if ok and sys.stdin.isatty():
+            input(f"the Mixer console is still up at http://127.0.0.1:{console_port}/ "
+                  f"(user demo, password {console_password}); press Enter to stop it ")
         return 0 if ok else 1
     finally:
         _stop_all(racks, (issuer, mixer))

@@ -123,7 +123,8 @@ class Fleet:
         second: for the ISO 8583 switch, finished transactions), ``p99_ms`` (the slowest
         process's), ``errors`` (total since start), ``cpu_pct`` (its processes, 100 = one
         core), ``rss_mib`` (its processes; shared memory counts in each), ``backlog``
-        (frames not yet at the hub), ``age_s``; None where unknown.
+        (frames not yet at the hub), ``link`` (the rack's view of its link to the hub),
+        ``age_s``; None where unknown.
 
         Args:
             now_ns: now, for the ages.
@@ -135,7 +136,7 @@ class Fleet:
             snap = self._latest.get(rack)
             row: dict[str, Any] = dict.fromkeys(
                 ("frames_per_s", "p99_ms", "errors", "cpu_pct", "rss_mib", "backlog",
-                 "age_s"))
+                 "link", "age_s"))
             row.update(rack=rack, state=states.get(rack))
             if snap is not None:
                 ps = snap.processes
@@ -145,7 +146,7 @@ class Fleet:
                     errors=_sum(p.errors for p in ps),
                     cpu_pct=_sum(p.cpu_pct for p in ps),
                     rss_mib=_sum(p.rss for p in ps),
-                    backlog=snap.hub_backlog,
+                    backlog=snap.hub_backlog, link=snap.link,
                     age_s=max(0, now_ns - snap.received_ns) / 1e9)
                 if row["p99_ms"] is not None:
                     row["p99_ms"] /= 1e6

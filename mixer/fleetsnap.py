@@ -82,6 +82,9 @@ _FLOATS = ("ring_fill", "cpu_pct", "in_per_s", "out_per_s")
 assert ProcessRow._fields == ("name", "role") + _INTS + _FLOATS
 
 
+LINK_MAX: int = 120  # characters of a rack's link state kept (it is free text)
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Snapshot:
     """A rack's latest snapshot.
@@ -94,6 +97,8 @@ class Snapshot:
         claimed_labels: the labels the rack says it has: for display only, never exported.
         host_cpu_pct, host_mem_used: the rack host's CPU % and used memory.
         hub_backlog: frames stored on the rack, not yet at the hub (None: not sent).
+        link: the rack's own view of its link (``engine.hublink``: ``up``, ``down (why)``,
+            ``refused (why)``, ``flapping (...)``, ``connecting ...``; None: not sent).
         processes: the rows, in the rack's order.
     """
 
@@ -104,7 +109,15 @@ class Snapshot:
     host_cpu_pct: float | None
     host_mem_used: int | None
     hub_backlog: int | None
+    link: str | None = None
     processes: tuple[ProcessRow, ...]
+
+
+def _text(value: Any) -> str | None:
+    """A short printable text, or None."""
+    if type(value) is not str or not value or len(value) > LINK_MAX:
+        return None
+    return value if value.isprintable() else None
 
 
 def _int(value: Any) -> int | None:
@@ -175,4 +188,5 @@ def parse(subject: str, payload: bytes, now_ns: int) -> Snapshot:
         claimed_labels={str(k): str(v) for k, v in labels.items()}
         if isinstance(labels, dict) else {},
         host_cpu_pct=_float(host.get("cpu_pct")), host_mem_used=_int(host.get("mem_used")),
-        hub_backlog=_int(doc.get("hub_backlog")), processes=processes)
+        hub_backlog=_int(doc.get("hub_backlog")), processes=processes,
+        link=_text(doc.get("link")))

@@ -266,6 +266,7 @@ def test_console_api_roles_live_fleet_transactions_namespace_and_no_clear_pan(co
     a = fleet[0]
     assert a["labels"] == {"site": "lyon"} and a["version"] == "9.9.9"
     assert a["errors"] == 1 and a["cpu_pct"] == 15.5 and a["backlog"] == 1
+    assert a["link"] == "up"  # the rack's own view of its link
 
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     conn.request("GET", "/api/v1/fleet/events", headers={"Cookie": viewer.cookie})

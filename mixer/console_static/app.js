@@ -5,7 +5,6 @@
 
 const $main = document.getElementById("main");
 let me = { user: "", role: "viewer" };
-let fleet = new Map();     // rack id -> row
 let events = null;         // the fleet's EventSource
 let leave = () => {};      // what the current view stops when another is shown
 
@@ -58,17 +57,49 @@ function line(values, w, h, cls) {
 
 // -- fleet -----------------------------------------------------------------------------
 const FIELDS = [["frames_per_s", "frames/s", 1], ["p99_ms", "p99 ms", 1], ["errors", "errors", 0],
-                ["cpu_pct", "CPU %", 1], ["rss_mib", "RSS MiB", 0], ["backlog", "backlog", 0]];
+                ["cpu_pct", "CPU %", 1], ["rss_mib", "RSS MiB", 0], ["backlog", "backlog", 0],
+                ["link", "link", 0]];
 
+// One table row per rack, built once; a live update sets the text of the cells that changed
+// and the sparkline's points (1,000 racks change every second: rebuilding rows was the cost)
 function fleetRow(r) {
-  const tr = el("tr", { id: "rack-" + r.rack, "data-state": r.state });
-  tr.append(el("td", {}, el("a", { href: "#/rack/" + encodeURIComponent(r.rack) }, r.rack)),
-            el("td", { class: "state" }, badge(r.state)),
-            el("td", { class: "labels" }, ...Object.entries(r.labels || {}).map(([k, v]) => el("span", {}, `${k}=${v}`))),
-            el("td", {}, fmt(r.version)), el("td", { class: "muted" }, r.rig || "–"));
-  for (const [k, , d] of FIELDS) tr.append(el("td", { class: "num " + k }, fmt(r[k], d)));
-  tr.append(el("td", { class: "spark" }, line(r.spark || [], 90, 18, "spark")));
-  return tr;
+  const cells = { state: el("td", { class: "state" }), labels: el("td", { class: "labels" }),
+                  version: el("td", {}), rig: el("td", { class: "muted" }) };
+  for (const [k] of FIELDS) cells[k] = el("td", { class: "num " + k });
+  const spark = line([0, 0], 90, 18, "spark");
+  const tr = el("tr", { id: "rack-" + r.rack },
+                el("td", {}, el("a", { href: "#/rack/" + encodeURIComponent(r.rack) }, r.rack)),
+                cells.state, cells.labels, cells.version, cells.rig,
+                ...FIELDS.map(([k]) => cells[k]), el("td", { class: "spark" }, spark));
+  const view = { tr, cells, spark, shown: {} };
+  setRow(view, r);
+  return view;
+}
+
+function setText(view, key, text) {
+  if (view.shown[key] !== text) { view.shown[key] = text; view.cells[key].textContent = text; }
+}
+
+function setRow(view, r) {
+  view.row = r;
+  if (view.shown.state !== r.state) {
+    view.shown.state = r.state;
+    view.tr.setAttribute("data-state", r.state);
+    view.cells.state.replaceChildren(badge(r.state));
+  }
+  const labels = JSON.stringify(r.labels || {});
+  if (view.shown.labels !== labels) {
+    view.shown.labels = labels;
+    view.cells.labels.replaceChildren(...Object.entries(r.labels || {}).map(([k, v]) => el("span", {}, `${k}=${v}`)));
+  }
+  setText(view, "version", fmt(r.version));
+  setText(view, "rig", r.rig || "–");
+  for (const [k, , d] of FIELDS) setText(view, k, fmt(r[k], d));
+  const fresh = line(r.spark || [], 90, 18, "spark");
+  const pts = fresh.firstChild ? fresh.firstChild.getAttribute("points") : "";
+  let poly = view.spark.firstChild;
+  if (!poly && pts) { poly = svgEl("polyline", { points: pts }); view.spark.append(poly); }
+  else if (poly) poly.setAttribute("points", pts);
 }
 
 function fleetMatches(r, filter) {
@@ -92,35 +123,38 @@ async function showFleet() {
                   ...FIELDS.map(([, h]) => el("th", { class: "num" }, h)), el("th", {}, "last minute"));
   $main.replaceChildren(el("h2", {}, "Fleet ", counts), el("p", {}, filterBox),
                         el("table", { id: "fleet" }, el("thead", {}, head), body));
+  const views = new Map();  // rack -> its row's view
   let filter = {};
-  const render = () => {
-    body.replaceChildren(...[...fleet.values()].filter((r) => fleetMatches(r, filter)).map(fleetRow));
+  const count = () => {
     const by = {};
-    for (const r of fleet.values()) by[r.state] = (by[r.state] || 0) + 1;
-    counts.textContent = `${fleet.size} racks — ` + Object.entries(by).map(([s, n]) => `${n} ${s}`).join(", ");
+    for (const v of views.values()) by[v.row.state] = (by[v.row.state] || 0) + 1;
+    counts.textContent = `${views.size} racks — ` + Object.entries(by).map(([s, n]) => `${n} ${s}`).join(", ");
   };
-  filterBox.addEventListener("input", () => { filter = parseFilter(filterBox.value); render(); });
+  const place = (v) => { v.tr.hidden = !fleetMatches(v.row, filter); };
+  filterBox.addEventListener("input", () => { filter = parseFilter(filterBox.value); views.forEach(place); });
   const load = async () => {
     const doc = await api("/api/v1/fleet");
-    fleet = new Map(doc.racks.map((r) => [r.rack, r]));
-    render();
+    views.clear();
+    const rows = doc.racks.map((r) => { const v = fleetRow(r); views.set(r.rack, v); place(v); return v.tr; });
+    body.replaceChildren(...rows);
+    count();
+    // when the rows are on screen (the frame after they were added): perf/console_bench.py
+    requestAnimationFrame(() => performance.mark("fleet-shown"));
   };
   await load();
   const onFleet = (ev) => {
+    window.fluxrigUpdates = (window.fluxrigUpdates || 0) + 1;  // perf/console_bench.py counts
     const doc = JSON.parse(ev.data);
     for (const r of doc.racks) {
-      if (r.state === "removed") { fleet.delete(r.rack); document.getElementById("rack-" + r.rack)?.remove(); continue; }
-      const old = fleet.get(r.rack);
-      const spark = (old?.spark || []).concat([r.spark_last]).slice(-60);
+      const v = views.get(r.rack);
+      if (r.state === "removed") { if (v) { v.tr.remove(); views.delete(r.rack); } continue; }
+      const spark = (v?.row.spark || []).concat([r.spark_last]).slice(-60);
       const row = Object.assign({}, r, { spark });
-      fleet.set(r.rack, row);
-      const tr = document.getElementById("rack-" + r.rack);
-      if (!fleetMatches(row, filter)) { tr?.remove(); continue; }
-      if (tr) tr.replaceWith(fleetRow(row)); else body.append(fleetRow(row));
+      if (v) setRow(v, row);
+      else { const nv = fleetRow(row); views.set(r.rack, nv); body.append(nv.tr); }
+      place(views.get(r.rack));
     }
-    const by = {};
-    for (const r of fleet.values()) by[r.state] = (by[r.state] || 0) + 1;
-    counts.textContent = `${fleet.size} racks — ` + Object.entries(by).map(([s, n]) => `${n} ${s}`).join(", ");
+    count();
   };
   const onReset = () => load();
   events.addEventListener("fleet", onFleet);
