@@ -179,7 +179,7 @@ class AuditReader:
 
     def __init__(self, data_dir: Path):
         self.root = data_dir / AUDIT_DIR
-        self._verified: dict[tuple[str, str], tuple[float, dict[str, Any]]] = {}
+        self._verified: dict[tuple[str, str, str], tuple[float, dict[str, Any]]] = {}
 
     def _con(self) -> duckdb.DuckDBPyConnection:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -250,18 +250,23 @@ class AuditReader:
         out = {k: _json_value(v) for k, v in doc.items()}
         out["part"] = file
         out["event"] = body
-        out["chain"] = self.chain_state(str(doc["stream"]), str(doc["rack"]), file)
+        # from the event's day on (the head before it recorded): a click on an event does
+        # not re-read years of archive
+        out["chain"] = self.chain_state(str(doc["stream"]), str(doc["rack"]), file,
+                                        since=str(doc.get("date") or "") or None)
         return present(out)
 
-    def chain_state(self, stream: str, rack: str, part: str) -> dict[str, Any]:
-        """Whether ``rack``'s chain of ``stream`` verifies (cached ``VERIFY_TTL_S``): its
-        findings, and those naming ``part`` (``here``)."""
+    def chain_state(self, stream: str, rack: str, part: str, since: str | None = None
+                    ) -> dict[str, Any]:
+        """Whether ``rack``'s chain of ``stream`` verifies from day ``since`` on (cached
+        ``VERIFY_TTL_S``): its findings, and those naming ``part`` (``here``)."""
         now = time.monotonic()
-        hit = self._verified.get((stream, rack))
+        key = (stream, rack, since or "")
+        hit = self._verified.get(key)
         if hit is None or now - hit[0] > VERIFY_TTL_S:
-            rep = verify_chain(self.root, stream, rack)
+            rep = verify_chain(self.root, stream, rack, since)
             hit = (now, rep.as_json())
-            self._verified[(stream, rack)] = hit
+            self._verified[key] = hit
         report = hit[1]
         return {"state": "verified" if report["ok"] else "findings",
                 "rows": report["rows"], "files": report["files"],
