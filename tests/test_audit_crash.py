@@ -39,6 +39,7 @@ import nats
 import orjson
 import pyarrow.parquet as pq
 import pytest
+from auditparts import write_chain
 from nats.js.api import AckPolicy, ConsumerConfig, StreamConfig, StreamSource
 
 from engine.bus import BusUser
@@ -49,17 +50,11 @@ from mixer.archiver import Archiver, ArchiverPlan, DirectSource, Source, archive
 from mixer.auditfiles import (
     AUDIT_DIR,
     ChainIndex,
-    PartEntry,
     compact,
-    hour_dir,
     index_path,
     load_index,
-    part_name,
-    promote,
     recover,
-    save_index,
     tmp_of,
-    write_tmp,
 )
 from mixer.auditrow import Batch
 from mixer.auditverify import verify
@@ -559,28 +554,9 @@ def test_a_hub_copy_made_again_past_the_archived_hub_seq_is_archived_whole(tmp_p
 def write_parts(root: Path, parts: int, rows_each: int, ts_ns: int) -> ChainIndex:
     """Parts of rack ``a``'s ``TXN`` at ``ts_ns``, written in ``Archiver.flush``'s order
     (temporary file, index, rename)."""
-    index = ChainIndex(stream=STREAM, rack=RACK)
-    head, seq = GENESIS, 0
-    for _ in range(parts):
-        batch = Batch(RACK, STREAM, head)
-        for _ in range(rows_each):
-            seq += 1
-            batch.add(seq, seq, frame(seq))
-        rel = str(hour_dir(Path(), STREAM, RACK, ts_ns) / part_name(batch.seqs[0], seq))
-        entry = PartEntry(path=rel, first=batch.seqs[0], last=seq, count=rows_each,
-                          prev=batch.prev.hex(), head=batch.head.hex(), hub_last=seq)
-        write_tmp(root, rel, batch.table(), {"stream": STREAM, "rack": RACK,
-                                             "first": entry.first, "last": entry.last,
-                                             "count": entry.count, "prev": entry.prev,
-                                             "head": entry.head})
-        index.start_seq = 1
-        index.parts.append(entry)
-        index.pending = [rel]
-        index.last, index.head, index.hub_last = seq, entry.head, seq
-        save_index(root, index)
-        promote(root / rel)
-        head = batch.head
-    return index
+    return write_chain(root, STREAM, RACK, [[frame(p * rows_each + i + 1)
+                                             for i in range(rows_each)]
+                                            for p in range(parts)], ts_ns)
 
 
 def test_an_index_temp_file_left_by_a_kill_is_removed_at_restart(tmp_path):

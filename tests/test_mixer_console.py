@@ -23,6 +23,7 @@ from typing import Any
 
 import nats
 import pytest
+from auditparts import write_chain
 from mixerutil import MixerProcess, enrol, hub_ports, init_hub, mixer, wait_until
 
 from engine.cbor import dumps
@@ -30,17 +31,7 @@ from engine.frame import encode_parts, uuid7
 from engine.natsd import free_port
 from engine.telemetry import RackSample, snapshot_message
 from gears.coatcheck import luhn_valid, make_token
-from mixer.auditfiles import (
-    AUDIT_DIR,
-    ChainIndex,
-    PartEntry,
-    hour_dir,
-    part_name,
-    promote,
-    save_index,
-    write_tmp,
-)
-from mixer.auditrow import GENESIS, Batch
+from mixer.auditfiles import AUDIT_DIR
 from mixer.console import ROUTES
 from mixer.consoleapi import OPENAPI
 from mixer.hubfiles import local_users
@@ -114,30 +105,10 @@ def write_audit(hub: Path, rack: str, n: int, plant: bool = False) -> None:
     """``n`` transactions of ``rack`` in two parts, as the archiver writes them; with
     ``plant`` the last carries a clear card number in a free-text field (what a careless
     gear might do: ``mixer audit verify`` reports it as a leak)."""
-    root, stream = hub / AUDIT_DIR, "TXN"
     ts = time.time_ns() - 60 * 10**9
-    index = ChainIndex(stream=stream, rack=rack)
-    head, seq = GENESIS, 0
-    for half in (range(1, n // 2 + 1), range(n // 2 + 1, n + 1)):
-        batch = Batch(rack, stream, head)
-        for i in half:
-            seq += 1
-            extra = {"reason": f"card {CLEAR_PAN} seen"} if plant and i == n else {}
-            batch.add(seq, seq, _event(i, ts + i, **extra))
-        rel = str(hour_dir(Path(), stream, rack, ts) / part_name(batch.seqs[0], seq))
-        entry = PartEntry(path=rel, first=batch.seqs[0], last=seq, count=len(half),
-                          prev=batch.prev.hex(), head=batch.head.hex(), hub_last=seq)
-        write_tmp(root, rel, batch.table(), {"stream": stream, "rack": rack,
-                                             "first": entry.first, "last": entry.last,
-                                             "count": entry.count, "prev": entry.prev,
-                                             "head": entry.head})
-        index.start_seq = 1
-        index.parts.append(entry)
-        index.pending = [rel]
-        index.last, index.head, index.hub_last = seq, entry.head, seq
-        save_index(root, index)
-        promote(root / rel)
-        head = batch.head
+    events = [_event(i, ts + i, **({"reason": f"card {CLEAR_PAN} seen"}
+                                   if plant and i == n else {})) for i in range(1, n + 1)]
+    write_chain(hub / AUDIT_DIR, "TXN", rack, [events[:n // 2], events[n // 2:]], ts)
 
 
 def _rows(frames: int, errors: int) -> list[dict[str, Any]]:
