@@ -40,6 +40,7 @@ from mixer.pki import HubPki, certificate_hosts, init_pki
 from mixer.settings import (
     SETTINGS_FILE,
     AuditSettings,
+    ConsoleSettings,
     MixerSettings,
     load_settings,
     parse_settings,
@@ -543,7 +544,7 @@ def test_the_hub_config_lists_only_enrolled_racks_not_revoked(hub_dir: Path,
     passwords = local_users(hub_dir)
     named = {u["user"]: u["password"] for u in users if "user" in u}
     assert named == {"registry": passwords["registry"], "admin": passwords["admin"],
-                     "archiver": passwords["archiver"]}
+                     "archiver": passwords["archiver"], "console": passwords["console"]}
     assert conf["accounts"]["SYS"]["users"] == [{"user": "sys", "password": passwords["sys"],
                                                  "allowed_connection_types": ["STANDARD"]}]
     assert conf["leafnodes"]["port"] == SETTINGS.leaf_port
@@ -728,10 +729,12 @@ def test_the_shipped_mixer_settings_parse_and_name_every_key() -> None:
     doc = load_yaml(path)
     s = parse_settings(doc.data, str(path))
     assert set(doc.data) == {"hub", "leaf", "registry", "prometheus", "rollup_interval",
-                             "simulator", "audit"}
+                             "simulator", "audit", "console"}
     assert s.leaf_urls == ("tls://127.0.0.1:7422",) and s.prometheus_port == 9466
     assert set(doc.data["audit"]) == {f.name for f in fields(AuditSettings)}
     assert s.audit == AuditSettings()  # the file shows the defaults
+    assert set(doc.data["console"]) == {f.name for f in fields(ConsoleSettings)}
+    assert s.console == ConsoleSettings(enabled=True)  # on there, the rest the defaults
 
 
 @pytest.mark.parametrize("audit, message", [
@@ -797,3 +800,14 @@ def test_the_link_watch_reads_only_what_the_log_gained_and_follows_a_rotation(
     log.rename(tmp_path / "nats-server.log.1")  # rotated: a new file, read whole
     log.write_text(up)
     assert watch.state() == "up"
+
+
+@pytest.mark.parametrize("console, message", [
+    ("{port: 70000}", "console.port"), ("{session_ttl: 5s}", "console.session_ttl"),
+    ("{max_clients: 0}", "console.max_clients"), ("{tls: true}", "tls")])
+def test_wrong_console_settings_name_the_key(console: str, message: str) -> None:
+    import yaml
+
+    with pytest.raises(ConfigError) as err:
+        parse_settings(yaml.safe_load(f"console: {console}"), "mixer.yaml")
+    assert message in str(err.value) and "mixer.yaml" in str(err.value)
