@@ -99,6 +99,9 @@ class Registry:
         self.offline_after_ns = offline_after_ns
         self.racks: dict[str, RackInfo] = {}
         self.history: list[StateChange] = []
+        # revoked racks: a report of theirs still in flight when they were removed (a stats
+        # snapshot queued before the link was dropped) must not bring them back
+        self.revoked: set[str] = set()
 
     def _move(self, info: RackInfo, after: str, ts_ns: int, reason: str) -> list[StateChange]:
         if info.state == after:
@@ -111,6 +114,7 @@ class Registry:
 
     def add(self, rack: str, labels: Mapping[str, str], now_ns: int) -> RackInfo:
         """Register ``rack`` (``never-seen``), or update the labels of a known one."""
+        self.revoked.discard(rack)
         info = self.racks.get(rack)
         if info is None:
             info = RackInfo(id=rack, labels=dict(labels), changed_ns=now_ns)
@@ -120,11 +124,16 @@ class Registry:
         return info
 
     def remove(self, rack: str) -> bool:
-        """Forget ``rack`` (revoked); True if it was known."""
+        """Forget ``rack`` (revoked; its later reports are ignored); True if it was
+        known."""
+        self.revoked.add(rack)
         return self.racks.pop(rack, None) is not None
 
     def observe(self, report: Report, now_ns: int) -> list[StateChange]:
-        """A hello or heartbeat from ``report.rack`` heard at ``now_ns``."""
+        """A hello or heartbeat from ``report.rack`` heard at ``now_ns`` (nothing for a
+        revoked rack)."""
+        if report.rack in self.revoked:
+            return []
         info = self.racks.get(report.rack) or RackInfo(id=report.rack, changed_ns=now_ns)
         info = replace(
             info,

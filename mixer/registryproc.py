@@ -187,9 +187,11 @@ class RegistryShell:
     async def on_stats(self, msg: Msg) -> None:
         """A rack's snapshot: the fleet's figures and the rack's heartbeat."""
         now = time.time_ns()
+        rack = msg.subject.rsplit(".", 1)[-1]
+        if rack in self.registry.revoked:  # in flight when it was revoked: not back
+            return
         if not self.fleet.observe(msg.subject, msg.data, now):
             return
-        rack = msg.subject.rsplit(".", 1)[1]
         # the labels stay the enrolled ones: a rack cannot move itself into a selection
         snap = self.fleet.latest(rack)
         self._persist(self.registry.observe(

@@ -226,7 +226,10 @@ def test_a_run_on_the_baselines_machine_passes_compare(baseline):
 @pytest.mark.slow
 def test_a_codec_slowed_by_a_fifth_fails_compare(baseline):
     out = baseline.with_name("slow.json")
-    proc = _bench(["--json", str(out), "--compare", str(baseline)], inject="codec:1.25")
+    # the median of 3, as the baseline: one slowed run alone once measured dumps +5.7%
+    # (CI, a fresh clone on a busy machine) where the shim takes 20% off
+    proc = _bench(["--repeat", "3", "--json", str(out), "--compare", str(baseline)],
+                  inject="codec:1.25")
     doc = json.loads(out.read_text())
     assert doc["injected"] == "codec:1.25"
     caught = [r for r in doc["compare"]["rows"] if r["verdict"] == "REGRESSED"]

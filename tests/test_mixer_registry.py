@@ -55,6 +55,19 @@ def test_a_rack_not_added_is_registered_when_it_speaks_and_labels_select():
     assert reg.remove("b") and not reg.remove("b")
 
 
+def test_a_report_in_flight_when_a_rack_was_revoked_does_not_bring_it_back():
+    # a CI run listed a revoked rack again: its last snapshot, queued before the hub
+    # dropped its link, was taken after the registry had removed it
+    reg = Registry(offline_after_ns=10 * S)
+    reg.add("a", {"site": "lab"}, now_ns=S)
+    reg.observe(Report(rack="a"), now_ns=2 * S)
+    assert reg.remove("a")
+    assert reg.observe(Report(rack="a", processes=5), now_ns=3 * S) == []
+    assert reg.select() == [] and reg.counts()[ONLINE] == 0
+    reg.add("a", {"site": "lab"}, now_ns=4 * S)  # enrolled again: heard again
+    assert [c.after for c in reg.observe(Report(rack="a"), now_ns=5 * S)] == [ONLINE]
+
+
 @pytest.mark.parametrize(("items", "expected"), [
     ([], {}),
     (["site=lab"], {"site": "lab"}),
