@@ -80,6 +80,8 @@ class Leftovers:
             except ForeignSegmentError as exc:
                 raise LeftoverError(f"{exc}: remove it once you know who made it "
                                      f"(rm {SHM_DIR}/{name})") from None
+            if header is not None and header.rack and header.rack != self.rack_id:
+                continue  # another rack's, whose id extends ours (plant, plant-2)
             if header is None:  # our own, never sized: a creator killed mid-way
                 log.warning("empty segment removed: name=%s", name)
                 unlink(name)
@@ -94,7 +96,7 @@ class Leftovers:
         self._stop_survivors()
 
     def _stop_survivors(self) -> None:
-        pids = set(mapping_pids(self.prefix))
+        pids = set(mapping_pids(self.found))
         try:  # the previous run's nats-server (it maps no segment)
             old = json.loads((self.data_dir / STATE_FILE).read_text()).get("nats_pid")
             with open(f"/proc/{old}/cmdline", "rb") as f:

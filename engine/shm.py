@@ -39,6 +39,7 @@ import logging
 import os
 import stat
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass
 from multiprocessing import resource_tracker, shared_memory
 
@@ -53,6 +54,10 @@ KIND_COUNTERS = 2
 KIND_JOURNAL = 3
 
 _HEADER = struct.Struct("<8sIIqqq")  # magic, kind, version, owner pid, owner start, payload size
+# the rack that made the segment, NUL-padded, in the header's spare bytes (zero in segments
+# made before it was written there: "unknown", and the version stays, so those are still
+# adopted): segment names ``fx-<rack>-<tag>`` are ambiguous when rack ids contain '-'
+_RACK_AT, _RACK_LEN = _HEADER.size, 64
 
 
 class ShmError(Exception):
@@ -82,6 +87,7 @@ class SegmentHeader:
         owner_pid: pid of the creating process.
         owner_start: start time of that process in clock ticks since boot.
         payload_size: bytes after the header.
+        rack: the rack that made it (``Segment.stamp``); "" when unknown.
     """
 
     kind: int
@@ -89,6 +95,7 @@ class SegmentHeader:
     owner_pid: int
     owner_start: int
     payload_size: int
+    rack: str = ""
 
 
 def process_start_ticks(pid: int) -> int | None:
@@ -229,6 +236,13 @@ class Segment:
                                       owner_start=start, payload_size=payload_size),
                    owner=True)
 
+    def stamp(self, rack: str) -> None:
+        """Write the rack that owns this segment into its header (``SegmentHeader.rack``):
+        a rack's start tells its own leftovers from another rack's whose id shares its
+        prefix (``plant`` and ``plant-2``)."""
+        raw = rack.encode()[:_RACK_LEN]
+        self._shm.buf[_RACK_AT:_RACK_AT + _RACK_LEN] = raw + b"\0" * (_RACK_LEN - len(raw))
+
     def release(self) -> None:
         """Give up ownership of a segment kept for the next start (its header then names no
         owner): a supervisor that drains and starts again in place (``execv``, keeping its
@@ -296,8 +310,9 @@ def inspect(name: str) -> SegmentHeader | None:
             return None
         if st.st_size < HEADER_SIZE:
             raise ForeignSegmentError(f"segment too small: name={name}, size={st.st_size}")
-        magic, kind, version, pid, start, payload_size = _HEADER.unpack(
-            os.pread(fd, _HEADER.size, 0))
+        head = os.pread(fd, _RACK_AT + _RACK_LEN, 0)
+        magic, kind, version, pid, start, payload_size = _HEADER.unpack(head[:_HEADER.size])
+        rack = head[_RACK_AT:].split(b"\0", 1)[0].decode(errors="replace")
     finally:
         os.close(fd)
     if magic != MAGIC:
@@ -307,7 +322,7 @@ def inspect(name: str) -> SegmentHeader | None:
                                   f"version={version}, size={st.st_size}, "
                                   f"payload_size={payload_size}")
     return SegmentHeader(kind=kind, version=version, owner_pid=pid, owner_start=start,
-                         payload_size=payload_size)
+                         payload_size=payload_size, rack=rack)
 
 
 def segment_names(prefix: str) -> list[str]:
@@ -318,21 +333,29 @@ def segment_names(prefix: str) -> list[str]:
         return []
 
 
-def mapping_pids(prefix: str) -> list[int]:
-    """Processes (other than this one) that have a segment starting with ``prefix`` mapped:
-    the survivors of a killed supervisor still using a rack's rings."""
-    needle = f"{SHM_DIR}/{prefix}"
+def mapping_pids(names: Iterable[str]) -> list[int]:
+    """Processes (other than this one) that have one of the segments ``names`` mapped: the
+    survivors of a killed supervisor still using a rack's rings."""
+    wanted = {f"{SHM_DIR}/{n}" for n in names}
+    if not wanted:
+        return []
     out = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit() or int(entry) == os.getpid():
             continue
         try:
             with open(f"/proc/{entry}/maps", encoding="utf-8", errors="replace") as f:
-                if any(needle in line for line in f):
+                if any(_mapped_path(line) in wanted for line in f):
                     out.append(int(entry))
         except OSError:
             continue  # gone, or not ours to read
     return out
+
+
+def _mapped_path(maps_line: str) -> str:
+    """The file of one ``/proc/<pid>/maps`` line ("" for an anonymous mapping)."""
+    fields = maps_line.rstrip("\n").split(maxsplit=5)
+    return fields[5].removesuffix(" (deleted)") if len(fields) == 6 else ""
 
 
 def _read_header(shm: shared_memory.SharedMemory, name: str) -> SegmentHeader:

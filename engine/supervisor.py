@@ -143,6 +143,7 @@ class Supervisor:
         name = self._segment(tag)
         adopted = self.leftovers.take(name, KIND_RING, ring_segment_size(self.cfg.ring_capacity))
         ring = Ring(adopted) if adopted is not None else Ring.create(name, self.cfg.ring_capacity)
+        ring.segment.stamp(self.cfg.rack_id)
         self.plan.rings.append(ring)
         return ring
 
@@ -151,6 +152,7 @@ class Supervisor:
         adopted = self.leftovers.take(name, KIND_JOURNAL, journal_segment_size(slots, slot_size))
         journal = Journal(adopted) if adopted is not None else Journal.create(name, slots,
                                                                             slot_size)
+        journal.segment.stamp(self.cfg.rack_id)
         self.plan.journals.append(journal)
         return journal
 
@@ -158,6 +160,7 @@ class Supervisor:
         name = self._segment(f"c-{tag}")
         self.leftovers.take(name, KIND_COUNTERS, 0)  # counters start again at zero
         c = Counters.create(name, len(stats))
+        c.segment.stamp(self.cfg.rack_id)
         self.plan.counters.append(c)
         return c
 

@@ -145,13 +145,13 @@ class RackProcess:
             from engine.shm import mapping_pids, segment_names, unlink
 
             rack_id = yaml.safe_load(self.config.read_text())["rack"]["id"]
-            prefix = f"fx-{rack_id}-"
+            names = segment_names(f"fx-{rack_id}-")
             deadline = time.monotonic() + 10
-            while mapping_pids(prefix) and time.monotonic() < deadline:
+            while mapping_pids(names) and time.monotonic() < deadline:
                 time.sleep(0.1)  # its children got SIGTERM from the kernel; they are draining
-            for pid in mapping_pids(prefix):
+            for pid in mapping_pids(names):
                 os.kill(pid, signal.SIGKILL)
-            for name in segment_names(prefix):
+            for name in names:
                 unlink(name)
         if not self.log.closed:
             self.log.close()

@@ -203,3 +203,27 @@ def test_a_segment_its_owner_released_is_adopted_though_the_owner_lives(tmp_path
     finally:
         ring.close()
         unlink(name)
+
+
+def test_a_rack_whose_id_extends_ours_is_not_ours(tmp_path):
+    """``fx-<rack>-`` names are ambiguous when ids contain '-': rack ``plant`` refused to
+    start while ``plant-6786`` ran ("running already"), and would have stopped that rack's
+    orphans or removed its segments. The header now says which rack made a segment."""
+    other = f"{RACK}-6786"
+    live = subprocess.Popen(  # the other rack, running: its ring stamped with its id
+        [sys.executable, "-c", "import sys; from engine.ring import Ring; "
+         f"r = Ring.create({PREFIX + '6786-p-src-0'!r}, 1 << 16); r.segment.stamp({other!r});"
+         " print('made', flush=True); sys.stdin.read()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    dead = PREFIX + "p-src-0"  # ours, left by a killed run
+    _left_by_a_dead_process(lambda: Ring.create(dead, 1 << 16).segment.stamp(RACK))
+    try:
+        assert live.stdout.readline().strip() == "made"
+        assert inspect(PREFIX + "6786-p-src-0").rack == other
+        left = Leftovers(RACK, tmp_path)
+        left.scan()  # no "running already": the live segment is the other rack's
+        assert set(left.found) == {dead} and left.found[dead].rack == RACK
+        assert live.poll() is None  # and its process was not stopped as a survivor of ours
+    finally:
+        live.stdin.close()
+        live.wait(10)
