@@ -28,9 +28,11 @@ from __future__ import annotations
 import asyncio
 import difflib
 import logging
+import re
 import signal
 import socket
 import time
+import urllib.parse
 from collections import defaultdict, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -68,9 +70,17 @@ MAX_BODY: Final = 256 << 10
 FEED_INTERVAL: Final = 1.0
 CLIENT_QUEUE: Final = 8           # updates waiting for one live client before ``reset``
 PING_EVERY: Final = 15.0
+BODY_TIMEOUT: Final = 10.0        # seconds to send a request body
+HEADER_TIMEOUT: Final = 10.0      # seconds from connecting to a whole request head
+KEEPALIVE: Final = 15.0           # seconds an idle kept-alive connection stays open
+STREAMS_PER_USER: Final = 4       # live event streams one user may hold
+RACK_RE: Final = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+PATH_RE: Final = re.compile(r"^[^\s*>]{1,400}$")
 CSP: Final = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
               "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'")
 WHO: Final = web.AppKey("who", Principal)
+SECURITY: Final = {"Content-Security-Policy": CSP, "X-Content-Type-Options": "nosniff",
+                   "Referrer-Policy": "no-referrer", "Cache-Control": "no-store"}
 
 
 @dataclass(slots=True)
@@ -85,6 +95,7 @@ class ConsoleState:
     nc: Client | None = None
     clients: set[asyncio.Queue[bytes | None]] = field(default_factory=set)
     failures: dict[str, deque[float]] = field(default_factory=lambda: defaultdict(deque))
+    streams: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     active: int = 0
     registry_ok: bool = False
     started: float = field(default_factory=time.time)
@@ -144,10 +155,9 @@ async def guard(request: web.Request,
         resp = exc
     finally:
         st.active -= 1
-    resp.headers.setdefault("Content-Security-Policy", CSP)
-    resp.headers.setdefault("X-Content-Type-Options", "nosniff")
-    resp.headers.setdefault("Referrer-Policy", "no-referrer")
-    resp.headers.setdefault("Cache-Control", "no-store")
+    if not resp.prepared:  # an event stream sent its own (``SECURITY``) already
+        for k, v in SECURITY.items():
+            resp.headers.setdefault(k, v)
     return resp
 
 
@@ -171,34 +181,49 @@ async def login_page(request: web.Request) -> web.Response:
                         headers={"Content-Security-Policy": LOGIN_CSP})
 
 
+async def _body(request: web.Request) -> bytes:
+    """The request's body within ``BODY_TIMEOUT``: a client sending it slowly would hold a
+    connection slot for ever (a hostile probe locked everyone out with 64 of them)."""
+    try:
+        async with asyncio.timeout(BODY_TIMEOUT):
+            return await request.read()
+    except TimeoutError:
+        raise web.HTTPRequestTimeout(text="request body too slow") from None
+
+
 async def login(request: web.Request) -> web.Response:
     st = request.app[STATE]
     peer = request.remote or "?"
+    is_form = request.content_type != "application/json"
+    body = await _body(request)
+    try:
+        form: Any = (orjson.loads(body) if not is_form
+                     else dict(urllib.parse.parse_qsl(body.decode(), max_num_fields=8)))
+        if not isinstance(form, dict):
+            raise ValueError("not an object")
+        name, password = str(form.get("user", "")), str(form.get("password", ""))
+    except (ValueError, UnicodeDecodeError, orjson.JSONDecodeError):
+        return _error(400, "expected JSON or a form with user and password")
+    # attempts are counted per address and user, and reserved before the check: parallel
+    # guesses all count (they once all got through), and behind a proxy (one address for
+    # everybody) a stranger locks out the user it guesses at, not every user
     now = time.monotonic()
-    recent = st.failures[peer]
+    recent = st.failures[f"{peer} {name[:64]}"]
     while recent and now - recent[0] > 60.0:
         recent.popleft()
-    is_form = request.content_type != "application/json"
     if len(recent) >= st.settings.login_attempts:
         return web.Response(status=429, headers={"Retry-After": "60"},
                             text="too many failed logins: wait a minute")
-    try:
-        if not is_form:
-            form: dict[str, Any] = orjson.loads(await request.read())
-        else:
-            form = dict(await request.post())
-        name, password = str(form.get("user", "")), str(form.get("password", ""))
-    except (ValueError, orjson.JSONDecodeError):
-        return _error(400, "expected JSON or a form with user and password")
+    recent.append(now)
     # scrypt takes tens of ms: off the event loop, the live pages keep moving
     who = await asyncio.get_running_loop().run_in_executor(None, st.creds.login, name,
                                                            password)
     if who is None:
-        recent.append(now)
-        log.warning("console login refused: user=%s, address=%s", name[:64], peer)
+        log.warning("console login refused: user=%r, address=%s", name[:64], peer)
         if is_form:
             return web.Response(status=303, headers={"Location": "/login?failed=1"})
         return _error(401, "wrong user or password")
+    recent.remove(now)  # a good login is no failure
     log.info("console login: user=%s, role=%s, address=%s", who.name, who.role, peer)
     resp: web.Response = (web.Response(status=303, headers={"Location": "/"}) if is_form
                           else _json({"user": who.name, "role": who.role}))
@@ -236,7 +261,8 @@ def _labels(request: web.Request) -> dict[str, str]:
     for item in request.query.getall("label", []):
         k, sep, v = item.partition("=")
         if not sep or not k:
-            raise web.HTTPBadRequest(text=f"label: expected KEY=VALUE, got {item!r}")
+            raise web.HTTPBadRequest(
+                text=mask_pans(f"label: expected KEY=VALUE, got {item!r}"))
         out[k] = v
     return out
 
@@ -252,20 +278,41 @@ async def fleet(request: web.Request) -> web.Response:
 
 async def fleet_events(request: web.Request) -> web.StreamResponse:
     st = request.app[STATE]
-    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
-                                       "Cache-Control": "no-store"})
+    who: Principal = request[WHO]  # type: ignore[index]
+    if st.streams[who.name] >= STREAMS_PER_USER:  # one user cannot take every slot
+        return _error(429, f"at most {STREAMS_PER_USER} live streams per user")
+    resp = web.StreamResponse(headers={**SECURITY, "Content-Type": "text/event-stream"})
+    st.streams[who.name] += 1
+    try:
+        return await _stream(st, request, resp)
+    finally:
+        st.streams[who.name] -= 1
+
+
+async def _stream(st: ConsoleState, request: web.Request, resp: web.StreamResponse
+                  ) -> web.StreamResponse:
     await resp.prepare(request)
     queue: asyncio.Queue[bytes | None] = asyncio.Queue(CLIENT_QUEUE)
     st.clients.add(queue)
     try:
         await resp.write(b"event: hello\ndata: " + orjson.dumps(
             {"version": st.board.version}) + b"\n\n")
+        quiet = 0.0
         while True:
             try:
-                item = await asyncio.wait_for(queue.get(), PING_EVERY)
+                item = await asyncio.wait_for(queue.get(), 1.0)
             except TimeoutError:
-                await resp.write(b": ping\n\n")
+                # a client gone is noticed within a second (its slot and its place in the
+                # per-user count freed), not at the next write
+                transport = request.transport
+                if transport is None or transport.is_closing():
+                    break
+                quiet += 1.0
+                if quiet >= PING_EVERY:
+                    quiet = 0.0
+                    await resp.write(b": ping\n\n")
                 continue
+            quiet = 0.0
             if item is None:  # fell behind: the page reloads the fleet
                 await resp.write(b"event: reset\ndata: {}\n\n")
                 continue
@@ -403,13 +450,16 @@ async def rack_deploy(request: web.Request) -> web.Response:
     if st.board.row(rack_id) is None:
         return _error(404, f"no rack {rack_id!r}")
     try:
-        body = orjson.loads(await request.read())
+        body = orjson.loads(await _body(request))
     except orjson.JSONDecodeError as exc:
         return _error(400, f"expected JSON: {exc}")
+    if not isinstance(body, dict) or ("rev" in body and type(body["rev"]) is not int) or (
+            "rev" not in body and not isinstance(body.get("text"), str)):
+        return _error(400, 'expected {"text": RIG} or {"rev": N} (an integer)')
     js = st.nc.jetstream()
     try:
         if "rev" in body:
-            text = await deploys.revision(js, rack_id, int(body["rev"]))
+            text = await deploys.revision(js, rack_id, body["rev"])
             what = f"rollback to rev {body['rev']}"
         else:
             text = str(body.get("text", ""))
@@ -482,10 +532,13 @@ async def uns_history(request: web.Request) -> web.Response:
     if st.nc is None:
         return _error(503, "the hub is not reachable")
     rack_id, path = request.query.get("rack", ""), request.query.get("path", "")
-    if not rack_id or not path or any(c in path for c in " *>"):
-        return _error(400, "rack and path (no spaces or wildcards) are required")
+    if not RACK_RE.match(rack_id) or not PATH_RE.match(path):
+        return _error(400, "rack (letters, digits, '-', '_') and path (no spaces or "
+                           "wildcards) are required")
     try:
         since = float(request.query.get("since", str(time.time() - 3600)))
+        if not 0 <= since < 4e9:
+            raise ValueError(since)
     except ValueError:
         return _error(400, "since: expected epoch seconds")
     return _json({"rack": rack_id, "path": path,
@@ -522,6 +575,38 @@ def build_app(st: ConsoleState) -> web.Application:
     return app
 
 
+class _Refused(asyncio.Protocol):
+    """A connection past the cap: closed at once."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.close()
+
+
+class Door:
+    """The listener's protocol factory around aiohttp's: at most ``max_connections`` open
+    connections (past it a new one is closed at once), and a connection that has not sent
+    a whole request head within ``HEADER_TIMEOUT`` is closed. aiohttp has neither: a probe
+    held 20,000 half-sent heads open until the process ran out of file descriptors."""
+
+    def __init__(self, server: web.Server, max_connections: int):
+        self.server = server
+        self.max_connections = max_connections
+
+    def __call__(self) -> asyncio.Protocol:
+        if len(self.server.connections) >= self.max_connections:
+            return _Refused()
+        handler = self.server()
+        asyncio.get_running_loop().call_later(HEADER_TIMEOUT, _head_due, handler)
+        return handler
+
+
+def _head_due(handler: Any) -> None:
+    # aiohttp counts a request once its head is parsed; none yet: a slow or idle client
+    if getattr(handler, "_request_count", 1) == 0 and handler.transport is not None:
+        handler.force_close()
+        handler.transport.close()
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ConsolePlan:
     """What the console process needs (built by ``mixer.supervisor`` before forking)."""
@@ -549,9 +634,11 @@ async def console_main(plan: ConsolePlan, rt: Runtime | None, name: str,
     except Exception as exc:  # the pages that need the hub say so; the rest serve
         log.warning("console: hub not reachable, UNS and deploys unavailable: %s", exc)
     runner = web.AppRunner(build_app(st), access_log=None, handle_signals=False,
-                           shutdown_timeout=2.0)
+                           shutdown_timeout=2.0, keepalive_timeout=KEEPALIVE)
     await runner.setup()
-    await web.SockSite(runner, sock).start()
+    assert runner.server is not None
+    listener = await loop.create_server(
+        Door(runner.server, 4 * plan.settings.max_clients), sock=sock)
     host, port = sock.getsockname()[:2]
     log.info("console listening: url=http://%s:%d/, users=%d", host, port, len(st.creds.users))
     if not st.creds.users:
@@ -565,6 +652,7 @@ async def console_main(plan: ConsolePlan, rt: Runtime | None, name: str,
         feeding.cancel()
         for q in list(st.clients):
             q.put_nowait(None)
+        listener.close()
         await runner.cleanup()
         if st.nc is not None:
             await close_quietly(st.nc)

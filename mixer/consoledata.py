@@ -58,13 +58,19 @@ def _mask_text(text: str) -> str:
 
 
 def mask_pans(obj: Any) -> Any:
-    """``obj`` with every Luhn-valid run of 13-19 digits in its texts masked (first 6, last
-    4): the console's last guard — events carry tokens and masked PANs already, but no
-    role may obtain a clear card number through it, whatever a rack put in an event."""
+    """``obj`` with every Luhn-valid run of 13-19 digits masked (first 6, last 4) — in texts,
+    map keys, and numbers (a number that is one becomes the masked text): the console's
+    last guard — events carry tokens and masked PANs already, but no role may obtain a
+    clear card number through it, whatever a rack put in an event."""
     if isinstance(obj, str):
         return _mask_text(obj) if len(obj) >= 13 else obj
+    if type(obj) is int and 10**12 <= abs(obj) < 10**19:
+        text = str(obj)
+        masked = _mask_text(text)
+        return obj if masked == text else masked
     if isinstance(obj, dict):
-        return {k: mask_pans(v) for k, v in obj.items()}
+        return {mask_pans(k) if isinstance(k, str) else k: mask_pans(v)
+                for k, v in obj.items()}
     if isinstance(obj, list | tuple):
         return [mask_pans(v) for v in obj]
     if isinstance(obj, bytes):
@@ -96,7 +102,7 @@ def present(obj: Any) -> Any:
     if isinstance(obj, dict):
         out = {}
         for k, v in obj.items():
-            key = str(k)
+            key = mask_pans(str(k))
             if key.endswith("_ns") and type(v) is int and _NS_LO <= v < _NS_HI:
                 out[key[:-3] + "_at"] = _iso_ns(v)
             elif key in ("event_id", "id") and isinstance(v, str):

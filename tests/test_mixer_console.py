@@ -16,8 +16,10 @@ import http.client
 import json
 import os
 import re
+import socket
 import time
 import urllib.parse
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -106,8 +108,10 @@ def write_audit(hub: Path, rack: str, n: int, plant: bool = False) -> None:
     ``plant`` the last carries a clear card number in a free-text field (what a careless
     gear might do: ``mixer audit verify`` reports it as a leak)."""
     ts = time.time_ns() - 60 * 10**9
-    events = [_event(i, ts + i, **({"reason": f"card {CLEAR_PAN} seen"}
-                                   if plant and i == n else {})) for i in range(1, n + 1)]
+    planted = {"reason": f"card {CLEAR_PAN} seen", "ref": int(CLEAR_PAN),
+               "extra": {CLEAR_PAN: "k"}}
+    events = [_event(i, ts + i, **(planted if plant and i == n else {}))
+              for i in range(1, n + 1)]
     write_chain(hub / AUDIT_DIR, "TXN", rack, [events[:n // 2], events[n // 2:]], ts)
 
 
@@ -159,6 +163,11 @@ async def _uns_copy(hub: Path, url: str) -> None:
                 uuid7(ts), ts, "modbus:plc-1", "uns.sample", {"subject": path},
                 {"path": path, "value": value, "unit": "degC", "quality": "good",
                  "ts_source": ts, "ts": ts}))
+        await js.publish("fluxrig.mixer.unstest.acme.lyon.press.l7.c1.plc-1.code",
+                         encode_parts(uuid7(), time.time_ns(), "modbus:plc-1", "uns.sample",
+                                      {}, {"path": "acme.lyon.press.l7.c1.plc-1.code",
+                                           "value": int(CLEAR_PAN), "unit": None,
+                                           "quality": "good", "ts_source": 1, "ts": 1}))
         await js.publish("fluxrig.mixer.unstest.acme.lyon.press.l7.c1.plc-1.serial",
                          encode_parts(uuid7(), time.time_ns(), "modbus:plc-1", "uns.sample",
                                       {}, {"path": "acme.lyon.press.l7.c1.plc-1.serial",
@@ -174,7 +183,7 @@ def console(tmp_path: Path):
     hub = init_hub(tmp_path, audit="{enabled: false}")
     with open(hub / "mixer.yaml", "a") as f:
         f.write(f"simulator: true\nconsole: {{enabled: true, host: 127.0.0.1, port: {port}, "
-                f"login_attempts: 5}}\n")
+                f"login_attempts: 5, max_clients: 16}}\n")
     env_var = "FX_CONSOLE_TEST_PW"
     os.environ[env_var] = PASSWORD
     try:
@@ -201,6 +210,14 @@ def test_console_api_roles_live_fleet_transactions_namespace_and_no_clear_pan(co
     url = f"nats://127.0.0.1:{hub_ports(hub)[0]}"
     racks = {"rack-a": {"site": "lyon"}, "rack-b": {"site": "oslo"}}
     anon, viewer, admin = Client(port), Client(port), Client(port)
+    # a hostile probe locked everyone out with slow bodies and exhausted file descriptors
+    # with half-sent heads: both are closed after 10 s now (checked at the end)
+    slow_head = socket.create_connection(("127.0.0.1", port))
+    slow_head.sendall(b"GET /api/v1/me HTTP/1.1\r\nHost: x\r\n")
+    slow_body = socket.create_connection(("127.0.0.1", port))
+    slow_body.sendall(b"POST /login HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+                      b"\r\nContent-Length: 100\r\n\r\n{\"us")
+    opened = time.monotonic()
 
     # -- 401 everywhere but the login page, and the API is described route by route
     for method, path, _ in ROUTES:
@@ -252,6 +269,7 @@ def test_console_api_roles_live_fleet_transactions_namespace_and_no_clear_pan(co
         if line.startswith(b"data: ") and b'"racks"' in line:
             for r in json.loads(line[6:])["racks"]:
                 seen[r["rack"]] = r
+    stream.close()  # the response holds the socket: both, or the server sees no close
     conn.close()
     assert seen["rack-a"]["errors"] == 2 and seen["rack-a"]["backlog"] == 2
 
@@ -300,8 +318,10 @@ def test_console_api_roles_live_fleet_transactions_namespace_and_no_clear_pan(co
     assert planted["reason"] == "card 411111******1111 seen"
     shown = admin.get(f"/api/v1/transactions/{planted['event_id']}")
     assert shown["event"]["body"]["reason"] == "card 411111******1111 seen"
+    assert shown["event"]["body"]["ref"] == "411111******1111"
+    assert shown["event"]["body"]["extra"] == {"411111******1111": "k"}
     assert shown["chain"]["state"] == "findings"  # verify reports the leak, in this part
-    assert [f["kind"] for f in shown["chain"]["here"]] == ["leak"]
+    assert {f["kind"] for f in shown["chain"]["here"]} == {"leak"}
     today = time.strftime("%Y-%m-%d", time.gmtime(time.time() - 60))
     report = viewer.get(f"/api/v1/reports/daily?date={today}")
     assert sum(r[report["columns"].index("events")] for r in report["rows"]) == 44
@@ -311,7 +331,8 @@ def test_console_api_roles_live_fleet_transactions_namespace_and_no_clear_pan(co
     asyncio.run(_uns_copy(hub, url))
     samples = viewer.get("/api/v1/uns")["samples"]
     assert {(s["rack"], s["path"].rsplit(".", 1)[1], str(s["value"])) for s in samples} == {
-        ("rack-a", "temp", "21.5"), ("rack-a", "serial", "SN 411111******1111")}
+        ("rack-a", "temp", "21.5"), ("rack-a", "serial", "SN 411111******1111"),
+        ("rack-a", "code", "411111******1111")}
     trend = viewer.get("/api/v1/uns/history?rack=rack-a&path=acme.lyon.press.l7.c1.plc-1.temp"
                        f"&since={time.time() - 600}")["samples"]
     assert [s["value"] for s in trend] == [20.5, 21.0, 21.5]
@@ -320,7 +341,56 @@ def test_console_api_roles_live_fleet_transactions_namespace_and_no_clear_pan(co
     assert admin.get("/api/v1/openapi.json")["openapi"] == "3.1.0"
     assert _leaks(viewer.bodies + admin.bodies + anon.bodies) == []
 
-    # -- failed logins are limited per address: 5 a minute (2 failed above)
-    codes = [Client(port).login("vic", "not the password") for _ in range(4)]
-    assert codes == [401, 401, 401, 429]
+    # -- bad shapes are 400s, not 500s; the event stream has the security headers
+    assert anon.request("POST", "/login", [1, 2])[0] == 400
+    for body in ([1, 2], {"rev": None}, {"rev": "1"}, {"text": 5}):
+        assert admin.request("POST", "/api/v1/racks/rack-a/deploy", body)[0] == 400, body
+    for q in ("rack=rack-a&path=x&since=nan", "rack=rack-a%0D%0APUB%20x&path=x",
+              "rack=rack-a&path=a*"):
+        assert viewer.request("GET", f"/api/v1/uns/history?{q}")[0] == 400, q
+    status, _, raw = viewer.request("GET", f"/api/v1/fleet?label={CLEAR_PAN}")
+    assert status == 400 and CLEAR_PAN.encode() not in raw
+    streams = []
+    for _ in range(5):  # one user holds at most 4 live streams
+        c = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        c.request("GET", "/api/v1/fleet/events", headers={"Cookie": viewer.cookie})
+        streams.append((c, c.getresponse()))
+    codes_ = [r.status for _, r in streams]
+    # never more than 4 at once (one closed above may still count while it is torn down)
+    assert codes_[-1] == 429 and 3 <= codes_.count(200) <= 4, codes_
+    assert "script-src 'self'" in streams[0][1].getheader("Content-Security-Policy")
+    for c, r in streams:
+        r.close()
+        c.close()
+
+    # -- failed logins: 5 a minute per address and user (vic failed once above), parallel
+    # guesses counted before they are checked, other users unaffected
+    codes = [Client(port).login("vic", "not the password") for _ in range(5)]
+    assert codes == [401, 401, 401, 401, 429]
     assert Client(port).login("vic") == 429  # the right password waits too
+    assert Client(port).login("ada") == 200
+    assert Client(port).login("zed", "guess") == 401
+    with ThreadPoolExecutor(5) as pool:  # 4 left this minute: the fifth is refused
+        burst = list(pool.map(lambda _: Client(port).login("zed", "guess"), range(5)))
+    assert sorted(burst) == [401, 401, 401, 401, 429], burst
+
+    # -- past 4 x max_clients connections a new one is closed at once
+    extra = [socket.create_connection(("127.0.0.1", port)) for _ in range(70)]
+    try:
+        closed = 0
+        for sock in extra:
+            sock.settimeout(0.2)
+            try:
+                closed += sock.recv(10) == b""
+            except TimeoutError:
+                pass
+        assert closed >= 6, closed
+    finally:
+        for sock in extra:
+            sock.close()
+    # -- the slow ones were closed, within the 10 s they are given
+    for sock in (slow_head, slow_body):
+        sock.settimeout(max(1.0, opened + 15 - time.monotonic()))
+        got = sock.recv(200)
+        assert got == b"" or got.startswith(b"HTTP/1.1 408"), got
+        sock.close()
