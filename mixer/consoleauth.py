@@ -173,8 +173,9 @@ class Credentials:
             return None
         self.reload()
         entry = self.tokens.get(hashlib.sha256(token.encode()).hexdigest())
-        user = self.users.get(entry["name"]) if entry else None
-        return Principal(entry["name"], user["role"]) if entry and user else None  # type: ignore[arg-type, index]
+        if entry is None or (user := self.users.get(entry["name"])) is None:
+            return None
+        return Principal(entry["name"], user["role"])  # type: ignore[arg-type]
 
     # -- sessions ---------------------------------------------------------------------------
     def _session_key(self) -> bytes:

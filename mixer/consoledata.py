@@ -33,7 +33,7 @@ from engine.cbor import CBORDecodeError, loads
 from gears.coatcheck import luhn_valid
 from mixer.ask import SOCKET
 from mixer.auditfiles import AUDIT_DIR
-from mixer.auditquery import open_views
+from mixer.auditquery import daily_report, open_views
 from mixer.auditverify import verify_chain
 
 ASK_TIMEOUT: Final = 2.0
@@ -197,7 +197,8 @@ class AuditReader:
         Raises:
             DataError: a date not ``YYYY-MM-DD``.
         """
-        where, args = [], []
+        where: list[str] = []
+        args: list[str | int] = []
         for col, value in (("terminal", q.terminal), ("stan", q.stan), ("token", q.token),
                            ("rack", q.rack), ("de39", q.de39)):
             if value:
@@ -287,7 +288,6 @@ class AuditReader:
         """
         if not _DATE.match(day):
             raise DataError(f"date: expected YYYY-MM-DD, got {day!r}")
-        from mixer.auditquery import daily_report
         con = self._con()
         try:
             cols, rows = daily_report(con, day)

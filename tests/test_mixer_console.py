@@ -369,6 +369,8 @@ def test_console_api_roles_live_fleet_transactions_namespace_and_no_clear_pan(co
     assert codes == [401, 401, 401, 401, 429]
     assert Client(port).login("vic") == 429  # the right password waits too
     assert Client(port).login("ada") == 200
+    # a card number typed as a user name is logged masked
+    assert Client(port).login(CLEAR_PAN, "x") == 401
     assert Client(port).login("zed", "guess") == 401
     with ThreadPoolExecutor(5) as pool:  # 4 left this minute: the fifth is refused
         burst = list(pool.map(lambda _: Client(port).login("zed", "guess"), range(5)))
@@ -388,6 +390,9 @@ def test_console_api_roles_live_fleet_transactions_namespace_and_no_clear_pan(co
     finally:
         for sock in extra:
             sock.close()
+    wait_until(lambda: "console login refused: user='411111******1111'" in m.output(), 10,
+               "the masked name in the log")
+    assert CLEAR_PAN not in m.output()
     # -- the slow ones were closed, within the 10 s they are given
     for sock in (slow_head, slow_body):
         sock.settimeout(max(1.0, opened + 15 - time.monotonic()))
