@@ -40,6 +40,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from engine.cbor import dumps, loads
+from engine.masking import luhn_valid
 
 SENSITIVE_FIELDS = ("2", "35", "45", "52")
 ENV_KEY = "FLUXRIG_VAULT_KEY"
@@ -83,19 +84,6 @@ class _Nonces:
 
 _NONCES = _Nonces()
 os.register_at_fork(after_in_child=_NONCES.reseed)
-
-
-# ASCII digit -> the digit sum of its double, as a byte value (not a character): the doubled
-# positions of a card number are summed by one ``translate`` and one ``sum``, both C loops
-_DOUBLED = bytes((2 * (b - 48) - 9 if 2 * (b - 48) > 9 else 2 * (b - 48)) if 48 <= b <= 57
-                 else 0 for b in range(256))
-
-
-def luhn_valid(digits: str) -> bool:
-    """True when ``digits`` (ASCII digits) passes the Luhn (mod 10) check."""
-    b = digits.encode()
-    kept = b[-1::-2]  # from the right: every second digit is doubled, the others kept
-    return (sum(kept) - 48 * len(kept) + sum(b[-2::-2].translate(_DOUBLED))) % 10 == 0
 
 
 def make_token(pan: str) -> str:

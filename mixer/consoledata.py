@@ -30,7 +30,7 @@ import orjson
 from nats.aio.client import Client
 
 from engine.cbor import CBORDecodeError, loads
-from gears.coatcheck import luhn_valid
+from engine.masking import mask_card_numbers
 from mixer.ask import SOCKET
 from mixer.auditfiles import AUDIT_DIR
 from mixer.auditquery import daily_report, open_views
@@ -42,7 +42,6 @@ VERIFY_TTL_S: Final = 60.0
 UNS_PREFIX: Final = "uns.v1."
 UNS_STREAM_PREFIX: Final = "UNS_"
 HISTORY_POINTS: Final = 2_000
-_DIGITS: Final = re.compile(r"\d{13,19}")
 
 
 class DataError(RuntimeError):
@@ -50,23 +49,16 @@ class DataError(RuntimeError):
 
 
 # -- card numbers ---------------------------------------------------------------------------
-def _mask_text(text: str) -> str:
-    def one(m: re.Match[str]) -> str:
-        d = m.group()
-        return d[:6] + "*" * (len(d) - 10) + d[-4:] if luhn_valid(d) else d
-    return _DIGITS.sub(one, text)
-
-
 def mask_pans(obj: Any) -> Any:
     """``obj`` with every Luhn-valid run of 13-19 digits masked (first 6, last 4) — in texts,
     map keys, and numbers (a number that is one becomes the masked text): the console's
     last guard — events carry tokens and masked PANs already, but no role may obtain a
     clear card number through it, whatever a rack put in an event."""
     if isinstance(obj, str):
-        return _mask_text(obj) if len(obj) >= 13 else obj
+        return mask_card_numbers(obj) if len(obj) >= 13 else obj
     if type(obj) is int and 10**12 <= abs(obj) < 10**19:
         text = str(obj)
-        masked = _mask_text(text)
+        masked = mask_card_numbers(text)
         return obj if masked == text else masked
     if isinstance(obj, dict):
         return {mask_pans(k) if isinstance(k, str) else k: mask_pans(v)
@@ -74,7 +66,7 @@ def mask_pans(obj: Any) -> Any:
     if isinstance(obj, list | tuple):
         return [mask_pans(v) for v in obj]
     if isinstance(obj, bytes):
-        return _mask_text(obj.hex())
+        return mask_card_numbers(obj.hex())
     return obj
 
 
