@@ -44,6 +44,7 @@ from engine.schema import (  # noqa: F401 - ConfigError and At are part of this 
     _type_name,
 )
 from engine.streams import StreamConfig, subject_matches
+from engine.tap import LogShipSettings, TraceSettings
 from engine.units import is_decimal_size
 from engine.yamlfile import load_yaml
 from gears.base import Gear, Sink, gear_class, known_gears, lookup_gear
@@ -123,13 +124,26 @@ class NatsConfig:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class OtlpConfig:
+    """A collector that gets the rack's spans over OTLP/HTTP (``telemetry.otlp``)."""
+
+    endpoint: str
+    headers: Mapping[str, str] = field(default_factory=dict)
+    timeout: float = 10.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class TelemetryConfig:
-    """Sampling interval, Prometheus endpoint (None: off) and the stats subject."""
+    """Sampling interval, Prometheus endpoint (None: off), the stats subject, traces, log
+    shipping and the direct OTLP export (None: off)."""
 
     interval: float = 1.0
     prometheus_host: str = "127.0.0.1"
     prometheus_port: int | None = None
     subject: str = ""
+    traces: TraceSettings = TraceSettings()
+    logs: LogShipSettings = LogShipSettings()
+    otlp: OtlpConfig | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -248,9 +262,34 @@ def _telemetry(r: Reader, rack_id: str) -> TelemetryConfig:
     if r.given("prometheus"):
         pm = r.section("prometheus")
         prom_host, prom_port = pm.string("host"), pm.integer("port")
+    t = r.section("traces")
+    tap = t.size("tap")
+    if tap & (tap - 1):
+        raise t.where("tap").error(f"expected a power of two (e.g. 1MiB), got {tap}")
+    traces = TraceSettings(enabled=t.boolean("enabled"), sample=t.number("sample"),
+                           keep_errors=t.boolean("keep_errors"),
+                           keep_declines=t.boolean("keep_declines"),
+                           keep_timeouts=t.boolean("keep_timeouts"),
+                           slower_than=t.seconds("slower_than"), max_kept=t.integer("max_kept"),
+                           tap=tap)
+    lg = r.section("logs")
+    logs = LogShipSettings(enabled=lg.boolean("enabled"), level=lg.string("level"),
+                           rate=lg.number("rate"), burst=lg.integer("burst"))
+    otlp = None
+    if r.given("otlp"):
+        o = r.section("otlp")
+        headers = {}
+        for k, v in o.mapping("headers").items():
+            if not isinstance(v, str) or not v or "\n" in v or "\r" in v:
+                raise o.where("headers").key(str(k)).error(
+                    "expected a header value (one line of text)")
+            headers[str(k)] = v
+        otlp = OtlpConfig(endpoint=o.string("endpoint").rstrip("/"), headers=headers,
+                          timeout=o.seconds("timeout"))
     return TelemetryConfig(interval=r.seconds("interval"), prometheus_host=prom_host,
                            prometheus_port=prom_port,
-                           subject=r.string("subject", default=f"fluxrig.stats.{rack_id}"))
+                           subject=r.string("subject", default=f"fluxrig.stats.{rack_id}"),
+                           traces=traces, logs=logs, otlp=otlp)
 
 
 def _egress(r: Reader) -> EgressConfig:

@@ -51,8 +51,12 @@ ERRORS = 2
 BYTES_IN = 3
 BYTES_OUT = 4
 RING_FULL_WAITS = 5
-N_SCALARS = 16  # 6 used, the rest reserved so adding a counter keeps the layout
-SCALAR_NAMES = ("frames_in", "frames_out", "errors", "bytes_in", "bytes_out", "ring_full_waits")
+TRACES_KEPT = 6  # the signal tap (``engine.tap``): traces written to the tap ring
+TRACES_DROPPED = 7  # traces dropped: tap ring full, or over the keep-rule rate
+LOGS_DROPPED = 8  # log records dropped: tap ring full
+N_SCALARS = 16  # 9 used, the rest reserved so adding a counter keeps the layout
+SCALAR_NAMES = ("frames_in", "frames_out", "errors", "bytes_in", "bytes_out", "ring_full_waits",
+                "traces_kept", "traces_dropped", "logs_dropped")
 
 SUB_BITS = 3
 SUB_BUCKETS = 1 << SUB_BITS  # 8 buckets per power of two
@@ -182,6 +186,7 @@ class CountersSnapshot:
         bytes_in: payload bytes taken.
         bytes_out: payload bytes emitted.
         ring_full_waits: times it waited on a full output ring.
+        traces_kept, traces_dropped, logs_dropped: what its signal tap took and dropped.
         histogram: latency bucket counts (int64 array of ``HIST_BUCKETS``).
         stats: the gear's named stat values (int64 array, one per declared ``StatDef``).
     """
@@ -194,6 +199,9 @@ class CountersSnapshot:
     ring_full_waits: int
     histogram: np.ndarray
     stats: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    traces_kept: int = 0
+    traces_dropped: int = 0
+    logs_dropped: int = 0
 
     @property
     def latency_count(self) -> int:
@@ -303,6 +311,9 @@ class Counters:
             ring_full_waits=int(values[RING_FULL_WAITS]),
             histogram=values[HIST_BASE:N_SLOTS],
             stats=values[N_SLOTS:],
+            traces_kept=int(values[TRACES_KEPT]),
+            traces_dropped=int(values[TRACES_DROPPED]),
+            logs_dropped=int(values[LOGS_DROPPED]),
         )
 
     def close(self) -> None:

@@ -29,6 +29,7 @@ from engine.shm import (
     KIND_COUNTERS,
     KIND_JOURNAL,
     KIND_RING,
+    KIND_TAP,
     SHM_DIR,
     ForeignSegmentError,
     Segment,
@@ -133,7 +134,8 @@ class Leftovers:
         header = self.found.pop(name, None)
         if header is None:
             return None
-        if header.kind == kind and header.payload_size == payload_size and kind != KIND_COUNTERS:
+        if (header.kind == kind and header.payload_size == payload_size
+                and kind not in (KIND_COUNTERS, KIND_TAP)):  # these start again empty
             self.adopted.append(name)
             return Segment.adopt(name, kind, payload_size)
         held = _pending(name, header)

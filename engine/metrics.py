@@ -187,6 +187,11 @@ def _process_families(out: _Families, p: ProcessFigures, base: dict[str, str]) -
         ("fluxrig_in_bytes", "bytes", "encoded frame bytes taken", c.bytes_in),
         ("fluxrig_out_bytes", "bytes", "encoded frame bytes emitted", c.bytes_out),
         ("fluxrig_ring_full_waits", "", "waits on a full output ring", c.ring_full_waits),
+        ("fluxrig_traces_kept", "", "transaction traces written to the signal tap",
+         c.traces_kept),
+        ("fluxrig_traces_dropped", "", "transaction traces dropped: tap ring full or over "
+         "the keep-rule rate", c.traces_dropped),
+        ("fluxrig_logs_dropped", "", "log records dropped: tap ring full", c.logs_dropped),
     ):
         _add(out, name, "counter", unit, doc, labels, value)
     hist = out.get("fluxrig_latency_seconds", "histogram",

@@ -11,11 +11,12 @@ import socket
 from dataclasses import dataclass, field
 
 from engine.bus import BusAuth
-from engine.config import GearConfig
+from engine.config import GearConfig, OtlpConfig
 from engine.counters import Counters, StatDef
 from engine.journal import Journal
 from engine.ring import Ring
 from engine.streams import StreamConfig
+from engine.tap import LogShipSettings, TraceSettings
 
 STATE_FILE = "state.json"  # the supervisor's state in the data dir: pids, ready, status
 
@@ -58,6 +59,7 @@ class TelemetryPlan:
     labels: dict[str, str]
     hello: dict[str, object] | None = None  # linked to a Mixer: announced on fluxrig.up.<r>
     hub_streams: tuple[str, ...] = ()  # linked: their ``hub`` consumers' backlog is reported
+    otlp: OtlpConfig | None = None  # a collector that gets the spans directly
 
 
 @dataclass(slots=True, kw_only=True)
@@ -80,6 +82,8 @@ class ProcessSpec:
         outlets: the gear's extra outlet rings by name (sources only).
         journal: the gear's in-flight journal (sources only), or None.
         stat_defs: the gear's named stats (slots after the histogram in ``counters``).
+        tap: the process's signal tap ring (``engine.tap``), or None (traces and log
+            shipping off).
         listeners: sockets the supervisor bound for the gear (``Gear.listeners`` order).
         bus_auth: the process's credentials for the rack's NATS (``engine.bus``), or None.
     """
@@ -101,6 +105,7 @@ class ProcessSpec:
     bus_auth: BusAuth | None = None
     journal: Journal | None = None
     stat_defs: tuple[StatDef, ...] = ()
+    tap: Ring | None = None
 
 
 @dataclass(slots=True)
@@ -112,6 +117,8 @@ class Runtime:
     nats_url: str
     batch: int
     ready_fd: int = -1  # write end of the supervisor's readiness pipe (``signal_ready``)
+    traces: TraceSettings = TraceSettings()  # how gears sample traces into their tap
+    logs: LogShipSettings = LogShipSettings()  # which log records go into the tap
 
 
 def signal_ready(rt: Runtime, name: str) -> None:

@@ -15,6 +15,7 @@ from engine.keytable import (
     INTEGER,
     LIST,
     MAP,
+    NUMBER,
     REQUIRED,
     SECTION,
     SECTIONS,
@@ -92,6 +93,44 @@ PROMETHEUS = Table("telemetry.prometheus", "The Prometheus endpoint (absent or n
         maximum=65535),
 ))
 
+TRACES = Table("telemetry.traces", "Transaction traces: sampling and the signal tap "
+               "(docs/traces.md).", (
+    Key("enabled", BOOLEAN, "Record traces of sampled and kept transactions.", True),
+    Key("sample", NUMBER, "Head-based share of transactions traced, 0 to 1.", 0.01,
+        minimum=0, maximum=1),
+    Key("keep_errors", BOOLEAN, "Always keep requests refused as malformed (30, 14, no "
+        "answer).", True),
+    Key("keep_declines", BOOLEAN, "Always keep answers other than approval (DE39 not 00).",
+        True),
+    Key("keep_timeouts", BOOLEAN, "Always keep issuer timeouts (91 by the switch).", True),
+    Key("slower_than", DURATION, "Always keep transactions slower than this; 0: off.", 0.5,
+        minimum=0, maximum=3600),
+    Key("max_kept", INTEGER, "Transactions kept by a rule per second and process, at most "
+        "(more are counted as dropped).", 200, minimum=0, maximum=1_000_000),
+    Key("tap", SIZE, "Bytes of each process's tap ring (a power of two); a full tap drops "
+        "and counts.", 1 << 20, minimum=4096, maximum=1 << 30),
+))
+
+LOGS = Table("telemetry.logs", "Log records shipped to fluxrig.logs.<rack.id> (JSON lines, "
+             "masked).", (
+    Key("enabled", BOOLEAN, "Ship log records.", True),
+    Key("level", STRING, "Lowest level shipped.", "info",
+        choices=("debug", "info", "warning", "error", "critical")),
+    Key("rate", NUMBER, "Records per second shipped for the whole rack, at most (more are "
+        "dropped and counted in a notice record).", 100.0, minimum=0.1, maximum=1_000_000),
+    Key("burst", INTEGER, "Records shipped at once after a quiet spell.", 1000, minimum=1,
+        maximum=1_000_000),
+))
+
+OTLP = Table("telemetry.otlp", "An OTLP/HTTP endpoint that gets the rack's spans directly "
+             "(absent or null: none; the Mixer gets them over NATS either way).", (
+    Key("endpoint", STRING, "Collector base URL; spans are POSTed to <endpoint>/v1/traces.",
+        REQUIRED, pattern=re.compile(r"^https?://[^\s]+$"), rule="an http:// or https:// URL"),
+    Key("headers", MAP, "HTTP headers sent with each export (e.g. authorization: "
+        "${OTLP_TOKEN}).", None, items="header name -> text"),
+    Key("timeout", DURATION, "Timeout of one export.", 10.0, minimum=0.1, maximum=300),
+))
+
 TELEMETRY = Table("telemetry", "Stats sampling and export.", (
     Key("interval", DURATION, "Sampling interval (the rate window).", 1.0, minimum=0.05,
         maximum=3600),
@@ -100,6 +139,9 @@ TELEMETRY = Table("telemetry", "Stats sampling and export.", (
     Key("subject", STRING, "NATS subject of the stats snapshots.",
         Computed("fluxrig.stats.<rack.id>"), pattern=SUBJECT_RE,
         rule="a NATS subject without wildcards"),
+    Key("traces", SECTION, "Transaction traces.", table=TRACES),
+    Key("logs", SECTION, "Log shipping.", table=LOGS),
+    Key("otlp", SECTION, "Direct OTLP export of spans; absent or null: none.", table=OTLP),
 ))
 
 STREAM = Table("egress.streams[]", "A JetStream stream that egress creates and owns.", (

@@ -260,6 +260,19 @@ class Doorbell:
         os.close(self.fd)
 
 
+class _NoBell:
+    """The doorbell of a ring nobody sleeps on: ringing it does nothing."""
+
+    def ring_if_waiting(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+_NO_BELL = _NoBell()
+
+
 class Ring:
     """A ring segment with its two doorbells; get the two sides with ``producer()``/``consumer()``.
 
@@ -279,17 +292,25 @@ class Ring:
         # records the producer owns.
         self._rodata = self._data.toreadonly()
         self._doorbells = doorbells
+        self.data_bell: Doorbell | _NoBell
+        self.space_bell: Doorbell | _NoBell
         if doorbells:
             self.data_bell = Doorbell(self._slots, CONSUMER_WAITING)
             self.space_bell = Doorbell(self._slots, PRODUCER_WAITING)
+        else:  # observed, or a polled ring (the signal tap): nobody sleeps on it
+            self.data_bell = self.space_bell = _NO_BELL
 
     @classmethod
-    def create(cls, name: str, capacity: int) -> Ring:
+    def create(cls, name: str, capacity: int, kind: int = KIND_RING,
+               doorbells: bool = True) -> Ring:
         """Create the ring segment ``name`` with a data region of ``capacity`` bytes.
 
         Args:
             name: shared-memory name (see ``engine.shm.Segment.create``).
             capacity: power of two, at least ``MIN_CAPACITY``.
+            kind: segment kind: ``KIND_RING``, or ``KIND_TAP`` for a signal tap
+                (``engine.tap``: polled, lossy, never adopted after a crash).
+            doorbells: False for a ring whose consumer polls (no eventfds, no wake-ups).
 
         Raises:
             ValueError: capacity is not a power of two >= MIN_CAPACITY.
@@ -300,12 +321,13 @@ class Ring:
                 f"invalid ring capacity: capacity={capacity}, "
                 f"rule=power of two >= {MIN_CAPACITY}"
             )
-        return cls(Segment.create(name, KIND_RING, segment_size(capacity)))
+        return cls(Segment.create(name, kind, segment_size(capacity)), doorbells=doorbells)
 
     @classmethod
-    def attach(cls, name: str) -> Ring:
-        """Map an existing ring to observe it (``statistics``); no doorbells, no sides."""
-        return cls(Segment.attach(name, KIND_RING), doorbells=False)
+    def attach(cls, name: str, kind: int = KIND_RING) -> Ring:
+        """Map an existing ring to observe it (``statistics``), or a tap ring to poll it;
+        no doorbells."""
+        return cls(Segment.attach(name, kind), doorbells=False)
 
     def producer(self) -> Producer:
         """The writing side, resuming at the published tail."""

@@ -52,6 +52,7 @@ HEADER_SIZE = 128  # one cache-line pair, so the payload starts 128-byte aligned
 KIND_RING = 1
 KIND_COUNTERS = 2
 KIND_JOURNAL = 3
+KIND_TAP = 4  # a ring's layout, for the signal tap (engine.tap): lossy, never adopted
 
 _HEADER = struct.Struct("<8sIIqqq")  # magic, kind, version, owner pid, owner start, payload size
 # the rack that made the segment, NUL-padded, in the header's spare bytes (zero in segments
@@ -82,7 +83,7 @@ class SegmentHeader:
     """Decoded segment header.
 
     Attributes:
-        kind: layout kind (``KIND_RING``, ``KIND_COUNTERS``, ``KIND_JOURNAL``).
+        kind: layout kind (``KIND_RING``, ``KIND_COUNTERS``, ``KIND_JOURNAL``, ``KIND_TAP``).
         version: header version.
         owner_pid: pid of the creating process.
         owner_start: start time of that process in clock ticks since boot.

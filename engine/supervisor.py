@@ -78,7 +78,8 @@ from engine.procset import running_pid as procset_running_pid
 from engine.ring import Ring
 from engine.ring import segment_size as ring_segment_size
 from engine.service import Notifier, process_title, set_process_title
-from engine.shm import KIND_COUNTERS, KIND_JOURNAL, KIND_RING
+from engine.shm import KIND_COUNTERS, KIND_JOURNAL, KIND_RING, KIND_TAP
+from engine.tap import logs_subject, traces_subject
 from engine.worker import run_process
 from gears.base import Gear, Sink, Source, gear_class
 
@@ -99,6 +100,7 @@ class _Plan:
     rings: list[Ring] = field(default_factory=list)
     counters: list[Counters] = field(default_factory=list)
     journals: list[Journal] = field(default_factory=list)
+    taps: list[Ring] = field(default_factory=list)
 
 
 def running_pid(data_dir: str | os.PathLike[str]) -> int | None:
@@ -164,6 +166,15 @@ class Supervisor:
         self.plan.counters.append(c)
         return c
 
+    def _tap(self, process: str) -> Ring:
+        """A process's signal tap ring (``engine.tap``): always new and empty."""
+        name = self._segment(f"t.{process}")
+        self.leftovers.take(name, KIND_TAP, 0)  # a tap holds no work: start again empty
+        ring = Ring.create(name, self.cfg.telemetry.traces.tap, KIND_TAP, doorbells=False)
+        ring.segment.stamp(self.cfg.rack_id)
+        self.plan.taps.append(ring)
+        return ring
+
     def _gear_extras(self, p_name: str, gear: GearConfig, lanes: int, egress_inputs: list[Ring],
                      routes: list[Route], streams: dict[str, StreamConfig]
                      ) -> list[tuple[Journal | None, dict[str, Ring]]]:
@@ -209,7 +220,8 @@ class Supervisor:
             roles["hublink"] = self._hublink_permissions()
         roles["telemetry"] = Permissions(publish=(
             cfg.telemetry.subject, f"fluxrig.up.{cfg.rack_id}.hello",
-            f"fluxrig.up.{cfg.rack_id}.reply.>",
+            f"fluxrig.up.{cfg.rack_id}.reply.>", traces_subject(cfg.rack_id),
+            logs_subject(cfg.rack_id),
             *(f"$JS.API.CONSUMER.INFO.{s}.hub" for s in self._hub_streams()),
             *(f"$JS.API.STREAM.INFO.{s}" for s in self._hub_streams())),
             subscribe=(f"fluxrig.down.{cfg.rack_id}.req.>",))
@@ -378,7 +390,8 @@ class Supervisor:
                                 prometheus_host=cfg.telemetry.prometheus_host,
                                 prometheus_port=cfg.telemetry.prometheus_port,
                                 subject=cfg.telemetry.subject, labels=dict(cfg.labels),
-                                hello=self._hello(), hub_streams=self._hub_streams())))
+                                hello=self._hello(), hub_streams=self._hub_streams(),
+                                otlp=cfg.telemetry.otlp)))
         if cfg.passport is not None:
             specs.append(ProcessSpec(name="hublink", role="hublink", counters=None,
                                      extra=HublinkPlan(bootstrap=str(self.bootstrap))))
@@ -395,6 +408,10 @@ class Supervisor:
                                  ack_timeout=cfg.egress.ack_timeout,
                                  hub_streams=self._hub_streams())))
         specs += sinks_specs + stage_specs + source_specs
+        tel = cfg.telemetry
+        if tel.traces.enabled or tel.logs.enabled:
+            for spec in specs:
+                spec.tap = self._tap(spec.name)
         for spec in specs:
             if spec.role in ("egress", "telemetry", "hublink"):
                 spec.bus_auth = self._auth(spec.role)
@@ -452,7 +469,8 @@ class Supervisor:
         self.procs.install_signals()
         self.runtime = Runtime(rack_id=self.cfg.rack_id, data_dir=str(self.data_dir),
                                nats_url=self.nats_url, batch=self.cfg.ring_batch,
-                               ready_fd=self.procs.ready_w)
+                               ready_fd=self.procs.ready_w, traces=self.cfg.telemetry.traces,
+                               logs=self.cfg.telemetry.logs)
         self.procs.children = [Child(name=spec.name, role=spec.role, cpu=spec.cpu,
                                      title=self._title(spec), spec=spec,
                                      run=functools.partial(run_process, spec, self.runtime))
@@ -509,6 +527,7 @@ class Supervisor:
                     "inputs": [r.segment.name for r in c.spec.inputs],
                     "stats": [d.to_json() for d in c.spec.stat_defs],
                     "journal": c.spec.journal.segment.name if c.spec.journal else None,
+                    "tap": c.spec.tap.segment.name if c.spec.tap else None,
                 }
                 for c in self.procs.children
             ],
@@ -622,6 +641,8 @@ class Supervisor:
                 ring.unlink()
         for c in self.plan.counters:
             c.unlink()
+        for t in self.plan.taps:
+            t.unlink()
         for j in self.plan.journals:
             open_slots = sum(1 for _ in j.pending())
             if open_slots:

@@ -18,8 +18,12 @@ The telemetry process (``run_telemetry``) wraps that core in an asyncio loop tha
 Prometheus export goes through a ``prometheus_client`` custom collector, not the
 OpenTelemetry SDK: the SDK's Prometheus exporter cannot export our cumulative bucket counts
 as a histogram (it would need every observation replayed), adds ``otel_scope_*`` labels to
-every series and a unit suffix to names that already hold one. The OpenTelemetry SDK, when
-traces come, is to be created here, in this process only, after the fork: its threads and
+every series and a unit suffix to names that already hold one.
+
+The signal tap (``tap_loop``): every ``TAP_POLL`` the process's tap rings are read
+(``engine.traceexport``); spans go out as OTLP on ``fluxrig.traces.<rack>`` and, with
+``telemetry.otlp``, to a collector; log records as JSON lines on ``fluxrig.logs.<rack>``. The
+OpenTelemetry SDK is imported here, in this process only, after the fork: its threads and
 locks do not survive ``fork`` (opentelemetry-python #2767, #3885).
 
 Readers never write to the counters; the data path never waits for telemetry.
@@ -52,6 +56,7 @@ from engine.metrics_http import MetricsEndpoint
 from engine.plan import STATE_FILE, ProcessSpec, Runtime, TelemetryPlan, signal_ready
 from engine.ring import Ring
 from engine.streams import HUB_CONSUMER
+from engine.tap import logs_subject, traces_subject
 
 log = logging.getLogger("fluxrig.telemetry")
 RATELOG = RateLimitedLog(log)
@@ -183,6 +188,9 @@ def rows(prev: RackSample | None, cur: RackSample) -> list[dict[str, Any]]:
             row.update(frames_in=c.frames_in, frames_out=c.frames_out, errors=c.errors,
                        bytes_in=c.bytes_in, bytes_out=c.bytes_out,
                        ring_full_waits=c.ring_full_waits)
+            if c.traces_kept or c.traces_dropped or c.logs_dropped:
+                row.update(traces_kept=c.traces_kept, traces_dropped=c.traces_dropped,
+                           logs_dropped=c.logs_dropped)
             hist = c.histogram
             if b is not None and b.counters is not None and b.pid == p.pid:
                 delta = hist - b.counters.histogram
@@ -244,7 +252,75 @@ async def hub_figures(nc: Client, link: LinkWatch,
 
 
 HELLO_EVERY = 10.0  # seconds between hellos to the hub of a linked rack
+TAP_POLL = 0.25  # seconds between polls of the processes' tap rings
 BUDGET_WARN = 0.8  # a hub stream this full of events the hub has not taken: warn
+
+
+async def tap_loop(rt: Runtime, cfg: TelemetryPlan, nc: Client | None,
+                   stopping: asyncio.Event) -> None:
+    """Poll every tap ring; spans go out as OTLP on ``fluxrig.traces.<rack>`` (and to the
+    configured collector), log records as JSON lines on ``fluxrig.logs.<rack>``."""
+    from engine.traceexport import (  # the OTel SDK: in this process only, after the fork
+        MAX_TRACES_PER_MESSAGE,
+        LogShipper,
+        OtlpSender,
+        SpanFactory,
+        TapReader,
+        otlp_bytes,
+        span_batch,
+    )
+
+    factory = SpanFactory(rt.rack_id, cfg.labels)
+    shipper = LogShipper(rt.rack_id, rt.logs)
+    sender = OtlpSender(cfg.otlp) if cfg.otlp is not None else None
+    traces_subj, logs_subj = traces_subject(rt.rack_id), logs_subject(rt.rack_id)
+    reader = None
+    state_mtime = 0.0
+    last = False
+    try:
+        while not last:
+            last = stopping.is_set()  # one more poll after the stop: what the drain logged
+            try:
+                mtime = os.stat(Path(rt.data_dir) / STATE_FILE).st_mtime
+                if reader is None or mtime != state_mtime:
+                    if reader is not None:
+                        reader.close()
+                    reader = TapReader(read_state(rt.data_dir)["processes"])
+                    state_mtime = mtime
+                got = reader.poll()
+                if got.bad:
+                    RATELOG.warning("tapbad", "undecodable tap records skipped: count=%d",
+                                    got.bad)
+                connected = nc is not None and nc.is_connected
+                for i in range(0, len(got.traces), MAX_TRACES_PER_MESSAGE):
+                    spans, bad = span_batch(factory, got.traces[i:i + MAX_TRACES_PER_MESSAGE])
+                    if bad:
+                        RATELOG.warning("spanbad", "malformed trace records skipped: count=%d",
+                                        bad)
+                    if not spans:
+                        continue
+                    if connected:
+                        await nc.publish(traces_subj, otlp_bytes(spans))  # type: ignore[union-attr]
+                    if sender is not None:
+                        sender.submit(spans)
+                if got.logs or shipper.dropped:
+                    data = shipper.lines(got.logs, time.time())
+                    if data and connected:
+                        await nc.publish(logs_subj, data)  # type: ignore[union-attr]
+            except Exception as exc:  # the tap is best effort; the loop must live
+                RATELOG.warning("tap", "tap export failed: error=%r", exc)
+            if not last:
+                try:
+                    await asyncio.wait_for(stopping.wait(), TAP_POLL)
+                except TimeoutError:
+                    pass
+        if nc is not None and nc.is_connected:
+            await nc.flush(timeout=2)
+    finally:
+        if reader is not None:
+            reader.close()
+        if sender is not None:
+            await asyncio.to_thread(sender.close)
 
 
 def run_telemetry(spec: ProcessSpec, rt: Runtime) -> None:
@@ -288,6 +364,9 @@ async def _telemetry_main(spec: ProcessSpec, rt: Runtime) -> None:
 
         # asked by the hub over the leaf link; the answer goes to fluxrig.up.<r>.reply.*
         await nc.subscribe(f"fluxrig.down.{rt.rack_id}.req.status", cb=answer_status)
+    tap_task = None
+    if rt.traces.enabled or rt.logs.enabled:
+        tap_task = asyncio.create_task(tap_loop(rt, cfg, nc, stopping))
     signal_ready(rt, spec.name)
     prev = None
     probe = None
@@ -329,6 +408,11 @@ async def _telemetry_main(spec: ProcessSpec, rt: Runtime) -> None:
             await asyncio.wait_for(stopping.wait(), cfg.interval)
         except TimeoutError:
             pass
+    if tap_task is not None:
+        try:
+            await asyncio.wait_for(tap_task, 10)
+        except Exception as exc:
+            log.warning("tap export did not finish: error=%r", exc)
     if endpoint is not None:
         await endpoint.close()
     await close_quietly(nc)

@@ -41,6 +41,7 @@ from engine.frame import Frame, FrameError, decode, encode, path_get
 from engine.outlet import MAIN, Outlet
 from engine.plan import ProcessSpec, Runtime, signal_ready
 from engine.ring import Producer, wait_any
+from engine.tap import OFF, Tap, Tracer, install_log_tap
 from gears.base import GearContext, Sink, Source, Stage, gear_class
 
 log = logging.getLogger("fluxrig.worker")
@@ -98,6 +99,7 @@ def make_context(spec: ProcessSpec, rt: Runtime,
         listeners=tuple(spec.listeners),
         bus_auth=spec.bus_auth,
         ready=lambda: signal_ready(rt, spec.name),
+        tracer=Tracer(rt.traces, _TAP) if _TAP is not None else OFF,
     )
 
 
@@ -119,8 +121,15 @@ class DeadLetters:
                                   "gear": self.gear, "frame": bytes(data)}))
 
 
+_TAP: Tap | None = None  # this process's signal tap (one writer per process: the tap's lock)
+
+
 def run_process(spec: ProcessSpec, rt: Runtime) -> None:
     """Entry point of a forked rack process (never returns normally: exits the child)."""
+    global _TAP
+    if spec.tap is not None:
+        _TAP = Tap(spec.tap, spec.counters)
+        install_log_tap(_TAP, rt.logs)
     if spec.cpu is not None:
         try:
             os.sched_setaffinity(0, {spec.cpu})

@@ -58,6 +58,7 @@ from engine.journal import Journal, JournalSpec
 from engine.keytable import Table
 from engine.outlet import Outlet, OutletSpec
 from engine.schema import At
+from engine.tap import OFF, Tracer
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -83,6 +84,8 @@ class GearContext:
         bus_auth: how to connect to ``nats_url`` (``engine.bus.connect``), or None.
         ready: tell the rack this process serves (sources with ``signals_ready`` call it
             themselves once they do; for the others the rack calls it).
+        tracer: sampling decisions and the process's signal tap (``engine.tap``): a gear
+            records spans of the transactions it keeps; ``engine.tap.OFF`` outside a rack.
     """
 
     rack_id: str
@@ -100,6 +103,7 @@ class GearContext:
     listeners: Sequence[socket.socket] = ()
     bus_auth: BusAuth | None = None
     ready: Callable[[], None] = lambda: None
+    tracer: Tracer = OFF
 
 
 class Gear:

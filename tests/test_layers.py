@@ -42,7 +42,9 @@ def test_no_any_between_switch_core_and_saf(module):
 
 
 def test_the_switch_shell_stays_small():
-    assert len((ROOT / "gears/iso8583/switch.py").read_text().splitlines()) <= 420
+    # decisions live in the core; the shell moves bytes (and, since traces, takes the clock
+    # readings only it can: records written, bytes handed to the kernel)
+    assert len((ROOT / "gears/iso8583/switch.py").read_text().splitlines()) <= 440
 
 
 def _import_graph() -> dict[str, set[str]]:

@@ -61,7 +61,8 @@ class AcquirerConn(FramedProtocol):
     def on_message(self, header: bytes, payload: bytes) -> None:
         if not self.closing:
             shell = self.shell
-            shell.guarded(shell.core.request, self.id, header, payload, self.loop.time())
+            shell.guarded(shell.core.request, self.id, header, payload, self.loop.time(),
+                          self.last_rx)
 
     def on_framing_error(self, error: FramingError) -> None:
         self.closing = True

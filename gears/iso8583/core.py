@@ -50,6 +50,7 @@ from engine.counters import StatDef, Stats
 from engine.frame import derive_id, encode_parts, uuid7
 from engine.journal import DECIDED, Journal, JournalEntry, JournalFull, PayloadTooLarge
 from engine.logutil import RateLimitedLog, escape
+from engine.tap import OFF, Tracer
 from gears.coatcheck import SENSITIVE_FIELDS, KeyRing, Vault
 from gears.iso8583.codec import (
     CodecError,
@@ -63,6 +64,16 @@ from gears.iso8583.matcher import Matcher, match_key
 from gears.iso8583.reversal import REVERSAL_FIELDS
 from gears.iso8583.router import NoRoute, Router, Unavailable
 from gears.iso8583.settings import SwitchSettings
+from gears.iso8583.tracing import (
+    CHECKED,
+    DECODED,
+    ISSUER,
+    JOURNALED,
+    ROUTED,
+    VALIDATED,
+    TxnTrace,
+    mono_ns,
+)
 from gears.iso8583.validate import (
     FORMAT_ERROR,
     Rejection,
@@ -123,6 +134,7 @@ class Answer:
     slot: int = -1
     reverse: bool = False
     txn: Txn | None = None
+    trace: TxnTrace | None = None  # its transaction's clock readings (tracing on)
 
 
 @dataclass(slots=True)
@@ -132,6 +144,7 @@ class Forward:
     issuer: str
     link: int
     data: bytes
+    trace: TxnTrace | None = None
 
 
 @dataclass(slots=True)
@@ -178,6 +191,7 @@ class Txn:
     item: dict | None  # the SAF item (sealed reversal) when SAF is on and it is reversible
     vkey: str | None = None
     spans: list | None = None
+    trace: TxnTrace | None = None
 
 
 def stat_defs(s: SwitchSettings) -> tuple[StatDef, ...]:
@@ -223,8 +237,11 @@ class SwitchCore:
 
     def __init__(self, s: SwitchSettings, *, stats: Stats, journal: Journal,
                  keyring: KeyRing | None = None, src: str = "iso8583",
-                 wall_ns: Callable[[], int] = time.time_ns, replica: int = 0):
+                 wall_ns: Callable[[], int] = time.time_ns, replica: int = 0,
+                 tracer: Tracer = OFF):
         self.s = s
+        self.tracer = tracer
+        self.tracing = tracer.on
         self.stats = stats
         self.journal = journal
         self.keyring = keyring
@@ -257,6 +274,7 @@ class SwitchCore:
         self.issuer_index: dict[str, FieldIndex] = {}
         self.links: dict[str, list[bool]] = {}
         self._rr: dict[str, int] = {}
+        self.issuer_addr = {i.name: (i.host, i.port) for i in s.issuers}
         for i in s.issuers:
             spec = spec_by_name(i.link.spec_name)
             self.issuer_specs[i.name] = spec
@@ -331,8 +349,14 @@ class SwitchCore:
 
     # -- acquirer side --------------------------------------------------------------------
 
-    def request(self, conn: int, header: bytes, raw: bytes, now: float) -> list[Action]:
-        """One framed message from acquirer connection ``conn``."""
+    def request(self, conn: int, header: bytes, raw: bytes, now: float,
+                received: float | None = None) -> list[Action]:
+        """One framed message from acquirer connection ``conn`` (``received``: when its
+        bytes arrived, monotonic seconds, for its trace)."""
+        tr = None
+        if self.tracing:
+            tr = TxnTrace(int((now if received is None else received) * 1e9),
+                          self.tracer.head())
         try:
             if self.vault is None:
                 mti, fields = self.acq_index.read(raw)
@@ -340,10 +364,14 @@ class SwitchCore:
             else:
                 mti, fields, spans = self.acq_index.read_spans(raw)
         except CodecError as exc:
-            return self._undecodable(conn, header, raw, exc, now)
+            return self._undecodable(conn, header, raw, exc, now, tr)
+        if tr is not None:
+            tr.t[DECODED] = mono_ns()
         problem = self.validator.check(mti, fields)
+        if tr is not None:
+            tr.t[VALIDATED] = mono_ns()
         if problem is not None:
-            return self._reject(conn, header, raw, mti, fields, problem, now)
+            return self._reject(conn, header, raw, mti, fields, problem, now, tr)
         if mti[1] == "8":
             self._sv[self._st_echoes] += 1
             return [Answer(conn, header, self.acq_index.respond(raw, "00"))]
@@ -354,23 +382,27 @@ class SwitchCore:
         vkey = None
         if spans is not None and not self.sensitive.isdisjoint(fields):
             raw, fields, vkey = self._tokenise(raw, fields, spans)
+            if tr is not None:
+                tr.t[CHECKED] = mono_ns()
         decision = self.router.route(mti, fields)
         if isinstance(decision, NoRoute):
             return self._local(conn, header, clear, mti, fields, self.s.no_route_code, "", "",
-                               "no_route", vkey)
+                               "no_route", vkey, tr)
         if isinstance(decision, Unavailable):
             return self._local(conn, header, clear, mti, fields, "91", decision.rule, "",
-                               "unavailable", vkey)
+                               "unavailable", vkey, tr)
         issuer = decision.endpoint
         link = self.pick_link(issuer)
         if link is None:  # the router thought it up; the links say otherwise
             return self._local(conn, header, clear, mti, fields, "91", decision.rule, "",
-                               "unavailable", vkey)
+                               "unavailable", vkey, tr)
         if key in self.matcher.pending:
             self.ratelog.warning("dup", "duplicate in-flight key answered 94: key=%s",
                                  escape(key))
             return self._local(conn, header, clear, mti, fields, "94", decision.rule, issuer,
-                               "duplicate", vkey)
+                               "duplicate", vkey, tr)
+        if tr is not None:
+            tr.t[ROUTED] = mono_ns()
         tid = uuid7()
         base = self._base(mti, fields, decision.rule, issuer)
         item = None
@@ -382,14 +414,18 @@ class SwitchCore:
             self.ratelog.error("journal", "request not forwarded, journal refused it: "
                                           "error=%s", exc)
             return self._local(conn, header, clear, mti, fields, "91", decision.rule, issuer,
-                               "saturated", vkey)
-        txn = Txn(tid, conn, header, raw, mti, key, now, issuer, base, slot, item, vkey, spans)
+                               "saturated", vkey, tr)
+        if tr is not None:
+            tr.t[JOURNALED] = mono_ns()
+            tr.tid, tr.doc, tr.server = tid, base, self.issuer_addr[issuer]
+        txn = Txn(tid, conn, header, raw, mti, key, now, issuer, base, slot, item, vkey, spans,
+                  tr)
         self.matcher.add(key, txn, now)
         self.router.begin(issuer)
         ispec = self.issuer_specs[issuer]
         if ispec is not self.acq_spec:
             clear = encode(decode(clear, self.acq_spec), ispec)
-        return [Forward(issuer, link, clear)]
+        return [Forward(issuer, link, clear, tr)]
 
     def _base(self, mti: str, fields: Mapping[str, str], route: str, issuer: str) -> dict:
         pan = fields.get("2", "")
@@ -462,18 +498,23 @@ class SwitchCore:
 
     def _local(self, conn: int, header: bytes, clear: bytes, mti: str,
                fields: Mapping[str, str], code: str, route: str, issuer: str, outcome: str,
-               vkey: str | None) -> list[Action]:
+               vkey: str | None, tr: TxnTrace | None = None) -> list[Action]:
         """An answer the switch gives itself (92, 91, 94) to the request ``clear`` (as the
         acquirer sent it: its own data goes back to it): recorded, then sent."""
         base = self._base(mti, fields, route, issuer)
         if vkey is not None:
             self.vault.release(vkey)  # type: ignore[union-attr]
         self._count(code, outcome)
-        return [Record(EVENTS, self._event(uuid7(), base, code, outcome, 0)),
-                Answer(conn, header, self.acq_index.respond(clear, code))]
+        tid = uuid7()
+        if tr is not None:
+            tr.t[ROUTED] = mono_ns()
+            tr.tid, tr.doc, tr.code, tr.outcome = tid, base, code, outcome
+        return [Record(EVENTS, self._event(tid, base, code, outcome, 0)),
+                Answer(conn, header, self.acq_index.respond(clear, code), trace=tr)]
 
     def _reject(self, conn: int, header: bytes, raw: bytes, mti: str,
-                fields: Mapping[str, str], problem: Rejection, now: float) -> list[Action]:
+                fields: Mapping[str, str], problem: Rejection, now: float,
+                tr: TxnTrace | None = None) -> list[Action]:
         """A request that decodes but may not be routed: 30 / 14, or no answer at all."""
         reason = _reason(problem)
         self.stats.add(self._st_reject[reason])
@@ -483,14 +524,14 @@ class SwitchCore:
         good = self.validator.echoable(fields)
         code = problem.code if mti_problem(mti) is None else None
         record = Record(EVENTS, self._rejected_event(
-            mti if mti_problem(mti) is None else "", good, problem, code is not None))
+            mti if mti_problem(mti) is None else "", good, problem, code is not None, tr))
         if code is None:
             return self._no_answer(conn, record)
         self._count(code, "rejected")
-        return [record, Answer(conn, header, self.acq_index.respond(raw, code))]
+        return [record, Answer(conn, header, self.acq_index.respond(raw, code), trace=tr)]
 
     def _undecodable(self, conn: int, header: bytes, raw: bytes, exc: CodecError,
-                     now: float) -> list[Action]:
+                     now: float, tr: TxnTrace | None = None) -> list[Action]:
         """A frame that is not a message under the spec: 30 with what can be read, or none."""
         self.stats.add(self._st_reject["undecodable"])
         mti, partial = self.acq_index.salvage(raw)
@@ -509,12 +550,14 @@ class SwitchCore:
                 answer = encode(doc, self.acq_spec)
             except CodecError:
                 answer = None
+        if tr is not None:
+            tr.t[DECODED] = mono_ns()
         record = Record(EVENTS, self._rejected_event((mti or "") if valid_mti else "", good,
-                                                     problem, answer is not None))
+                                                     problem, answer is not None, tr))
         if answer is None:
             return self._no_answer(conn, record)
         self._count(FORMAT_ERROR, "rejected")
-        return [record, Answer(conn, header, answer)]
+        return [record, Answer(conn, header, answer, trace=tr)]
 
     def _no_answer(self, conn: int, record: Record) -> list[Action]:
         self.stats.add(self._st_outcome["rejected"])
@@ -533,14 +576,17 @@ class SwitchCore:
                 Close(conn, "framing")]
 
     def _rejected_event(self, mti: str, good: Mapping[str, str], problem: Rejection,
-                        answered: bool) -> bytes:
+                        answered: bool, tr: TxnTrace | None = None) -> bytes:
         wall = self.wall_ns()
         pan = good.get("2", "")
         body = {"mti": mti, "pan": mask_pan(pan), "stan": good.get("11", ""),
                 "terminal": good.get("41", ""), "field": problem.field,
                 "reason": problem.reason, "de39": problem.code if answered else "",
                 "outcome": "rejected", "t_req": wall, "t_resp": wall}
-        return encode_parts(uuid7(wall), wall, self.src, REJECTED_KIND,
+        tid = uuid7(wall)
+        if tr is not None:
+            tr.tid, tr.doc, tr.code, tr.outcome = tid, body, body["de39"], "rejected"
+        return encode_parts(tid, wall, self.src, REJECTED_KIND,
                             {"de39": body["de39"], "reason": _reason(problem)}, body)
 
     # -- issuer side ----------------------------------------------------------------------
@@ -581,8 +627,12 @@ class SwitchCore:
         if txn.conn not in self.conns:
             return self._undelivered(txn, code, now)
         self._count(code, "answered")
+        tr = txn.trace
+        if tr is not None:
+            tr.t[ISSUER] = int(now * 1e9)
+            tr.code, tr.outcome = code, "answered"
         return [Record(EVENTS, self._event(txn.tid, txn.base, code, "answered", now - txn.t0)),
-                Answer(txn.conn, txn.header, out, txn.slot, txn.item is not None, txn)]
+                Answer(txn.conn, txn.header, out, txn.slot, txn.item is not None, txn, tr)]
 
     def _settle(self, txn: Txn) -> None:
         self.router.end(txn.issuer)
@@ -653,9 +703,13 @@ class SwitchCore:
                                                   now - txn.t0, reversal)))
             if txn.conn in self.conns:
                 self._count("91", "timeout")
+                tr = txn.trace
+                if tr is not None:
+                    tr.t[ISSUER] = int(now * 1e9)
+                    tr.code, tr.outcome = "91", "timeout"
                 # the reversal is recorded: nothing left to undo if the 91 is lost
                 out.append(Answer(txn.conn, txn.header, self.acq_index.respond(clear, "91"),
-                                  txn.slot, False, txn))
+                                  txn.slot, False, txn, tr))
             else:
                 self.stats.add(self._st_outcome["timeout"])
                 out.append(Release(txn.slot))

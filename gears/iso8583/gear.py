@@ -124,7 +124,7 @@ class SwitchGear(Source):
             keyring = KeyRing.load_or_create(f"{ctx.data_dir}/{key_file}")
         shell = SwitchShell(s, outlets=ctx.outlets, journal=ctx.journal, stats=ctx.stats,
                             keyring=keyring, src=f"iso8583:{ctx.pipeline}.{ctx.replica}",
-                            replica=ctx.replica)
+                            replica=ctx.replica, tracer=ctx.tracer)
         port = await shell.start(ctx.listeners[0] if ctx.listeners else None,
                                  siblings=ctx.replicas if ctx.listeners else 1)
         ctx.log.info("switch listening: port=%d, replica=%d", port, ctx.replica)

@@ -44,6 +44,7 @@ from engine.listeners import bind
 from engine.logutil import RateLimitedLog
 from engine.outlet import WAKE_INTERVAL, Outlet
 from engine.ring import RecordTooLargeError
+from engine.tap import OFF, Tracer
 from gears.coatcheck import KeyRing
 from gears.io.tcp import ListenLimits, TcpListener
 from gears.iso8583.conns import AcquirerConn, IssuerLink, finish_all
@@ -61,6 +62,7 @@ from gears.iso8583.core import (
 )
 from gears.iso8583.saf import SafSender
 from gears.iso8583.settings import SwitchSettings
+from gears.iso8583.tracing import SENT, TxnTrace, finish_traces, mono_ns
 
 log = logging.getLogger("fluxrig.iso.switch")
 
@@ -75,14 +77,16 @@ class SwitchShell:
 
     def __init__(self, s: SwitchSettings, *, outlets: Mapping[str, Outlet], journal: Journal,
                  stats: Stats, keyring: KeyRing | None = None, src: str = "iso8583",
-                 replica: int = 0):
+                 replica: int = 0, tracer: Tracer = OFF):
         self.s = s
         self.outlets = outlets
         self.journal = journal
         self.stats = stats
         self.keyring = keyring
         self.core = SwitchCore(s, stats=stats, journal=journal, keyring=keyring, src=src,
-                               replica=replica)
+                               replica=replica, tracer=tracer)
+        self.tracer, self.tracing = tracer, tracer.on
+        self.coat_check = s.coatcheck is not None
         self.loop = asyncio.get_running_loop()
         self.ratelog = RateLimitedLog(log)
         self.conns: dict[int, AcquirerConn] = {}
@@ -261,10 +265,12 @@ class SwitchShell:
                 self.ratelog.error("toolarge", "record dropped: %s", exc)
             for r in recs[:n]:
                 r.done = True
+        recorded = mono_ns() if self.tracing else 0
         # 2. everything up to the first record that is not written yet
         journal = self.journal
         out_conns: dict[int, list[Answer]] = {}
         out_links: dict[tuple[str, int], list[bytes]] = {}
+        sent: list[TxnTrace] = []
         releases: list[int] = []
         closes: list[Close] = []
         undelivered: list[Answer] = []
@@ -283,6 +289,8 @@ class SwitchShell:
                     out_conns.setdefault(a.conn, []).append(a)
             elif isinstance(a, Forward):
                 out_links.setdefault((a.issuer, a.link), []).append(a.data)
+                if a.trace is not None:
+                    sent.append(a.trace)
             elif isinstance(a, Release):
                 releases.append(a.slot)
             elif isinstance(a, Close):
@@ -300,6 +308,8 @@ class SwitchShell:
             frame = conn.framer.frame
             if conn.write_now(b"".join([frame(a.data, a.header) for a in answers])):
                 releases += [a.slot for a in answers if a.slot >= 0]
+                if self.tracing:
+                    finish_traces(self.tracer, answers, recorded, conn.host, self.coat_check)
             else:  # closing under us: nothing of it reached the kernel
                 undelivered += answers
         for (issuer, n), parts in out_links.items():
@@ -307,6 +317,10 @@ class SwitchShell:
             header = link.issuer.link.header
             link.write_now(b"".join(link.framer.frame(p, header) for p in parts))
             link.last_io = self.loop.time()
+        if sent:
+            at = mono_ns()
+            for tr in sent:
+                tr.t[SENT] = at
         for slot in releases:
             journal.close(slot)
         for c in closes:
