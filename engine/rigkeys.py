@@ -108,7 +108,7 @@ TRACES = Table("telemetry.traces", "Transaction traces: sampling and the signal 
     Key("max_kept", INTEGER, "Transactions kept by a rule per second and process, at most "
         "(more are counted as dropped).", 200, minimum=0, maximum=1_000_000),
     Key("tap", SIZE, "Bytes of each process's tap ring (a power of two); a full tap drops "
-        "and counts.", 1 << 20, minimum=4096, maximum=1 << 30),
+        "and counts.", 1 << 20, minimum=1 << 16, maximum=1 << 30),
 ))
 
 LOGS = Table("telemetry.logs", "Log records shipped to fluxrig.logs.<rack.id> (JSON lines, "

@@ -21,6 +21,7 @@ from engine.plan import EgressPlan, ProcessSpec, Route, Runtime
 from engine.ring import Ring
 from engine.schema import At
 from engine.streams import StreamConfig
+from engine.tap import OFF, Tracer
 from gears.coatcheck import KeyRing
 from gears.iso8583.codec import decode, encode, spec_by_name
 from gears.iso8583.core import SAF, stat_defs
@@ -68,8 +69,10 @@ class Kit:
     recorded (unless egress runs, which consumes the rings into JetStream)."""
 
     def __init__(self, s: SwitchSettings, name: Callable[[str], str], data_dir: Path,
-                 ring_capacity: int = 1 << 20, journal_slots: int = 4096, reader: bool = True):
+                 ring_capacity: int = 1 << 20, journal_slots: int = 4096, reader: bool = True,
+                 tracer: Tracer = OFF):
         self.s = s
+        self.tracer = tracer
         self.ring = Ring.create(name("ev"), ring_capacity)
         self.saf_ring = Ring.create(name("saf"), ring_capacity) if s.saf else None
         self.journal = Journal.create(name("j"), journal_slots, 1024)
@@ -97,7 +100,8 @@ class Kit:
         if self.saf_ring is not None:
             outlets[SAF] = Outlet(SAF, self.saf_ring.producer(), None)
         self.shell = SwitchShell(self.s, outlets=outlets, journal=self.journal,
-                                 stats=self.stats, keyring=self.keyring, src="test")
+                                 stats=self.stats, keyring=self.keyring, src="test",
+                                 tracer=self.tracer)
         if nats_url is not None:
             await self._start_egress(nats_url)
         port = await self.shell.start()
