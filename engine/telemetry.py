@@ -263,14 +263,16 @@ async def tap_loop(rt: Runtime, cfg: TelemetryPlan, nc: Client | None,
     from engine.traceexport import (  # the OTel SDK: in this process only, after the fork
         MAX_TRACES_PER_MESSAGE,
         LogShipper,
+        OtlpEncoder,
         OtlpSender,
+        Resources,
         SpanFactory,
         TapReader,
-        otlp_bytes,
         span_batch,
     )
 
-    factory = SpanFactory(rt.rack_id, cfg.labels)
+    resources = Resources(rt.rack_id, cfg.labels)
+    encoder, factory = OtlpEncoder(resources), SpanFactory(resources)
     shipper = LogShipper(rt.rack_id, rt.logs)
     sender = OtlpSender(cfg.otlp) if cfg.otlp is not None else None
     traces_subj, logs_subj = traces_subject(rt.rack_id), logs_subject(rt.rack_id)
@@ -293,16 +295,15 @@ async def tap_loop(rt: Runtime, cfg: TelemetryPlan, nc: Client | None,
                                     got.bad)
                 connected = nc is not None and nc.is_connected
                 for i in range(0, len(got.traces), MAX_TRACES_PER_MESSAGE):
-                    spans, bad = span_batch(factory, got.traces[i:i + MAX_TRACES_PER_MESSAGE])
+                    chunk = got.traces[i:i + MAX_TRACES_PER_MESSAGE]
+                    data, n, bad = encoder.request(chunk)
                     if bad:
                         RATELOG.warning("spanbad", "malformed trace records skipped: count=%d",
                                         bad)
-                    if not spans:
-                        continue
-                    if connected:
-                        await nc.publish(traces_subj, otlp_bytes(spans))  # type: ignore[union-attr]
-                    if sender is not None:
-                        sender.submit(spans)
+                    if n and connected:
+                        await nc.publish(traces_subj, data)  # type: ignore[union-attr]
+                    if n and sender is not None:
+                        sender.submit(span_batch(factory, chunk)[0])
                 if got.logs or shipper.dropped:
                     data = shipper.lines(got.logs, time.time())
                     if data and connected:

@@ -1,7 +1,7 @@
 """Switch benchmark: fluxrig's ISO 8583 switch vs a plain asyncio switch on pyiso8583, and
 optionally vs fluxrig at another commit (regression check), all in the same run.
 
-    python perf/switch_bench.py [--seconds 60] [--p99-seconds 20] [--workers 2] [--coatcheck]
+    python perf/switch_bench.py [--seconds 60] [--p99-seconds 20] [--workers 2] [--coatcheck] [--tracing]
                                 [--against REV] [--repeat N] [--json PATH] [--quick]
 
 ``--against REV`` checks out REV (``git worktree``, extensions built in place), runs its rack
@@ -50,10 +50,16 @@ PY = sys.executable
 SAF = True  # the coat check run has store-and-forward on too (--no-saf: coat check alone)
 
 
+MIX = ["4761739001010119:0100:2500"]
+# --tracing: 2% declines (the issuer declines amounts >= 900000), which the keep rules keep
+TRACING_MIX = ["4761739001010119:0100:2500:49", "4761739001010119:0100:950000:1"]
+
+
 def _load(port: int, seconds: float, rate: float) -> dict:
     cmd = [PY, "-m", "engine.cli", "iso", "load", "--port", str(port), "--connections", "50",
-           "--window", "4", "--duration", str(seconds), "--rate", str(rate), "--json",
-           "--mix", "4761739001010119:0100:2500"]
+           "--window", "4", "--duration", str(seconds), "--rate", str(rate), "--json"]
+    for m in MIX:
+        cmd += ["--mix", m]
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     return json.loads(out.stdout)
 
@@ -72,7 +78,7 @@ def _measure(pid: int, port: int, seconds: float, p99_seconds: float) -> dict:
 
 
 def switch_rig_file(tmp: Path, issuer_port: int, coatcheck: bool, idle_spin_us: int = 0,
-                    root: Path = ROOT) -> tuple[Path, Path, int]:
+                    root: Path = ROOT, traces: dict | None = None) -> tuple[Path, Path, int]:
     """``configs/iso8583-switch.yaml`` of ``root`` on a free port, its issuers on
     ``issuer_port``, data dir under ``tmp``: (rig file, data dir, port)."""
     port = free_port()
@@ -83,6 +89,8 @@ def switch_rig_file(tmp: Path, issuer_port: int, coatcheck: bool, idle_spin_us: 
     cfg["egress"]["streams"][0]["subjects"] = ["fluxrig.bench.txn"]
     if (cfg.get("telemetry") or {}).get("prometheus"):  # on, as shipped, but not on a fixed port
         cfg["telemetry"]["prometheus"]["port"] = free_port()
+    if traces is not None:  # --tracing: the variant's telemetry.traces
+        cfg.setdefault("telemetry", {})["traces"] = traces
     pipeline = cfg["pipelines"][0]
     pipeline["sinks"][0]["settings"]["subject"] = "fluxrig.bench.txn"
     s = pipeline["source"]["settings"]
@@ -127,17 +135,37 @@ def stop_rack(rack: subprocess.Popen[bytes]) -> None:
 
 
 def run_fluxrig(issuer_port: int, seconds: float, p99_seconds: float, workers: int,
-                tmp: Path, coatcheck: bool, idle_spin_us: int = 0, root: Path = ROOT) -> dict:
-    path, data_dir, port = switch_rig_file(tmp, issuer_port, coatcheck, idle_spin_us, root)
+                tmp: Path, coatcheck: bool, idle_spin_us: int = 0, root: Path = ROOT,
+                traces: dict | None = None) -> dict:
+    path, data_dir, port = switch_rig_file(tmp, issuer_port, coatcheck, idle_spin_us, root,
+                                           traces)
     rack = start_switch_rack(path, port, workers, root)
     try:
         result = _measure(rack.pid, port, seconds, p99_seconds)
+        if traces is not None:
+            result["tap"] = _tap_counts(data_dir)
     finally:
         stop_rack(rack)
     result["workers"] = workers
     result["coatcheck"] = coatcheck
     shutil.rmtree(data_dir, ignore_errors=True)
     return result
+
+
+def _tap_counts(data_dir: Path) -> dict[str, int]:
+    """Traces the switch processes kept and dropped (their counters, read live)."""
+    from engine.counters import Counters
+
+    state = json.loads((data_dir / "state.json").read_text())
+    out = {"traces_kept": 0, "traces_dropped": 0}
+    for p in state["processes"]:
+        if p["role"] == "source" and p.get("counters"):
+            c = Counters.attach(p["counters"])
+            snap = c.snapshot()
+            c.close()
+            out["traces_kept"] += snap.traces_kept
+            out["traces_dropped"] += snap.traces_dropped
+    return out
 
 
 def checkout(rev: str, tmp: Path) -> Path:
@@ -189,6 +217,9 @@ def main() -> int:
                     help="also run fluxrig at git revision REV and report this tree vs REV")
     ap.add_argument("--repeat", type=int, default=1,
                     help="with --against: alternate runs of each this many times (median)")
+    ap.add_argument("--tracing", action="store_true",
+                    help="only fluxrig, tracing off vs 1%% sampling + keep rules vs 100%%, "
+                         "alternating --repeat times (issue 'Pipeline B' bars)")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--quick", action="store_true",
                     help="at most 10 s at max rate and 5 s at 2,000 TPS (scripts/bench)")
@@ -197,6 +228,8 @@ def main() -> int:
         args.seconds, args.p99_seconds = min(args.seconds, 10.0), min(args.p99_seconds, 5.0)
     global SAF
     SAF = not args.no_saf
+    if args.tracing:
+        return tracing_main(args)
     issuer_port = free_port()
     issuer = start_issuer_simulator(["--port", str(issuer_port), "--rule", "4=00"], 1)
     tmp = Path(tempfile.mkdtemp(prefix="switch-bench-"))
@@ -295,6 +328,77 @@ def main() -> int:
             "against": {"rev": args.against, "fluxrig": other, "fluxrig_coatcheck": other_coat,
                         "ratios": against} if args.against else None,
             "bars": bars,
+            "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0],
+                        "platform": platform.platform()},
+            "date": time.strftime("%Y-%m-%d %H:%M:%S")}, indent=2))
+    return 0 if all(bars.values()) else 1
+
+
+TRACING_VARIANTS = (("off", {"enabled": False}),
+                    ("1% + keep rules", {"sample": 0.01}),
+                    ("100%", {"sample": 1.0}))
+
+
+def tracing_main(args: argparse.Namespace) -> int:
+    """Tracing off vs 1% + keep rules vs 100%, same run, alternating; medians."""
+    global MIX
+    MIX = TRACING_MIX
+    issuer_port = free_port()
+    issuer = start_issuer_simulator(["--port", str(issuer_port), "--rule", "4:900000=05",
+                                     "--rule", "4=00"], 1)
+    tmp = Path(tempfile.mkdtemp(prefix="switch-bench-"))
+    runs: dict[str, list[dict]] = {name: [] for name, _ in TRACING_VARIANTS}
+    try:
+        for _ in range(max(1, args.repeat)):
+            for name, traces in TRACING_VARIANTS:
+                r = run_fluxrig(issuer_port, args.seconds, args.p99_seconds, args.workers, tmp,
+                                args.coatcheck, args.idle_spin_us, traces=traces)
+                runs[name].append(r)
+                print(f"  run: {name:<16} {r['max']['tps']:8,.0f} TPS "
+                      f"{r['cpu_us_per_txn']:6.1f} us/txn  traces kept "
+                      f"{r['tap']['traces_kept']:,} dropped {r['tap']['traces_dropped']:,}",
+                      flush=True)
+    finally:
+        issuer.kill()
+        issuer.wait()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    def med(name: str, key: str) -> float:
+        vals = sorted(r["max"]["tps"] if key == "tps" else r["cpu_us_per_txn"]
+                      for r in runs[name])
+        return vals[len(vals) // 2]
+
+    off_tps, off_cpu = med("off", "tps"), med("off", "cpu")
+    print(f"switch tracing benchmark: {args.seconds:.0f} s at max rate x {args.repeat} "
+          f"alternating runs per variant (medians), --workers {args.workers}, 2% declines "
+          f"(kept by the keep rules), coat check {'on' if args.coatcheck else 'off'}")
+    print(f"{'tracing':<18} {'TPS':>8} {'CPU us/txn':>10} {'TPS ratio':>9} {'CPU ratio':>9} "
+          f"{'p99 ms':>7} {'lost':>5}")
+    table = {}
+    for name, _ in TRACING_VARIANTS:
+        tps, cpu = med(name, "tps"), med(name, "cpu")
+        worst_lost = max(r["max"]["lost"] + r["max"]["cross_wired"] for r in runs[name])
+        p99 = sorted(r["max"]["p99_ms"] for r in runs[name])[len(runs[name]) // 2]
+        table[name] = {"tps": tps, "cpu_us_per_txn": cpu, "tps_ratio": round(tps / off_tps, 4),
+                       "cpu_ratio": round(cpu / off_cpu, 4), "p99_ms": p99, "lost": worst_lost,
+                       "runs": runs[name]}
+        print(f"{name:<18} {tps:8,.0f} {cpu:10.1f} {tps / off_tps:9.3f} {cpu / off_cpu:9.3f} "
+              f"{p99:7.2f} {worst_lost:5}")
+    one = table["1% + keep rules"]
+    bars = {"tps_within_3pct": one["tps_ratio"] >= 0.97,
+            "cpu_within_5pct": one["cpu_ratio"] <= 1.05,
+            "nothing_lost": all(t["lost"] == 0 for t in table.values())}
+    print(f"bar: 1% + keep rules TPS within 3% of off: {one['tps_ratio']:.3f}x — "
+          f"{'PASS' if bars['tps_within_3pct'] else 'FAIL'}")
+    print(f"bar: 1% + keep rules CPU/txn within 5% of off: {one['cpu_ratio']:.3f}x — "
+          f"{'PASS' if bars['cpu_within_5pct'] else 'FAIL'}")
+    full = table["100%"]
+    print(f"reported: 100% sampling costs {1 - full['tps_ratio']:.1%} TPS and "
+          f"{full['cpu_ratio'] - 1:.1%} CPU per transaction")
+    if args.json:
+        args.json.write_text(json.dumps({
+            "benchmark": "switch_tracing", "seconds": args.seconds, "repeat": args.repeat,
+            "workers": args.workers, "variants": table, "bars": bars,
             "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0],
                         "platform": platform.platform()},
             "date": time.strftime("%Y-%m-%d %H:%M:%S")}, indent=2))

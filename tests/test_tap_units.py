@@ -5,12 +5,25 @@ from __future__ import annotations
 import logging
 
 import orjson
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+    ExportTraceServiceRequest,
+)
 
 from engine.counters import Counters
 from engine.ring import Ring
 from engine.shm import KIND_TAP
 from engine.tap import LogShipSettings, Tap, install_log_tap
-from engine.traceexport import LogShipper, SpanFactory, TapReader, span_batch
+from engine.traceexport import (
+    LogShipper,
+    OtlpEncoder,
+    Resources,
+    SpanFactory,
+    TapReader,
+    span_batch,
+)
 
 PAN = "4761739001010119"
 
@@ -74,7 +87,61 @@ def test_malformed_trace_records_are_skipped_and_counted():
     good = [b"\x01" * 16, "sampled", [["root", -1, 1, 2, 1, "", {"k": "v"}]]]
     bad_parent = [b"\x02" * 16, "sampled", [["root", 5, 1, 2, 1, "", {}]]]
     short_id = [b"\x03", "sampled", [["root", -1, 1, 2, 1, "", {}]]]
-    spans, bad = span_batch(SpanFactory("r1"), [("p", good), ("p", bad_parent),
-                                                ("p", short_id)])
+    records = [("p", good), ("p", bad_parent), ("p", short_id)]
+    spans, bad = span_batch(SpanFactory(Resources("r1")), records)
     assert bad == 2 and [s.name for s in spans] == ["root"]
     assert spans[0].resource.attributes["fluxrig.process"] == "p"
+    data, n, bad = OtlpEncoder(Resources("r1")).request(records)
+    assert (n, bad) == (1, 2)
+    req = ExportTraceServiceRequest()
+    req.ParseFromString(data)
+    assert [s.name for rs in req.resource_spans for ss in rs.scope_spans for s in ss.spans] == \
+        ["root"]
+
+
+_names = st.text(st.characters(min_codepoint=32, max_codepoint=0x2FFF), max_size=20)
+_values = st.one_of(_names, st.booleans(), st.integers(-(1 << 63), (1 << 63) - 1),
+                    st.floats(allow_nan=False), st.from_regex(r"\d{13,19}", fullmatch=True))
+
+
+@st.composite
+def _records(draw):
+    n = draw(st.integers(1, 6))
+    spans = []
+    for i in range(n):
+        start = draw(st.integers(0, 1 << 62))
+        spans.append([draw(_names), -1 if i == 0 else draw(st.integers(0, i - 1)), start,
+                      start + draw(st.integers(0, 10**12)), draw(st.integers(0, 4)),
+                      draw(st.one_of(st.just(""), _names)),
+                      draw(st.dictionaries(_names, _values, max_size=5))])
+    return [draw(st.binary(min_size=16, max_size=16)), "sampled", spans]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["p.a.0", "p.b.1"]), _records()), min_size=1,
+                max_size=4))
+def test_our_otlp_bytes_decode_to_what_the_sdk_encoder_writes(records):
+    """engine.otlpwire writes protobuf by hand: opentelemetry-proto must read it as the
+    same message the SDK's own encoder makes from the same records."""
+    resources = Resources("r1", {"site": "lab"})
+    ours, n, bad = OtlpEncoder(resources).request(records)
+    spans, bad2 = span_batch(SpanFactory(resources), records)
+    assert bad == bad2 == 0 and n == len(spans)
+    mine, theirs = ExportTraceServiceRequest(), encode_spans(spans)
+    mine.ParseFromString(ours)
+
+    def flat(req):
+        out = []
+        for rs in req.resource_spans:
+            res = sorted((a.key, a.value.SerializeToString()) for a in rs.resource.attributes)
+            for ss in rs.scope_spans:
+                for s in ss.spans:
+                    s2 = type(s)()
+                    s2.CopyFrom(s)
+                    attrs = sorted((a.key, a.value.SerializeToString()) for a in s.attributes)
+                    del s2.attributes[:]
+                    out.append((res, ss.scope.name, ss.scope.version, attrs,
+                                s2.SerializeToString(deterministic=True)))
+        return sorted(out)
+
+    assert flat(mine) == flat(theirs)

@@ -16,7 +16,13 @@ from engine.counters import Counters
 from engine.ring import Ring
 from engine.shm import KIND_TAP
 from engine.tap import Tap, Tracer, TraceSettings
-from engine.traceexport import SpanFactory, TapReader, otlp_bytes, span_batch
+from engine.traceexport import (
+    OtlpEncoder,
+    Resources,
+    SpanFactory,
+    TapReader,
+    span_batch,
+)
 
 SLOW_BIN = "6"  # issuer c answers after 0.3 s
 
@@ -82,7 +88,7 @@ def test_keep_rules_keep_declines_timeouts_errors_and_slow_ones_only(traced, shm
     assert n_slow and out["slow"]["codes"] == {"00": n_slow}
     assert keeps == ["decline"] * n_declined + ["error"] + ["slow"] * n_slow + ["timeout"]
     assert counters.snapshot().traces_kept == len(keeps)
-    spans, bad = span_batch(SpanFactory("r1"), traces)
+    spans, bad = span_batch(SpanFactory(Resources("r1")), traces)
     assert bad == 0
     by_trace: dict[int, list] = {}
     for s in spans:
@@ -105,7 +111,8 @@ def test_keep_rules_keep_declines_timeouts_errors_and_slow_ones_only(traced, shm
                 "acquirer receive", "validate", "audit write", "respond"]
             assert root.attributes["iso8583.de39"] == "30"
     # the spans encode as OTLP and carry no clear card number anywhere
-    blob = otlp_bytes(spans)
+    blob, n, bad = OtlpEncoder(Resources("r1")).request(traces)
+    assert n == len(spans) and bad == 0
     for pan in PANS.values():
         assert pan.encode() not in blob
 
