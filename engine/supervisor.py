@@ -79,7 +79,7 @@ from engine.ring import Ring
 from engine.ring import segment_size as ring_segment_size
 from engine.service import Notifier, process_title, set_process_title
 from engine.shm import KIND_COUNTERS, KIND_JOURNAL, KIND_RING, KIND_TAP
-from engine.tap import logs_subject, traces_subject
+from engine.tap import Tap, install_log_tap, logs_subject, traces_subject
 from engine.worker import run_process
 from gears.base import Gear, Sink, Source, gear_class
 
@@ -101,6 +101,7 @@ class _Plan:
     counters: list[Counters] = field(default_factory=list)
     journals: list[Journal] = field(default_factory=list)
     taps: list[Ring] = field(default_factory=list)
+    own_tap: Ring | None = None  # the supervisor's log records
 
 
 def running_pid(data_dir: str | os.PathLike[str]) -> int | None:
@@ -412,6 +413,8 @@ class Supervisor:
         if tel.traces.enabled or tel.logs.enabled:
             for spec in specs:
                 spec.tap = self._tap(spec.name)
+        if tel.logs.enabled:  # the supervisor's own records (restarts, crash loops, drain)
+            self.plan.own_tap = self._tap("supervisor")
         for spec in specs:
             if spec.role in ("egress", "telemetry", "hublink"):
                 spec.bus_auth = self._auth(spec.role)
@@ -477,6 +480,8 @@ class Supervisor:
                                for spec in self.plan.specs]
         for child in self.procs.children:
             self.procs.fork(child)
+        if self.plan.own_tap is not None:  # after the forks: a child takes its own tap
+            install_log_tap(Tap(self.plan.own_tap, None), self.cfg.telemetry.logs)
         self._write_state()
         log.info("rack started: rack=%s, processes=%d, workers=%d",
                  self.cfg.rack_id, len(self.procs.children), self.workers)
@@ -515,6 +520,7 @@ class Supervisor:
             "code_paths": code_paths(),  # C or pure Python per part; children inherit it
             "data_dir": str(self.data_dir),
             "hub": list(self.cfg.passport.hub) if self.cfg.passport else None,
+            "tap": self.plan.own_tap.segment.name if self.plan.own_tap else None,
             "processes": [
                 {
                     "name": c.spec.name,

@@ -241,13 +241,18 @@ class TapLogHandler(logging.Handler):
         self.tap.log(doc)
 
 
-def install_log_tap(tap: Tap, settings: LogShipSettings) -> TapLogHandler | None:
+def install_log_tap(tap: Tap | None, settings: LogShipSettings) -> TapLogHandler | None:
     """Add the tap handler to the root logger of this process (after the fork), or None when
-    log shipping is off."""
-    if not settings.enabled:
+    log shipping is off. A handler inherited through the fork (the supervisor's) is removed
+    first: a tap ring has one writer."""
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        if isinstance(h, TapLogHandler):
+            root.removeHandler(h)
+    if tap is None or not settings.enabled:
         return None
     handler = TapLogHandler(tap, logging.getLevelName(settings.level.upper()))
-    logging.getLogger().addHandler(handler)
+    root.addHandler(handler)
     return handler
 
 

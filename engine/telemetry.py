@@ -287,7 +287,9 @@ async def tap_loop(rt: Runtime, cfg: TelemetryPlan, nc: Client | None,
                 if reader is None or mtime != state_mtime:
                     if reader is not None:
                         reader.close()
-                    reader = TapReader(read_state(rt.data_dir)["processes"])
+                    state = read_state(rt.data_dir)
+                    reader = TapReader([*state["processes"],
+                                        {"name": "supervisor", "tap": state.get("tap")}])
                     state_mtime = mtime
                 got = reader.poll()
                 if got.bad:

@@ -41,7 +41,7 @@ from engine.frame import Frame, FrameError, decode, encode, path_get
 from engine.outlet import MAIN, Outlet
 from engine.plan import ProcessSpec, Runtime, signal_ready
 from engine.ring import Producer, wait_any
-from engine.tap import OFF, Tap, Tracer, install_log_tap
+from engine.tap import OFF, LogShipSettings, Tap, Tracer, install_log_tap
 from gears.base import GearContext, Sink, Source, Stage, gear_class
 
 log = logging.getLogger("fluxrig.worker")
@@ -127,9 +127,11 @@ _TAP: Tap | None = None  # this process's signal tap (one writer per process: th
 def run_process(spec: ProcessSpec, rt: Runtime) -> None:
     """Entry point of a forked rack process (never returns normally: exits the child)."""
     global _TAP
-    if spec.tap is not None:
-        _TAP = Tap(spec.tap, spec.counters)
+    _TAP = Tap(spec.tap, spec.counters) if spec.tap is not None else None
+    if _TAP is not None:
         install_log_tap(_TAP, rt.logs)
+    else:  # no tap of its own: never write into the supervisor's
+        install_log_tap(None, LogShipSettings(enabled=False))
     if spec.cpu is not None:
         try:
             os.sched_setaffinity(0, {spec.cpu})

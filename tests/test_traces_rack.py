@@ -113,15 +113,25 @@ def test_switch_traces_reach_nats_and_an_otlp_endpoint(tmp_path, monkeypatch):
     try:
         wait_switch_ready(rack, port, replicas=2)
 
-        async def run() -> dict:
+        async def run() -> tuple[dict, int]:
             auth = load_auth(rack.data_dir)
             nc = await nats.connect(rack.state["nats_url"], user=auth.user,
                                     password=auth.password)
+            all_roots = asyncio.Event()
+            drained = asyncio.Event()
+            roots = 0
+
             async def on_trace(m: Msg) -> None:
+                nonlocal roots
                 got.append(m.data)
+                roots += sum(not s.parent_span_id for _, s in _spans([_parse(m.data)]))
+                if roots >= 300:
+                    all_roots.set()
 
             async def on_log(m: Msg) -> None:
                 logs.append(m.data)
+                if b"draining" in m.data:
+                    drained.set()
 
             await nc.subscribe(f"fluxrig.traces.{rack_id}", cb=on_trace)
             await nc.subscribe(f"fluxrig.logs.{rack_id}", cb=on_log)
@@ -131,18 +141,17 @@ def test_switch_traces_reach_nats_and_an_otlp_endpoint(tmp_path, monkeypatch):
                 framing=FramingConfig(prefix="2B"), connections=6, rate=300, count=300,
                 duration=30, grace=5, mix=tuple(MixEntry(pan=p) for p in PANS)))
             report = (await gen.run()).summary()
-            deadline = asyncio.get_running_loop().time() + 20
-            while asyncio.get_running_loop().time() < deadline:
-                roots = [s for _, s in _spans([_parse(d) for d in got]) if not s.parent_span_id]
-                if len(roots) >= 300:
-                    break
-                await asyncio.sleep(0.1)
+            await asyncio.wait_for(all_roots.wait(), 20)
+            # stop the rack while still listening: the supervisor's "draining" record is
+            # shipped by telemetry before it stops
+            code = await asyncio.get_running_loop().run_in_executor(None, rack.stop)
+            await asyncio.wait_for(drained.wait(), 5)
             await nc.close()
-            return report
+            return report, code
 
-        report = asyncio.run(run())
+        report, code = asyncio.run(run())
+        assert code == 0
         assert receiver.got.wait(20), "the OTLP endpoint got nothing"
-        assert rack.stop() == 0
     finally:
         rack.close()
         issuer.kill()
@@ -197,6 +206,9 @@ def test_switch_traces_reach_nats_and_an_otlp_endpoint(tmp_path, monkeypatch):
     # logs: JSON lines with the rack's own records (the issuer links coming up)
     records = [json.loads(line) for blob in logs for line in blob.splitlines()]
     assert all(r["rack"] == rack_id and r["level"] for r in records)
+    # the supervisor's own records too (it forks the others, then takes its own tap)
+    assert any(r["process"] == "supervisor" and "draining" in r["msg"] for r in records), \
+        records
     # no clear card number in anything shipped
     for blob in got + logs + [r.SerializeToString() for r in receiver.requests]:
         for pan in PANS:
