@@ -478,7 +478,7 @@ def parse_config(raw: Any, file: str = "<config>", base_dir: Path | None = None,
     )
 
 
-RESERVED_RACK_IDS = frozenset({"hub", "up", "down", "src", "stats", "mixer"})
+RESERVED_RACK_IDS = frozenset({"hub", "up", "down", "src", "stats", "mixer", "traces", "logs"})
 
 
 def _passport(m: Reader, rack_id: str, nats: NatsConfig, telemetry: TelemetryConfig,

@@ -539,6 +539,93 @@ def _rack_holds(data_dir: Path):  # -> Holds
     return holds
 
 
+def _since(text: str, option: str) -> float:
+    """``--since``: a duration (``10m``, ``1h``, ``2d``) in seconds."""
+    from mixer.tracecli import since_seconds
+
+    seconds = since_seconds(text)
+    if seconds is None:
+        _fail(f"invalid {option} {text!r} (expected a duration: 30s, 10m, 1h, 2d)")
+    return seconds
+
+
+@app.command()
+def traces(
+    data_dir: Path = DATA_DIR,
+    query: str = typer.Argument(..., help="a card token (digits), TERMINAL:STAN, or a trace "
+                                "id (32 hex digits or a UUID)"),
+    since: str = typer.Option("1h", "--since", help="how far back to look (a trace id that "
+                              "is a UUIDv7 is looked up in its own hour)"),
+    limit: int = typer.Option(10, "--limit", min=1, max=1000, help="newest transactions "
+                              "shown"),
+    as_json: bool = typer.Option(False, "--json", help="print the traces as JSON"),
+) -> None:
+    """Show the stored traces of a transaction across every rack, newest first, as terminal
+    waterfalls: a header (trace id, rack, token, terminal, stan, mti, de39, outcome, keep,
+    total) and one line per span (depth, name, offset, duration, bar). Traces that overlap
+    in time (the same terminal:stan through two racks) share one time axis. Exit 1 when
+    nothing matches. (``mixer.entry`` runs the usual forms without loading this CLI.)"""
+    from mixer.tracecli import run_traces
+
+    code = run_traces(data_dir, query, since, limit, as_json)
+    if code:
+        raise typer.Exit(code)
+
+
+@app.command()
+def logs(
+    data_dir: Path = DATA_DIR,
+    rack: str = typer.Option(None, "--rack", help="only this rack's records"),
+    since: str = typer.Option("10m", "--since", help="how far back to start"),
+    level: str = typer.Option("debug", "--level", help="this level and above: debug, info, "
+                              "warning, error, critical"),
+    grep: str = typer.Option(None, "--grep", help="only records whose message or traceback "
+                             "holds this text (case-insensitive)"),
+    follow: bool = typer.Option(False, "--follow", "-f", help="then print new records live "
+                                "(from the hub) until Ctrl-C"),
+) -> None:
+    """Print the racks' stored log records, oldest first (`ts level rack process logger:
+    msg`); with --follow, then the new ones as racks send them."""
+    import time as _time
+
+    from mixer.tracequery import levels_from, log_line, read_logs, readonly
+
+    if not data_dir.is_dir():
+        _fail(f"not a hub data dir: {data_dir}", 1)
+    seconds = _since(since, "--since")
+    try:
+        levels = levels_from(level)
+    except ValueError as exc:
+        _fail(f"--level: {exc}")
+    if rack is not None:
+        from mixer.hubconf import HubConfigError, check_rack_id
+
+        try:
+            check_rack_id(rack)
+        except HubConfigError as exc:
+            _fail(f"--rack: {exc}")
+    now = _time.time_ns()
+
+    def stored(since_ns: int = 0) -> list:
+        return read_logs(readonly(data_dir), data_dir,
+                         max(since_ns, now - int(seconds * 1e9)), _time.time_ns(), rack,
+                         levels, grep)
+
+    if not follow:
+        for r in stored():
+            typer.echo(log_line(r))
+        return
+    from mixer.logfollow import FollowError, follow_logs
+
+    try:
+        follow_logs(data_dir, _settings(data_dir), rack, levels, grep, stored,
+                    lambda r: typer.echo(log_line(r)))
+    except FollowError as exc:
+        _fail(exc, 1)
+    except KeyboardInterrupt:
+        return
+
+
 def main() -> None:
     """Console-script entry point."""
     app()

@@ -11,7 +11,10 @@
    unique, the hub's count equal to the rack's), every answered transaction has its audit
    event, and ``mixer racks`` shows both racks;
 5. the audit trail (the archiver was killed with the Mixer): every event archived once,
-   ``mixer audit query`` and ``mixer audit verify`` over it.
+   ``mixer audit query`` and ``mixer audit verify`` over it;
+6. traces: one card in fifty goes to a slow issuer (0.8 s); the switch keeps those traces
+   (``telemetry.traces.slower_than``), the Mixer stores them, and the demo finds the slowest
+   transaction of the audit trail and shows where its time went with ``mixer traces``.
 """
 
 from __future__ import annotations
@@ -44,6 +47,9 @@ ROOT = Path("var/fleet")
 TPS = 300.0
 SECONDS = 24.0
 KILL_AT, DOWN_FOR = 8.0, 6.0
+SLOW_PAN = "6011000990139424"  # routed to issuer-slow, which answers after SLOW_DELAY
+SLOW_DELAY = 0.8
+SLOW_PORT = 9004
 
 
 def _mixer(*args: str) -> subprocess.CompletedProcess[str]:
@@ -157,21 +163,29 @@ def run() -> int:
     for rack, role in (("switch", "payments"), ("plant", "plant")):
         _mixer("rack", "add", str(hub), rack, "--label", f"role={role}",
                "--out", str(ROOT / f"{rack}.passport"))
-    switch_rig = _rig("iso8583-switch.yaml", "switch", ROOT / "switch.passport", {})
+    switch_doc = yaml.safe_load(shipped_rig("iso8583-switch.yaml").read_text())
+    sw = switch_doc["pipelines"][0]["source"]["settings"]
+    sw["issuers"]["issuer-slow"] = {**sw["issuers"]["issuer-b"], "port": SLOW_PORT}
+    sw["groups"]["discover"] = {"endpoints": ["issuer-slow"], "strategy": "failover"}
+    sw["routes"].append({"name": "discover", "bins": ["6011"], "group": "discover"})
+    switch_rig = _rig("iso8583-switch.yaml", "switch", ROOT / "switch.passport",
+                      {"pipelines": switch_doc["pipelines"]})
     plant_doc = yaml.safe_load(shipped_rig("demo.yaml").read_text())
     source = plant_doc["pipelines"][0]["source"]
     source["settings"].update(rate=400, count=int(400 * (SECONDS - 4)))
     plant_rig = _rig("demo.yaml", "plant", ROOT / "plant.passport",
                      {"pipelines": plant_doc["pipelines"]})
     racks: dict[str, Any] = {}
-    issuer = None
+    issuer = slow = None
     try:  # a child that cannot start must not leave the others running (and their ports)
         issuer = start_issuer_simulator(["--port", "9001", "--port", "9002", "--port",
                                          "9003", "--rule", "4=00", "--rule", "5=05"], 3)
+        slow = start_issuer_simulator(["--port", str(SLOW_PORT), "--delay", str(SLOW_DELAY)],
+                                      1)
         for name, rig in (("switch", switch_rig), ("plant", plant_rig)):
             racks[name] = start_rack(rig, workers=1)
     except BaseException:
-        _stop_all(racks, (issuer, mixer))
+        _stop_all(racks, (issuer, slow, mixer))
         raise
     print("racks 'switch' (ISO 8583, role=payments) and 'plant' (generator, role=plant) "
           "started and linked")
@@ -180,8 +194,9 @@ def run() -> int:
         gen = LoadGenerator(LoadConfig(
             host="127.0.0.1", port=8583, spec=spec_by_name("default"),
             framing=FramingConfig(prefix="2B"), connections=20, rate=TPS, duration=SECONDS,
-            grace=7.0, mix=(MixEntry(pan="4761739001010119", amount=2_500, weight=4),
-                            MixEntry(pan="5500000000000004", amount=9_000, weight=1))))
+            grace=7.0, mix=(MixEntry(pan="4761739001010119", amount=2_500, weight=40),
+                            MixEntry(pan="5500000000000004", amount=9_000, weight=9),
+                            MixEntry(pan=SLOW_PAN, amount=7_500, weight=1))))
         t0 = time.monotonic()
         events: list[str] = []
         side = _Side()
@@ -243,19 +258,21 @@ def run() -> int:
         print(f"switch transactions answered {answered:,} (lost {summary['lost']}), "
               f"audit events {wanted['switch']:,}")
         ok &= _audit(hub, {streams[r]: (r, wanted[r]) for r in racks})
+        ok &= _slowest(hub)
         for rack, run_ in racks.items():
             run_.proc.send_signal(signal.SIGTERM)
             ok &= run_.proc.wait(60) == 0
         print("OK: every rack event is at the hub and in the audit trail exactly once, "
               "through a hub kill" if ok else "FAILED")
         print(f"try: mixer audit query {hub} \"select de39, count(*) from txn group by 1\"\n"
-              f"     mixer audit report daily {hub}\n     mixer audit verify {hub}")
+              f"     mixer audit report daily {hub}\n     mixer audit verify {hub}\n"
+              f"     mixer logs {hub} --rack switch --since 10m --level warning")
         if ok and sys.stdin.isatty():
             input(f"the Mixer console is still up at http://127.0.0.1:{console_port}/ "
                   f"(user demo, password {console_password}); press Enter to stop it ")
         return 0 if ok else 1
     finally:
-        _stop_all(racks, (issuer, mixer))
+        _stop_all(racks, (issuer, slow, mixer))
 
 
 def _stop_all(racks: dict[str, Any], procs: tuple[subprocess.Popen[bytes] | None, ...]) -> None:
@@ -305,6 +322,45 @@ def _audit(hub: Path, wanted: dict[str, tuple[str, int]]) -> bool:
                             capture_output=True, text=True, timeout=300)
     print(verify.stdout + verify.stderr, end="")
     return ok and verify.returncode == 0
+
+
+def _slowest(hub: Path) -> bool:
+    """Find the slowest transaction in the audit trail and show its trace (``mixer
+    traces``): where its time went. True when the trace is found and its issuer leg holds
+    most of it."""
+    sql = ("select terminal, stan, latency_us from txn where outcome = 'answered' "
+           "order by latency_us desc limit 1")
+    print(f"\n$ mixer audit query {hub} \"{sql}\"")
+    query = subprocess.run([sys.executable, "-m", "mixer.cli", "audit", "query", str(hub), sql,
+                            "--json"], capture_output=True, text=True, timeout=60)
+    rows = json.loads(query.stdout or "[]")
+    if not rows:
+        print("no answered transaction in the audit trail")
+        return False
+    row = rows[0]
+    print(f"terminal {row['terminal']} stan {row['stan']}: {row['latency_us'] / 1000:.1f} ms")
+    key = f"{row['terminal']}:{row['stan']}"
+    print(f"\n$ mixer traces {hub} {key}")
+    t1 = time.monotonic()
+    while True:  # the trace store writes what it got every few seconds
+        shown = subprocess.run([sys.executable, "-m", "mixer.cli", "traces", str(hub), key,
+                                "--limit", "1"], capture_output=True, text=True, timeout=60)
+        if shown.returncode == 0 or time.monotonic() - t1 > 20:
+            break
+        time.sleep(0.5)  # another process's files: no event to await
+    print(shown.stdout + shown.stderr, end="")
+    found = subprocess.run([sys.executable, "-m", "mixer.cli", "traces", str(hub), key,
+                            "--limit", "1", "--json"], capture_output=True, text=True,
+                           timeout=60)
+    try:
+        spans = json.loads(found.stdout)[0]["spans"]
+    except (ValueError, IndexError, KeyError):
+        return False
+    issuer = [s for s in spans if s.get("name") == "issuer answer"]
+    ok = bool(issuer) and (issuer[0]["end_ns"] - issuer[0]["start_ns"]) >= SLOW_DELAY * 0.9e9
+    print(f"the issuer leg took {(issuer[0]['end_ns'] - issuer[0]['start_ns']) / 1e6:.1f} ms "
+          f"of it" if issuer else "no issuer leg in the trace")
+    return ok
 
 
 if __name__ == "__main__":

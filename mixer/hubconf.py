@@ -2,9 +2,9 @@
 
 ``rack_permissions(rack)`` is the hub-side permission table of one rack's nkey user
 (``docs/mixer-design.md`` section 6, verified against nats-server 2.15.1 in the design's
-experiments): what a rack may publish into the hub (its stats, its ``up`` subjects, the
-deliveries of its sourced streams, answers to the hub's consumer resets, and its own config
-consumer) and what it may receive (its ``down`` subjects, the hub's calls to its JetStream
+experiments): what a rack may publish into the hub (its stats, traces and logs, its ``up``
+subjects, the deliveries of its sourced streams, answers to the hub's consumer resets, and
+its own config consumer) and what it may receive (its ``down`` subjects, the hub's calls to its JetStream
 API, flow control of its own consumers). Everything else — another rack's subjects, the
 hub's JetStream API, ``$JS.FC.>`` of others — is refused by omission.
 
@@ -20,12 +20,13 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from engine.config import RESERVED_RACK_IDS
 from engine.schema import NAME_RE
 
 HUB_DOMAIN = "hub"
 CONFIG_BUCKET = "fluxrig_config"
 #: rack ids that would collide with the hub's own subject tokens
-RESERVED_IDS = frozenset({"hub", "up", "down", "src", "stats", "mixer"})
+RESERVED_IDS = RESERVED_RACK_IDS  # fluxrig.<id>.> must not take a hub subject
 
 
 class HubConfigError(ValueError):
@@ -72,6 +73,9 @@ def rack_permissions(rack: str) -> dict[str, dict[str, list[str]]]:
     return {
         "publish": {"allow": [
             f"fluxrig.stats.{rack}",
+            # spans (OTLP) and log records for the hub's `traces` process: fire and forget
+            f"fluxrig.traces.{rack}",
+            f"fluxrig.logs.{rack}",
             f"fluxrig.up.{rack}.>",
             f"fluxrig.src.{rack}.>",
             "$JSC.R.>",

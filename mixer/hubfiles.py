@@ -4,7 +4,8 @@
   enrolled and, once revoked, when. ``mixer rack add/revoke`` change it under ``racks.lock``
   (``flock``), so two CLI calls never lose each other's change. The hub never keeps a seed.
 * ``nats-users.json`` (0600) holds the generated passwords of the hub's own users:
-  ``registry`` (the Mixer's registry process), ``admin`` (the ``mixer`` CLI) and ``sys``
+  ``registry`` (the Mixer's registry process), ``traces`` (its traces process), ``admin``
+  (the ``mixer`` CLI) and ``sys``
   (the system account: LEAFZ, kicks). Made on first use, never rewritten.
 
 ``HubServer`` is the hub's nats-server: ``engine.natsd.NatsServer`` with the config
@@ -37,7 +38,7 @@ from mixer.settings import MixerSettings
 
 RACKS_FILE = "racks.json"
 USERS_FILE = "nats-users.json"
-LOCAL_USERS = ("registry", "admin", "sys", "sim", "archiver", "console")
+LOCAL_USERS = ("registry", "admin", "sys", "sim", "archiver", "console", "traces")
 
 
 class HubFileError(RuntimeError):
@@ -160,14 +161,20 @@ def user_entries(users: dict[str, str], simulator: bool = False) -> list[dict[st
                 "$JS.API.CONSUMER.INFO.KV_fluxrig_config.>", "$KV.fluxrig_config.>",
                 "_INBOX.>"]},
             "subscribe": {"allow": ["_INBOX.>"]}}},
+        # the traces process: hears the racks' spans and logs, publishes nothing
+        {"user": "traces", "password": users["traces"], "permissions": {
+            "publish": {"deny": [">"]},
+            "subscribe": {"allow": ["fluxrig.traces.*", "fluxrig.logs.*", "_INBOX.>"]}}},
+        # admin (the CLI): `mixer logs --follow` hears the racks' log records live
         {"user": "admin", "password": users["admin"], "permissions": {
             "publish": {"allow": ["fluxrig.mixer.>", "fluxrig.down.>", f"$JS.{HUB_DOMAIN}.API.>",
                                   "$JS.API.>", "_INBOX.>", "$KV.fluxrig_config.>"]},
-            "subscribe": {"allow": ["fluxrig.up.*.reply.>", "_INBOX.>"]}}},
+            "subscribe": {"allow": ["fluxrig.up.*.reply.>", "fluxrig.logs.*", "_INBOX.>"]}}},
     ]
     if simulator:
         entries.append({"user": "sim", "password": users["sim"], "permissions": {
-            "publish": {"allow": ["fluxrig.stats.*", "fluxrig.up.*.hello"]},
+            "publish": {"allow": ["fluxrig.stats.*", "fluxrig.up.*.hello", "fluxrig.traces.*",
+                                  "fluxrig.logs.*"]},
             "subscribe": {"allow": ["_INBOX.>"]}}})
     return entries
 

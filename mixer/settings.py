@@ -23,6 +23,17 @@ audit:                   # the archiver: every rack's events into audit/ (Parque
   flush_after: 5s        # ...or the oldest has waited this long
   compact_after: 10m     # an hour partition untouched this long has its small parts merged
   retention_days: 0      # whole days older than this are deleted (recorded); 0: keep all
+traces:                  # the traces process: racks' spans and logs into traces/ and logs/
+  enabled: true          # (Parquet; docs/traces.md)
+  flush: 5s              # a part per rack-hour at most this often...
+  flush_rows: 20000      # ...or when this many rows wait
+  compact_after: 10m     # an hour ended this long ago has its parts merged into one
+  retention: 14d         # date directories older than this are deleted (d, h, m, s)
+  forward:               # optional: every OTLP payload also POSTed to a collector
+    endpoint: http://collector:4318     # POST <endpoint>/v1/traces
+    headers: {authorization: "Bearer ${OTLP_TOKEN}"}
+    queue: 1000          # payloads waiting; a full queue drops (counted, logged)
+    timeout: 10s
 console:                 # the web console (off unless enabled; docs/console.md)
   enabled: false
   host: 127.0.0.1
@@ -69,6 +80,28 @@ class AuditSettings:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class ForwardSettings:
+    """Where the traces process forwards OTLP payloads (``traces.forward:``)."""
+
+    endpoint: str                       # http(s)://host:port[/base]; POSTs go to /v1/traces
+    headers: tuple[tuple[str, str], ...] = ()
+    queue: int = 1000
+    timeout: float = 10.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TracesSettings:
+    """The traces process's settings (``traces:``; see the module docstring)."""
+
+    enabled: bool = True
+    flush: float = 5.0
+    flush_rows: int = 20_000
+    compact_after: float = 600.0
+    retention: float = 14 * 86_400.0
+    forward: ForwardSettings | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class ConsoleSettings:
     """The web console's settings (``console:``; see the module docstring)."""
 
@@ -96,6 +129,7 @@ class MixerSettings:
     simulator: bool = False  # a ``sim`` hub user may speak for any rack (load tests only)
     audit: AuditSettings = AuditSettings()
     console: ConsoleSettings = ConsoleSettings()
+    traces: TracesSettings = TracesSettings()
 
     @property
     def hub_url(self) -> str:
@@ -118,7 +152,7 @@ def parse_settings(raw: object, file: str,
     at = At(file, origins=origins or {})
     top = dict(get_map(raw if raw is not None else {}, at,
                        ("hub", "leaf", "registry", "prometheus", "rollup_interval",
-                        "simulator", "audit", "console")))
+                        "simulator", "audit", "console", "traces")))
     hub = dict(get_map(top.get("hub") or {}, at.key("hub"), ("host", "port")))
     leaf = dict(get_map(top.get("leaf") or {}, at.key("leaf"), ("host", "port", "urls")))
     reg = dict(get_map(top.get("registry") or {}, at.key("registry"), ("offline_after",)))
@@ -162,6 +196,7 @@ def parse_settings(raw: object, file: str,
     return MixerSettings(
         audit=audit,
         console=console,
+        traces=_traces(top.get("traces"), at.key("traces")),
         hub_host=get_str(hub, "host", at.key("hub"), "127.0.0.1"),
         hub_port=_port(hub, "port", at.key("hub"), 4222),
         leaf_host=get_str(leaf, "host", at.key("leaf"), "0.0.0.0"),
@@ -175,6 +210,51 @@ def parse_settings(raw: object, file: str,
                                      exclusive=False),
         simulator=get_bool(top, "simulator", at, False),
     )
+
+
+def _days_or_duration(m: Mapping[str, object], key: str, at: At, default: float) -> float:
+    """A duration that may also be written in days (``14d``): retention is counted in days,
+    and ``engine.units`` stops at hours."""
+    value = m.get(key)
+    if isinstance(value, str) and value.endswith("d") and value[:-1].isdigit():
+        days = int(value[:-1])
+        if not 1 <= days <= 100_000:
+            raise at.key(key).error(f"must be between 1d and 100000d, got {value!r}")
+        return days * 86_400.0
+    return get_duration(m, key, at, default, minimum=3600.0, exclusive=False)
+
+
+def _traces(raw: object, at: At) -> TracesSettings:
+    """``traces:`` checked."""
+    t = dict(get_map(raw or {}, at, ("enabled", "flush", "flush_rows", "compact_after",
+                                     "retention", "forward")))
+    forward = None
+    if t.get("forward") is not None:
+        fa = at.key("forward")
+        f = dict(get_map(t["forward"], fa, ("endpoint", "headers", "queue", "timeout")))
+        endpoint = get_str(f, "endpoint", fa).rstrip("/")
+        parts = urlsplit(endpoint)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise fa.key("endpoint").error(
+                f"invalid URL {fa.key('endpoint').show(endpoint)} (expected http(s)://HOST[:PORT]"
+                f"[/PATH]: the OTLP/HTTP receiver; /v1/traces is added)")
+        ha = fa.key("headers")
+        headers = dict(get_map(f.get("headers") or {}, ha))
+        for k in headers:
+            get_str(headers, k, ha)
+        forward = ForwardSettings(
+            endpoint=endpoint, headers=tuple((k, str(v)) for k, v in headers.items()),
+            queue=get_int(f, "queue", fa, 1000, minimum=1, maximum=1_000_000),
+            timeout=get_duration(f, "timeout", fa, 10.0, minimum=0.1, exclusive=False,
+                                 maximum=300.0))
+    return TracesSettings(
+        enabled=get_bool(t, "enabled", at, True),
+        flush=get_duration(t, "flush", at, 5.0, minimum=0.05, exclusive=False, maximum=3600.0),
+        flush_rows=get_int(t, "flush_rows", at, 20_000, minimum=1, maximum=1_000_000),
+        compact_after=get_duration(t, "compact_after", at, 600.0, minimum=0.0,
+                                   exclusive=False, maximum=86_400.0),
+        retention=_days_or_duration(t, "retention", at, 14 * 86_400.0),
+        forward=forward)
 
 
 def _tls_url(url: str) -> bool:
@@ -212,5 +292,6 @@ def settings_text(hosts: list[str], hub_port: int = 4222, leaf_port: int = 7422)
             f"rollup_interval: 10s\n")
 
 
-__all__ = ["AuditSettings", "ConfigError", "ConsoleSettings", "MixerSettings", "SETTINGS_FILE", "load_settings",
+__all__ = ["AuditSettings", "ConfigError", "ConsoleSettings", "ForwardSettings",
+           "MixerSettings", "SETTINGS_FILE", "TracesSettings", "load_settings",
            "parse_settings", "settings_text"]

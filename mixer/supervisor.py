@@ -11,6 +11,8 @@ readiness, ordered stop); what differs is the plan:
   the fork, so a busy port stops the start with a clear message;
 * the ``archiver`` process (``mixer.archiver``, unless ``audit.enabled`` is false): the
   hub's copies of the racks' streams into the audit trail;
+* the ``traces`` process (``mixer.traceproc``, unless ``traces.enabled`` is false): the
+  racks' spans and log records into ``traces/`` and ``logs/`` (Parquet);
 * the ``console`` process (``mixer.console``, with ``console.enabled``): the web console,
   its socket bound here before the fork like Prometheus'.
 
@@ -42,6 +44,7 @@ from mixer.hubfiles import HubFileError, HubServer, local_users
 from mixer.pki import HubPki
 from mixer.registryproc import RegistryPlan, run_registry
 from mixer.settings import MixerSettings
+from mixer.traceproc import TracesPlan, run_traces
 
 log = logging.getLogger("fluxrig.mixer")
 
@@ -117,6 +120,12 @@ class MixerSupervisor:
             self.procs.children.append(Child(
                 name="archiver", role="archiver", title=process_title("mixer", "archiver"),
                 spec=None, run=functools.partial(run_archiver, arch, rt, "archiver")))
+        if self.settings.traces.enabled:
+            tr = TracesPlan(data_dir=str(self.data_dir), hub_url=self.hub.url,
+                            password=users["traces"], settings=self.settings.traces)
+            self.procs.children.append(Child(
+                name="traces", role="traces", title=process_title("mixer", "traces"),
+                spec=None, run=functools.partial(run_traces, tr, rt, "traces")))
         if self.console is not None:
             cons = ConsolePlan(data_dir=str(self.data_dir), hub_url=self.hub.url,
                                password=users["console"], settings=self.settings.console)
@@ -161,6 +170,7 @@ class MixerSupervisor:
         self.procs.notifier.send("STOPPING=1", "STATUS=stopping")
         # the archiver first: it writes what waits while the hub is still there to ack it
         self.procs.stop_children({"console"}, 5.0)
+        self.procs.stop_children({"traces"}, 15.0)  # writes what waits
         self.procs.stop_children({"archiver"}, 30.0)
         self.procs.stop_children({"registry"}, 15.0)
         self.hub.stop()

@@ -40,7 +40,8 @@ def test_mixer_start_status_restart_and_stop(tmp_path):
         again = mixer("start", str(hub), "--log-file", "-")
         assert again.returncode == 3 and "mixer already running" in again.stderr
         status = json.loads(mixer("status", str(hub), "--json").stdout)
-        assert status["ready"] and [p["name"] for p in status["processes"]] == ["registry", "archiver"]
+        assert status["ready"]
+        assert [p["name"] for p in status["processes"]] == ["registry", "archiver", "traces"]
         registry = status["processes"][0]["pid"]
         os.kill(registry, signal.SIGKILL)  # the process set restarts it
         wait_until(lambda: m.state()["processes"][0]["restarts"] == 1

@@ -61,7 +61,7 @@ def test_two_racks_events_are_archived_exactly_once_and_verify(tmp_path):
                                        f"r{i}")
             racks.append(RackProcess(config, data))
         status = json.loads(mixer("status", str(hub), "--json").stdout)
-        assert [p["name"] for p in status["processes"]] == ["registry", "archiver"]
+        assert [p["name"] for p in status["processes"]] == ["registry", "archiver", "traces"]
         archiver = status["processes"][1]["pid"]
         wait_until(lambda: all(_archived(hub, r) >= 500 for r in ids), 60, "some archived")
         os.kill(archiver, signal.SIGKILL)  # mid-stream: restarted, nothing lost or doubled

@@ -11,6 +11,7 @@ import time
 
 import pytest
 
+from engine.identity import new_seed, public_key
 from engine.natsd import free_port, nats_server_binary
 from mixer.hubconf import (
     HubConfigError,
@@ -20,7 +21,6 @@ from mixer.hubconf import (
     rack_permissions,
     render_hub_config,
 )
-from engine.identity import new_seed, public_key
 from mixer.pki import init_pki
 
 
@@ -28,6 +28,7 @@ def test_a_rack_may_only_speak_and_hear_its_own_subjects():
     perms = rack_permissions("rack-a")
     pub, sub = perms["publish"]["allow"], perms["subscribe"]["allow"]
     assert "fluxrig.stats.rack-a" in pub and "fluxrig.up.rack-a.>" in pub
+    assert "fluxrig.traces.rack-a" in pub and "fluxrig.logs.rack-a" in pub
     assert "fluxrig.down.rack-a.>" in sub and "$JS.FC.rack-a.>" in sub
     for subject in pub + sub:  # nothing of another rack, nothing fleet-wide
         assert "rack-b" not in subject
@@ -37,7 +38,7 @@ def test_a_rack_may_only_speak_and_hear_its_own_subjects():
 
 
 @pytest.mark.parametrize(("rack", "message"), [
-    ("hub", "reserved"), ("stats", "reserved"), ("Rack", "invalid rack id"),
+    ("hub", "reserved"), ("stats", "reserved"), ("traces", "reserved"), ("logs", "reserved"), ("Rack", "invalid rack id"),
     ("a.b", "invalid rack id"), ("x" * 33, "invalid rack id"),
 ])
 def test_bad_or_reserved_rack_ids_are_refused(rack, message):
@@ -93,3 +94,28 @@ def test_a_real_hub_starts_from_the_rendered_config_with_a_tls_leaf_listener(tmp
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_the_leaf_link_lets_a_racks_traces_and_logs_cross():
+    """A rack's link denies exports of its business subjects ``fluxrig.<rack>.>`` only:
+    ``fluxrig.traces.<rack>`` and ``fluxrig.logs.<rack>`` are not under them (the ids
+    ``traces`` and ``logs`` are reserved so they never are)."""
+    from engine.natsd import leaf_deny_exports, leaf_deny_imports
+    from engine.streams import subject_matches
+
+    for rack in ("rack-a", "t", "logs-1"):
+        for subject in (f"fluxrig.traces.{rack}", f"fluxrig.logs.{rack}"):
+            assert not any(subject_matches(p, subject) for p in leaf_deny_exports(rack))
+            assert not any(subject_matches(p, subject) for p in leaf_deny_imports(rack))
+
+
+def test_the_traces_user_hears_traces_and_logs_and_publishes_nothing():
+    from mixer.hubfiles import user_entries
+
+    users = {u: "pw" for u in ("registry", "admin", "sys", "sim", "archiver", "console",
+                               "traces")}
+    entries = {e["user"]: e["permissions"] for e in user_entries(users, simulator=True)}
+    assert entries["traces"] == {"publish": {"deny": [">"]}, "subscribe": {"allow": [
+        "fluxrig.traces.*", "fluxrig.logs.*", "_INBOX.>"]}}
+    assert "fluxrig.logs.*" in entries["admin"]["subscribe"]["allow"]  # mixer logs --follow
+    assert "fluxrig.traces.*" not in entries["admin"]["subscribe"]["allow"]

@@ -544,7 +544,8 @@ def test_the_hub_config_lists_only_enrolled_racks_not_revoked(hub_dir: Path,
     passwords = local_users(hub_dir)
     named = {u["user"]: u["password"] for u in users if "user" in u}
     assert named == {"registry": passwords["registry"], "admin": passwords["admin"],
-                     "archiver": passwords["archiver"], "console": passwords["console"]}
+                     "archiver": passwords["archiver"], "console": passwords["console"],
+                     "traces": passwords["traces"]}
     assert conf["accounts"]["SYS"]["users"] == [{"user": "sys", "password": passwords["sys"],
                                                  "allowed_connection_types": ["STANDARD"]}]
     assert conf["leafnodes"]["port"] == SETTINGS.leaf_port
@@ -729,12 +730,16 @@ def test_the_shipped_mixer_settings_parse_and_name_every_key() -> None:
     doc = load_yaml(path)
     s = parse_settings(doc.data, str(path))
     assert set(doc.data) == {"hub", "leaf", "registry", "prometheus", "rollup_interval",
-                             "simulator", "audit", "console"}
+                             "simulator", "audit", "console", "traces"}
     assert s.leaf_urls == ("tls://127.0.0.1:7422",) and s.prometheus_port == 9466
     assert set(doc.data["audit"]) == {f.name for f in fields(AuditSettings)}
     assert s.audit == AuditSettings()  # the file shows the defaults
     assert set(doc.data["console"]) == {f.name for f in fields(ConsoleSettings)}
     assert s.console == ConsoleSettings(enabled=True)  # on there, the rest the defaults
+    from mixer.settings import TracesSettings
+
+    assert set(doc.data["traces"]) == {f.name for f in fields(TracesSettings)} - {"forward"}
+    assert s.traces == TracesSettings()
 
 
 @pytest.mark.parametrize("audit, message", [
