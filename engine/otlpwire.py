@@ -58,16 +58,20 @@ def _field(number: int, payload: bytes) -> bytes:
 
 def key_value(key: str, value: str | bool | int | float) -> bytes:
     """One encoded ``KeyValue`` (cached: attribute pairs repeat)."""
-    return _key_value(key, type(value), value)  # the type: 0, 0.0 and False are equal keys
+    # the type is part of the cache key: 0, 0.0 and False are equal keys
+    return _key_value(key, _KINDS.get(type(value), "str"), value)
+
+
+_KINDS: Final[dict[type, str]] = {bool: "bool", int: "int", float: "float"}
 
 
 @lru_cache(maxsize=4096)
-def _key_value(key: str, kind: type, value: str | bool | int | float) -> bytes:
-    if kind is bool:
+def _key_value(key: str, kind: str, value: str | bool | int | float) -> bytes:
+    if kind == "bool":
         any_value = b"\x10" + (b"\x01" if value else b"\x00")
-    elif kind is int:
+    elif kind == "int":
         any_value = b"\x18" + _varint(value)  # type: ignore[arg-type]
-    elif kind is float:
+    elif kind == "float":
         any_value = b"\x21" + _DOUBLE.pack(value)
     else:
         any_value = _field(1, str(value).encode())

@@ -69,6 +69,7 @@ import select
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 from engine._ordering import RING_IN_C, fence, load_acquire, store_release
 from engine.shm import KIND_RING, Segment
@@ -292,13 +293,14 @@ class Ring:
         # records the producer owns.
         self._rodata = self._data.toreadonly()
         self._doorbells = doorbells
-        self.data_bell: Doorbell | _NoBell
-        self.space_bell: Doorbell | _NoBell
+        self.data_bell: Doorbell
+        self.space_bell: Doorbell
         if doorbells:
             self.data_bell = Doorbell(self._slots, CONSUMER_WAITING)
             self.space_bell = Doorbell(self._slots, PRODUCER_WAITING)
-        else:  # observed, or a polled ring (the signal tap): nobody sleeps on it
-            self.data_bell = self.space_bell = _NO_BELL
+        else:  # observed, or a polled ring (the signal tap): nobody sleeps on it (waiting on
+            # one is a programming error: it has no eventfd)
+            self.data_bell = self.space_bell = cast(Doorbell, _NO_BELL)
 
     @classmethod
     def create(cls, name: str, capacity: int, kind: int = KIND_RING,

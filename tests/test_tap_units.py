@@ -145,3 +145,19 @@ def test_our_otlp_bytes_decode_to_what_the_sdk_encoder_writes(records):
         return sorted(out)
 
     assert flat(mine) == flat(theirs)
+
+
+def test_card_numbers_are_masked_in_runs_and_in_groups_and_nothing_else():
+    from engine.masking import mask_card_numbers as mask
+
+    assert mask(f"pan={PAN},5500000000000004") == "pan=476173******0119,550000******0004"
+    assert mask("4761 7390 0101 0119") == "4761 73** **** 0119"
+    assert mask("card 4761-7390-0101-0119.") == "card 4761-73**-****-0119."
+    assert mask("amex 3782-822463-10005") == "amex 3782-82****-*0005"
+    # a number beside a card number is not merged into it (Luhn ignores leading zeros)
+    assert mask(f"m0 {PAN}") == "m0 476173******0119"
+    assert mask("0 4761 7390 0101 0119") == "0 4761 73** **** 0119"
+    # not card numbers: Luhn fails (a token), dates, times, short groups
+    for text in ("token 4761730000000118", "2026-11-28 14:50:29.837Z", "ids 12 34 56 78 90",
+                 "port 8583 pid 12345"):
+        assert mask(text) == text
