@@ -190,7 +190,8 @@ def recover(root: Path) -> Recovered:
                 continue
             names = {p.name for p in parts}
             for c in compacts:
-                for old in part_meta(c).get("replaces", []):  # type: ignore[union-attr]
+                replaces = part_meta(c).get("replaces")
+                for old in replaces if isinstance(replaces, list) else []:
                     if old in names and old != c.name:
                         (d / old).unlink(missing_ok=True)
                         names.discard(old)
