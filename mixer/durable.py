@@ -5,7 +5,10 @@ of one."""
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO
 
 
 def fsync_dir(path: Path) -> None:
@@ -29,12 +32,14 @@ def make_dirs(path: Path) -> None:
         fsync_dir(d.parent)
 
 
-def replace_file(path: Path, data: bytes) -> None:
-    """Put ``data`` at ``path`` atomically (temporary file in the same directory)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+@contextmanager
+def atomic_file(path: Path, tmp: Path | None = None) -> Iterator[BinaryIO]:
+    """Write ``path`` through ``tmp`` (default ``.<name>.<pid>.tmp`` beside it): fsynced,
+    renamed into place, the directory fsynced; ``tmp`` removed if anything fails."""
+    tmp = tmp or path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as f:
-            f.write(data)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -44,4 +49,10 @@ def replace_file(path: Path, data: bytes) -> None:
     fsync_dir(path.parent)
 
 
-__all__ = ["fsync_dir", "make_dirs", "replace_file"]
+def replace_file(path: Path, data: bytes) -> None:
+    """Put ``data`` at ``path`` atomically (temporary file in the same directory)."""
+    with atomic_file(path) as f:
+        f.write(data)
+
+
+__all__ = ["atomic_file", "fsync_dir", "make_dirs", "replace_file"]

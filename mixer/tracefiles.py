@@ -32,7 +32,6 @@ half a file:
 
 from __future__ import annotations
 
-import os
 import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -45,7 +44,7 @@ import orjson
 import pyarrow as pa  # type: ignore[import-untyped]
 import pyarrow.parquet as pq  # type: ignore[import-untyped]
 
-from mixer.durable import fsync_dir, make_dirs
+from mixer.durable import atomic_file, fsync_dir, make_dirs
 from mixer.tracelayout import HOUR_NS, LOGS_DIR, TRACES_DIR
 from mixer.tracerows import LOG_COLUMNS, TRACE_COLUMNS
 
@@ -93,18 +92,10 @@ def _write(path: Path, table: pa.Table, meta: dict[str, object]) -> None:
         make_dirs(path.parent)
     tmp = path.with_name(f".{path.name}.tmp")
     table = table.replace_schema_metadata({META_KEY: orjson.dumps(meta)})
-    try:
-        with open(tmp, "wb") as f:
-            pq.write_table(table, f, compression="zstd", row_group_size=ROW_GROUP,
-                           write_statistics=_stats_columns(table.schema),
-                           use_dictionary=[c for c in _DICT if c in table.schema.names])
-            f.flush()
-            os.fsync(f.fileno())
-        os.rename(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
+    with atomic_file(path, tmp) as f:
+        pq.write_table(table, f, compression="zstd", row_group_size=ROW_GROUP,
+                       write_statistics=_stats_columns(table.schema),
+                       use_dictionary=[c for c in _DICT if c in table.schema.names])
 
 
 class PartNamer:
@@ -217,35 +208,27 @@ def compact_hour(d: Path, kind: str, clock_ns: Callable[[], int] = time.time_ns)
     tmp = path.with_name(f".{path.name}.tmp")
     rows = 0
     meta = {"kind": kind, "rack": rack, "replaces": [p.name for p in parts]}
-    try:
-        with open(tmp, "wb") as f:
-            writer = pq.ParquetWriter(
-                f, schema.with_metadata({META_KEY: orjson.dumps(meta)}),
-                compression="zstd", write_statistics=_stats_columns(schema),
-                use_dictionary=[c for c in _DICT if c in schema.names])
-            pending: list[pa.RecordBatch] = []
-            held = 0
-            for p in parts:
-                try:
-                    table = pq.read_table(p, schema=schema)
-                except (OSError, pa.ArrowException) as exc:
-                    raise TelemetryFileError(f"{p}: unreadable part: {exc}") from None
-                rows += table.num_rows
-                for batch in table.to_batches():
-                    pending.append(batch)
-                    held += batch.num_rows
-                if held >= COMPACT_READ:
-                    _flush_groups(writer, schema, pending)
-                    pending, held = [], 0
-            _flush_groups(writer, schema, pending)
-            writer.close()
-            f.flush()
-            os.fsync(f.fileno())
-        os.rename(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(d)
+    with atomic_file(path, tmp) as f:
+        writer = pq.ParquetWriter(
+            f, schema.with_metadata({META_KEY: orjson.dumps(meta)}),
+            compression="zstd", write_statistics=_stats_columns(schema),
+            use_dictionary=[c for c in _DICT if c in schema.names])
+        pending: list[pa.RecordBatch] = []
+        held = 0
+        for p in parts:
+            try:
+                table = pq.read_table(p, schema=schema)
+            except (OSError, pa.ArrowException) as exc:
+                raise TelemetryFileError(f"{p}: unreadable part: {exc}") from None
+            rows += table.num_rows
+            for batch in table.to_batches():
+                pending.append(batch)
+                held += batch.num_rows
+            if held >= COMPACT_READ:
+                _flush_groups(writer, schema, pending)
+                pending, held = [], 0
+        _flush_groups(writer, schema, pending)
+        writer.close()
     for p in parts:
         p.unlink(missing_ok=True)
     fsync_dir(d)
