@@ -14,12 +14,15 @@
    ``mixer audit query`` and ``mixer audit verify`` over it;
 6. traces: one card in fifty goes to a slow issuer (0.8 s); the switch keeps those traces
    (``telemetry.traces.slower_than``), the Mixer stores them, and the demo finds the slowest
-   transaction of the audit trail and shows where its time went with ``mixer traces``.
+   transaction of the audit trail and shows where its time went with ``mixer traces``; the
+   switch also sends its spans straight to an OTLP/HTTP endpoint (``telemetry.otlp``: a
+   small receiver in this process), which must have the same trace.
 """
 
 from __future__ import annotations
 
 import asyncio
+import http.server
 import json
 import os
 import secrets
@@ -168,8 +171,10 @@ def run() -> int:
     sw["issuers"]["issuer-slow"] = {**sw["issuers"]["issuer-b"], "port": SLOW_PORT}
     sw["groups"]["discover"] = {"endpoints": ["issuer-slow"], "strategy": "failover"}
     sw["routes"].append({"name": "discover", "bins": ["6011"], "group": "discover"})
+    otlp = _OtlpSink()
     switch_rig = _rig("iso8583-switch.yaml", "switch", ROOT / "switch.passport",
-                      {"pipelines": switch_doc["pipelines"]})
+                      {"pipelines": switch_doc["pipelines"],
+                       "telemetry": {"interval": 1.0, "otlp": {"endpoint": otlp.url}}})
     plant_doc = yaml.safe_load(shipped_rig("demo.yaml").read_text())
     source = plant_doc["pipelines"][0]["source"]
     source["settings"].update(rate=400, count=int(400 * (SECONDS - 4)))
@@ -258,7 +263,7 @@ def run() -> int:
         print(f"switch transactions answered {answered:,} (lost {summary['lost']}), "
               f"audit events {wanted['switch']:,}")
         ok &= _audit(hub, {streams[r]: (r, wanted[r]) for r in racks})
-        ok &= _slowest(hub)
+        ok &= _slowest(hub, otlp)
         for rack, run_ in racks.items():
             run_.proc.send_signal(signal.SIGTERM)
             ok &= run_.proc.wait(60) == 0
@@ -273,6 +278,7 @@ def run() -> int:
         return 0 if ok else 1
     finally:
         _stop_all(racks, (issuer, slow, mixer))
+        otlp.close()
 
 
 def _stop_all(racks: dict[str, Any], procs: tuple[subprocess.Popen[bytes] | None, ...]) -> None:
@@ -324,10 +330,52 @@ def _audit(hub: Path, wanted: dict[str, tuple[str, int]]) -> bool:
     return ok and verify.returncode == 0
 
 
-def _slowest(hub: Path) -> bool:
+class _OtlpSink:
+    """An OTLP/HTTP trace receiver (``POST /v1/traces``, protobuf): the trace ids it got."""
+
+    def __init__(self) -> None:
+        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+            ExportTraceServiceRequest,
+        )
+
+        self.trace_ids: set[str] = set()
+        self.requests = 0
+        sink = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - the standard library's name
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                req = ExportTraceServiceRequest()
+                try:
+                    req.ParseFromString(body)
+                except Exception:
+                    self.send_response(400)
+                    self.end_headers()
+                    return
+                sink.requests += 1
+                sink.trace_ids.update(s.trace_id.hex() for rs in req.resource_spans
+                                      for ss in rs.scope_spans for s in ss.spans)
+                self.send_response(200)
+                self.send_header("Content-Type", "application/x-protobuf")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _slowest(hub: Path, otlp: _OtlpSink) -> bool:
     """Find the slowest transaction in the audit trail and show its trace (``mixer
-    traces``): where its time went. True when the trace is found and its issuer leg holds
-    most of it."""
+    traces``): where its time went. True when the trace is found, its issuer leg holds
+    most of it, and the OTLP endpoint got it too."""
     sql = ("select terminal, stan, latency_us from txn where outcome = 'answered' "
            "order by latency_us desc limit 1")
     print(f"\n$ mixer audit query {hub} \"{sql}\"")
@@ -360,7 +408,11 @@ def _slowest(hub: Path) -> bool:
     ok = bool(issuer) and (issuer[0]["end_ns"] - issuer[0]["start_ns"]) >= SLOW_DELAY * 0.9e9
     print(f"the issuer leg took {(issuer[0]['end_ns'] - issuer[0]['start_ns']) / 1e6:.1f} ms "
           f"of it" if issuer else "no issuer leg in the trace")
-    return ok
+    trace_id = json.loads(found.stdout)[0]["trace_id"]
+    got = trace_id in otlp.trace_ids
+    print(f"the OTLP endpoint {otlp.url} got {len(otlp.trace_ids):,} traces in "
+          f"{otlp.requests:,} requests, this one {'among them' if got else 'NOT among them'}")
+    return ok and got
 
 
 if __name__ == "__main__":

@@ -111,3 +111,9 @@ def test_a_slow_transaction_is_found_with_mixer_traces_and_its_logs_with_mixer_l
     assert logs.returncode == 0 and "issuer link up" in logs.stdout, logs.stdout + logs.stderr
     for blob in (shown.stdout, by_id.stdout, logs.stdout):
         assert FAST not in blob and SLOW not in blob
+    # every byte the Mixer stored of the rack's traces and logs: no card number in clear
+    stored = [p for d in ("traces", "logs") for p in (hub / d).rglob("*.parquet")]
+    assert any("traces" in str(p) for p in stored) and any("logs" in str(p) for p in stored)
+    for path in stored:
+        data = path.read_bytes()
+        assert FAST.encode() not in data and SLOW.encode() not in data, path
