@@ -44,6 +44,27 @@ def escape(value: str | bytes | bytearray | memoryview | None, limit: int = 64) 
     return text + "..." if cut else text
 
 
+def printable(text: str) -> str:
+    """``text`` safe for a terminal, readable text kept: control and format characters (C0,
+    DEL, C1, bidi overrides, lone surrogates: Unicode categories C*) become ``\\xNN`` /
+    ``\\uNNNN``, a backslash doubled; letters of any script stay. For stored texts shown to
+    a user (``mixer logs``, ``mixer traces``): a line written by a rack can neither move the
+    cursor, retitle the window nor forge a second line."""
+    if text.isprintable() and "\\" not in text:
+        return text
+    out = []
+    for ch in text:
+        if ch == "\\":
+            out.append("\\\\")
+        elif ch.isprintable():
+            out.append(ch)
+        else:
+            code = ord(ch)
+            out.append(f"\\x{code:02x}" if code < 0x100 else
+                       f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}")
+    return "".join(out)
+
+
 class RateLimitedLog:
     """At most one line per ``interval`` seconds per key; held-back lines are counted.
 
