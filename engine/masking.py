@@ -4,8 +4,12 @@ Events and spans carry tokens and masked PANs by construction; this module is wh
 a card number that reached a free text anyway (a log message quoting a field, an exception
 text). A run of 13-19 ASCII digits that passes the Luhn check is masked to its first 6 and
 last 4 digits; so is one written in groups of 3-6 digits (``4761 7390 0101 0119``,
-``3782-822463-10005``: single spaces or dashes between them), its separators kept. Plain runs
-are masked first, so a number beside a card number (``0 4761...``) is never merged into it. Tokens (``gears.coatcheck.make_token``) fail the Luhn check on purpose, so they
+``3782-822463-10005``, ``4761.7390...``: single spaces, dashes or dots between them), its
+separators kept; so is one in any script's digits, and one inside a longer run of digits
+that it starts or ends or that puts a two-digit length before it (DE2 as sent: ``16`` + the
+PAN). Plain runs are masked first, so a number beside a card number (``0 4761...``) is never
+merged into it. A 19-digit run starting ``17`` (a nanosecond time until 2033) is masked
+only when it is Luhn-valid as a whole, not as a length and a 17-digit card number. Tokens (``gears.coatcheck.make_token``) fail the Luhn check on purpose, so they
 pass unchanged; one run of random digits in ten passes Luhn and is masked too: a false
 positive costs a few digits of a log line, a false negative a card number.
 """
@@ -13,10 +17,11 @@ positive costs a few digits of a log line, a false negative a card number.
 from __future__ import annotations
 
 import re
+import unicodedata
 from typing import Final
 
-_DIGITS: Final = re.compile(r"\d{13,19}")
-_GROUPED: Final = re.compile(r"(?<![\d*])\d{3,6}(?:[ -]\d{3,6}){2,5}(?![\d*])")
+_DIGITS: Final = re.compile(r"\d{13,}")  # any script's digits (full-width, Arabic-Indic)
+_GROUPED: Final = re.compile(r"(?<![\d*])\d{3,6}(?:[ .-]\d{3,6}){2,5}(?![\d*])")
 # ASCII digit -> the digit sum of its double, as a byte value (not a character): the doubled
 # positions of a card number are summed by one ``translate`` and one ``sum``, both C loops
 _DOUBLED: Final = bytes((2 * (b - 48) - 9 if 2 * (b - 48) > 9 else 2 * (b - 48))
@@ -36,22 +41,49 @@ def mask_digits(digits: str) -> str:
 
 
 def mask_card_numbers(text: str) -> str:
-    """``text`` with every Luhn-valid run of 13-19 digits masked (first 6, last 4)."""
+    """``text`` with every card number masked (first 6, last 4 digits kept): a Luhn-valid
+    run of 13-19 digits; one written in groups; one inside a longer run of digits when it
+    starts or ends it or follows a two-digit length (an ISO 8583 LLVAR field as sent)."""
     if len(text) < 13:
         return text
-
     text = _DIGITS.sub(_plain, text)
-    return _GROUPED.sub(_grouped, text) if (" " in text or "-" in text) else text
+    if " " in text or "-" in text or "." in text:
+        text = _GROUPED.sub(_grouped, text)
+    return text
+
+
+def _ascii(run: str) -> str:
+    return run if run.isascii() else "".join(str(unicodedata.digit(c)) for c in run)
+
+
+def _hide(run: str, start: int, length: int) -> str:
+    """``run`` with the card number at ``start`` (``length`` digits) masked."""
+    return run[:start + 6] + "*" * (length - 10) + run[start + length - 4:]
 
 
 def _plain(m: re.Match[str]) -> str:
     run = m.group()
-    return mask_digits(run) if luhn_valid(run) else run
+    digits = _ascii(run)
+    n = len(digits)
+    if n <= 19 and luhn_valid(digits):
+        return _hide(run, 0, n)
+    ll = int(digits[:2])
+    # LLVAR: "16" + PAN; not "17" + 17 digits, the shape of a nanosecond time (to 2033)
+    if 13 <= ll <= 19 and n >= ll + 2 and not (ll == 17 and n == 19) \
+            and luhn_valid(digits[2:2 + ll]):
+        return _hide(run, 2, ll)
+    if n > 19:  # a card number at either end of a longer run (PAN + expiry, id + PAN)
+        for k in range(19, 12, -1):
+            if luhn_valid(digits[:k]):
+                return _hide(run, 0, k)
+            if luhn_valid(digits[-k:]):
+                return _hide(run, n - k, k)
+    return run
 
 
 def _grouped(m: re.Match[str]) -> str:
     run = m.group()
-    digits = run.replace(" ", "").replace("-", "")
+    digits = _ascii(run.replace(" ", "").replace("-", "").replace(".", ""))
     if not 13 <= len(digits) <= 19 or not luhn_valid(digits):
         return run
     out, seen, last = [], 0, len(digits) - 4

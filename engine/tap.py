@@ -142,6 +142,11 @@ class Tap:
         """Write one log record; False (counted) when the ring is full."""
         return self._write(_LOG + dumps(doc), LOGS_DROPPED)
 
+    def dropped(self, traces: bool = False) -> None:
+        """Count a record that could not be written (``traces``: a trace, else a log)."""
+        if self._counters is not None:
+            self._counters.add(TRACES_DROPPED if traces else LOGS_DROPPED)
+
 
 class Tracer:
     """What a gear traces with (``GearContext.tracer``): the sampling decisions and the tap.
@@ -193,8 +198,7 @@ class Tracer:
         if now >= self._window:
             self._window, self._kept = now + 1.0, 0
         if self._kept >= s.max_kept:
-            if self.tap._counters is not None:
-                self.tap._counters.add(TRACES_DROPPED)
+            self.tap.dropped(traces=True)
             return None
         self._kept += 1
         return reason
@@ -228,17 +232,28 @@ class TapLogHandler(logging.Handler):
         self.tap = tap
 
     def emit(self, record: logging.LogRecord) -> None:
+        # never raises into the caller (a log call on the transaction path): a record that
+        # cannot be shipped is counted as dropped
         try:
-            msg = record.getMessage()
-        except Exception:  # a bad format string must not lose the record's existence
-            msg = str(record.msg)
-        doc: dict[str, object] = {
-            "ts": int(record.created * 1e9), "level": record.levelname, "logger": record.name,
-            "msg": mask_card_numbers(msg[:MAX_LOG_TEXT])}
-        if record.exc_info:
-            doc["exc"] = mask_card_numbers(
-                logging.Formatter().formatException(record.exc_info)[:MAX_LOG_TEXT])
-        self.tap.log(doc)
+            try:
+                msg = record.getMessage()
+            except Exception:  # a bad format string must not lose the record's existence
+                msg = str(record.msg)
+            doc: dict[str, object] = {
+                "ts": int(record.created * 1e9), "level": record.levelname,
+                "logger": record.name, "msg": _shippable(msg)}
+            if record.exc_info:
+                doc["exc"] = _shippable(logging.Formatter().formatException(record.exc_info))
+            self.tap.log(doc)
+        except Exception:
+            self.tap.dropped()
+
+
+def _shippable(text: str) -> str:
+    """Masked, then cut to ``MAX_LOG_TEXT`` (masking keeps the length, so a card number
+    across the cut is masked too), lone surrogates (undecodable file names) escaped."""
+    text = mask_card_numbers(text[:MAX_LOG_TEXT + 32])[:MAX_LOG_TEXT]
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def install_log_tap(tap: Tap | None, settings: LogShipSettings) -> TapLogHandler | None:

@@ -278,6 +278,7 @@ async def tap_loop(rt: Runtime, cfg: TelemetryPlan, nc: Client | None,
     traces_subj, logs_subj = traces_subject(rt.rack_id), logs_subject(rt.rack_id)
     reader = None
     state_mtime = 0.0
+    report_at = time.monotonic() + 60.0
     last = False
     try:
         while not last:
@@ -310,6 +311,11 @@ async def tap_loop(rt: Runtime, cfg: TelemetryPlan, nc: Client | None,
                     data = shipper.lines(got.logs, time.time())
                     if data and connected:
                         await nc.publish(logs_subj, data)  # type: ignore[union-attr]
+                if sender is not None and time.monotonic() >= report_at:
+                    report_at = time.monotonic() + 60.0
+                    line = sender.report()
+                    if line:
+                        log.warning("%s", line)
             except Exception as exc:  # the tap is best effort; the loop must live
                 RATELOG.warning("tap", "tap export failed: error=%r", exc)
             if not last:
@@ -324,6 +330,9 @@ async def tap_loop(rt: Runtime, cfg: TelemetryPlan, nc: Client | None,
             reader.close()
         if sender is not None:
             await asyncio.to_thread(sender.close)
+            line = sender.report()
+            if line:
+                log.warning("%s", line)
 
 
 def run_telemetry(spec: ProcessSpec, rt: Runtime) -> None:

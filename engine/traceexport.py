@@ -136,14 +136,26 @@ def checked(record: Sequence[object]) -> Checked:
             raise ValueError("malformed span")
         clean: dict[str, object] = {}
         for k, v in attrs.items():
+            key = mask_card_numbers(str(k))
             if isinstance(v, str):
-                clean[str(k)] = mask_card_numbers(v)
-            elif isinstance(v, bool) or isinstance(v, float) or \
-                    (isinstance(v, int) and -(1 << 63) <= v < 1 << 63):
-                clean[str(k)] = v
+                clean[key] = mask_card_numbers(v)
+            elif isinstance(v, bool):
+                clean[key] = v
+            elif isinstance(v, int | float) and _card_like(v):
+                clean[key] = mask_card_numbers(str(int(v)))  # a card number as a number
+            elif isinstance(v, float) or (isinstance(v, int) and -(1 << 63) <= v < 1 << 63):
+                clean[key] = v
         spans.append((mask_card_numbers(str(name)), parent, start, end, kind,
                       mask_card_numbers(str(error)) if error else "", clean))
     return trace_id, spans
+
+
+def _card_like(v: int | float) -> bool:
+    """A number that may be a card number: integral, 13-19 digits, Luhn-valid."""
+    if isinstance(v, float) and not v.is_integer():
+        return False
+    n = int(v)
+    return 10**12 <= abs(n) < 10**19 and mask_card_numbers(str(abs(n))) != str(abs(n))
 
 
 class Resources:
@@ -280,16 +292,22 @@ class OtlpSender:
 
     The SDK's OTLP/HTTP exporter does the protocol (protobuf, headers, retries of 429/5xx
     with backoff within its timeout); a bounded queue between the loop and the thread drops
-    what a slow or absent collector cannot take, counted in ``dropped``.
+    what a slow or absent collector cannot take, counted in ``dropped``. ``report`` says how
+    it went (telemetry logs it when something failed or was dropped); at a stop what is
+    still queued is dropped, counted, rather than holding the rack's stop up.
     """
 
     def __init__(self, cfg: OtlpConfig, depth: int = 64):
-        self.exporter = OTLPSpanExporter(endpoint=f"{cfg.endpoint}/v1/traces",
-                                         headers=dict(cfg.headers), timeout=cfg.timeout)
+        # the exporter logs each failed attempt; ``report`` says it once a minute instead
+        logging.getLogger("opentelemetry.exporter.otlp").setLevel(logging.ERROR)
+        self.endpoint = f"{cfg.endpoint}/v1/traces"
+        self.exporter = OTLPSpanExporter(endpoint=self.endpoint, headers=dict(cfg.headers),
+                                         timeout=cfg.timeout)
         self.queue: queue.Queue[list[ReadableSpan] | None] = queue.Queue(depth)
         self.sent = 0
         self.failed = 0
         self.dropped = 0
+        self._reported = (0, 0)
         self._thread = threading.Thread(target=self._run, name="otlp", daemon=True)
         self._thread.start()
 
@@ -300,6 +318,15 @@ class OtlpSender:
         except queue.Full:
             self.dropped += len(spans)
 
+    def report(self) -> str | None:
+        """A line saying what failed or was dropped since the last report, or None."""
+        now = (self.failed, self.dropped)
+        if now == self._reported:
+            return None
+        self._reported = now
+        return (f"otlp export to {self.endpoint}: spans sent={self.sent}, failed={self.failed}, "
+                f"dropped={self.dropped} (collector slow or down)")
+
     def _run(self) -> None:
         while True:
             spans = self.queue.get()
@@ -307,22 +334,27 @@ class OtlpSender:
                 return
             try:
                 result = self.exporter.export(spans)
-            except Exception as exc:  # the exporter must not take the thread down
+            except Exception:  # the exporter must not take the thread down
                 result = SpanExportResult.FAILURE
-                log.warning("otlp export failed: error=%r", exc)
             if result is SpanExportResult.SUCCESS:
                 self.sent += len(spans)
             else:
                 self.failed += len(spans)
 
-    def close(self, timeout: float = 5.0) -> None:
-        """Send what is queued (up to ``timeout``), then stop the thread."""
-        try:
-            self.queue.put(None, timeout=timeout)
-        except queue.Full:
-            pass
+    def close(self, timeout: float = 2.0) -> None:
+        """Drop what is still queued (counted), let an export in flight end (up to
+        ``timeout``), stop the thread."""
+        while True:
+            try:
+                spans = self.queue.get_nowait()
+            except queue.Empty:
+                break
+            if spans is not None:
+                self.dropped += len(spans)
+        self.queue.put_nowait(None)
         self._thread.join(timeout)
-        self.exporter.shutdown()
+        if not self._thread.is_alive():
+            self.exporter.shutdown()
 
 
 __all__ = ["LogShipper", "MAX_TRACES_PER_MESSAGE", "OtlpEncoder", "OtlpSender", "Resources",

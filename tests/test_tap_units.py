@@ -161,3 +161,95 @@ def test_card_numbers_are_masked_in_runs_and_in_groups_and_nothing_else():
     for text in ("token 4761730000000118", "2026-11-28 14:50:29.837Z", "ids 12 34 56 78 90",
                  "port 8583 pid 12345"):
         assert mask(text) == text
+
+
+def test_more_card_number_forms_are_masked():
+    from engine.masking import mask_card_numbers as mask
+
+    pan = "4111111111111111"
+    assert mask("4111.1111.1111.1111") == "4111.11**.****.1111"
+    assert mask("４１１１１１１１１１１１１１１１") == "４１１１１１******１１１１"  # full-width
+    assert mask(f"de2 16{pan}") == "de2 16411111******1111"  # LLVAR as sent
+    for text in (f"{pan}000123", f"000123{pan}"):  # inside a longer run
+        assert pan not in mask(text) and mask(text).count("*") >= 6
+    # a nanosecond time is not taken for a length + a 17-digit card number
+    assert mask("ts 1795875521559609528") == "ts 1795875521559609528"
+
+
+def test_a_log_call_never_raises_and_a_card_across_the_cut_is_masked(shm_name):
+    from engine.tap import MAX_LOG_TEXT
+
+    ring = Ring.create(shm_name("tap"), 1 << 16, KIND_TAP, doorbells=False)
+    counters = Counters.create(shm_name("c"))
+    handler = install_log_tap(Tap(ring, counters), LogShipSettings(level="info"))
+    logger = logging.getLogger("fluxrig.test.tap2")
+    try:
+        logger.warning("file %s", "bad-\udcff-name")  # a lone surrogate: undecodable path
+        logger.warning("x" * (MAX_LOG_TEXT - 8) + PAN)  # the card number across the cut
+        reader = TapReader([{"name": "p", "tap": ring.segment.name}])
+        got = reader.poll()
+        reader.close()
+    finally:
+        logging.getLogger().removeHandler(handler)
+        ring.close()
+        counters.close()
+    msgs = [doc["msg"] for _, doc in got.logs]
+    assert msgs[0] == "file bad-\\udcff-name"
+    assert len(msgs[1]) == MAX_LOG_TEXT
+    assert PAN[:13] not in msgs[1] and msgs[1].endswith("476173**")
+
+
+def test_numbers_and_keys_that_are_card_numbers_are_masked_in_spans():
+    from engine.traceexport import checked
+
+    _, spans = checked([b"\x01" * 16, "sampled", [["s", -1, 1, 2, 0, "", {
+        "a": int(PAN), "b": float(PAN), PAN: 1, "n": 12.5, "t": 1_700_000_000}]]])
+    attrs = spans[0][6]
+    assert attrs == {"a": "476173******0119", "b": "476173******0119",
+                     "476173******0119": 1, "n": 12.5, "t": 1_700_000_000}
+
+
+def test_a_hanging_collector_costs_dropped_spans_not_a_slow_stop():
+    import socket
+    import time as _time
+
+    from engine.config import OtlpConfig
+    from engine.traceexport import OtlpSender
+
+    sock = socket.create_server(("127.0.0.1", 0))  # accepts connections, never answers
+    try:
+        sender = OtlpSender(OtlpConfig(endpoint=f"http://127.0.0.1:{sock.getsockname()[1]}",
+                                       timeout=1.0), depth=2)
+        spans, _ = span_batch(SpanFactory(Resources("r1")),
+                              [("p", [b"\x01" * 16, "sampled", [["s", -1, 1, 2, 0, "", {}]]])])
+        for _ in range(10):
+            sender.submit(spans)
+        t0 = _time.monotonic()
+        sender.close(timeout=2.0)
+        took = _time.monotonic() - t0
+    finally:
+        sock.close()
+    assert took < 3.0
+    assert sender.dropped >= 7 and sender.sent == 0
+    assert "dropped=" in (sender.report() or "")
+
+
+def test_the_otlp_endpoint_is_checked_and_its_path_suffix_taken_off(tmp_path):
+    import pytest
+
+    from engine.config import ConfigError, load_config
+
+    def rig(endpoint: str) -> str:
+        path = tmp_path / "r.yaml"
+        path.write_text(
+            "rack: {id: r1}\n"
+            f"telemetry: {{otlp: {{endpoint: '{endpoint}'}}}}\n"
+            "pipelines: [{name: p, source: {name: g, gear: generator, settings: {}},\n"
+            "             sinks: [{name: o, gear: stdout, settings: {}}]}]\n")
+        return str(path)
+
+    assert load_config(rig("http://c:4318/v1/traces")).telemetry.otlp.endpoint == \
+        "http://c:4318"
+    for bad in ("http://c:99999", "http://c:4318?x=1", "ftp://c"):
+        with pytest.raises(ConfigError, match="telemetry.otlp.endpoint"):
+            load_config(rig(bad))
