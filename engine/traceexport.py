@@ -275,7 +275,11 @@ class LogShipper:
                     "msg": mask_card_numbers(str(doc.get("msg", "")))}
             if doc.get("exc"):
                 line["exc"] = mask_card_numbers(str(doc["exc"]))
-            out.append(orjson.dumps(line))
+            try:
+                out.append(orjson.dumps(line))
+            except TypeError:  # a lone surrogate: one record lost, counted, not the batch
+                self.dropped += 1
+                self.dropped_total += 1
         if self.dropped and self._tokens >= 1.0:
             out.append(orjson.dumps({
                 "ts": int(now * 1e9), "level": "WARNING",

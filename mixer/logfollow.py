@@ -8,6 +8,10 @@ subscription that were still in the traces process's memory (at most ``traces.fl
 seconds of them) are neither stored yet nor live: once that flush is surely done, the
 parts are read again for the moments before the subscription and those are printed then
 (late, marked by their own times), so nothing falls between.
+
+Connecting: the first connect gives up within ``FIRST_CONNECT_S`` (a Mixer that is not
+running is said at once, exit 1, not waited for forever); once connected, a lost hub is
+retried for as long as the user follows (a Mixer restart is bridged).
 """
 
 from __future__ import annotations
@@ -16,13 +20,19 @@ import asyncio
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Final
 
-import nats
+from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from mixer.settings import MixerSettings
 from mixer.tracequery import LogRecord, record_matches
-from mixer.tracerows import TelemetryDecodeError, log_rows
+from mixer.tracerows import log_rows
+
+FIRST_CONNECT_S: Final = 5.0   # the whole first connect, tries and waits included
+FIRST_TRIES: Final = 3         # tries of the first connect (each at most CONNECT_TIMEOUT_S)
+CONNECT_TIMEOUT_S: Final = 2.0
+RECONNECT_WAIT_S: Final = 0.5
 
 
 class FollowError(RuntimeError):
@@ -40,7 +50,7 @@ def follow_logs(data_dir: Path, settings: MixerSettings, rack: str | None,
             called with None for the whole ``--since`` window.
 
     Raises:
-        FollowError: no hub to subscribe to.
+        FollowError: no hub to subscribe to (said within ``FIRST_CONNECT_S``).
     """
     asyncio.run(_follow(data_dir, settings, rack, levels, grep, stored, show))
 
@@ -49,23 +59,12 @@ async def _follow(data_dir: Path, settings: MixerSettings, rack: str | None,
                   levels: Sequence[str], grep: str | None,
                   stored: Callable[[int], list[LogRecord]],
                   show: Callable[[LogRecord], None]) -> None:
-    from mixer.hubfiles import local_users
-
-    try:
-        nc = await nats.connect(settings.hub_url, user="admin",
-                                password=local_users(data_dir)["admin"], connect_timeout=3,
-                                allow_reconnect=True, max_reconnect_attempts=-1)
-    except Exception as exc:
-        raise FollowError(f"cannot reach the hub at {settings.hub_url} to follow: "
-                          f"{exc!r} (is the Mixer running?)") from None
+    nc = await connect_hub(data_dir, settings)
     live: asyncio.Queue[LogRecord] = asyncio.Queue()
 
     async def on_msg(msg: Msg) -> None:
         who = msg.subject.split(".")[-1]
-        try:
-            rows, _ = log_rows(who, msg.data)
-        except TelemetryDecodeError:
-            return
+        rows, _ = log_rows(who, msg.data)
         for r in rows:
             live.put_nowait(LogRecord(ts=r.ts, level=r.level, rack=who, process=r.process,
                                       logger=r.logger, msg=r.msg, exc=r.exc))
@@ -106,4 +105,47 @@ async def _follow(data_dir: Path, settings: MixerSettings, rack: str | None,
         await nc.close()
 
 
-__all__ = ["FollowError", "follow_logs"]
+async def connect_hub(data_dir: Path, settings: MixerSettings) -> Client:
+    """A connection to the hub as ``admin``: the first connect bounded (``FIRST_TRIES``
+    within ``FIRST_CONNECT_S``), reconnects after it unbounded.
+
+    Raises:
+        FollowError: the hub cannot be reached, or the hub's users file cannot be read.
+    """
+    from mixer.hubfiles import local_users
+
+    url = settings.hub_url
+    unreachable = (f"cannot reach the hub at {url}: is the Mixer running? "
+                   f"(mixer status {data_dir})")
+    try:
+        password = local_users(data_dir)["admin"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise FollowError(f"cannot read the hub's admin password in {data_dir}: "
+                          f"{exc!r}") from None
+
+    async def quiet(exc: Exception) -> None:
+        """nats' default error callback logs a traceback per failed try; the outcome is
+        said once, by FollowError or by the records that follow."""
+
+    nc = Client()
+    try:
+        # max_reconnect_attempts is also the first connect's budget in nats-py (-1 would
+        # try forever): a small one here, unbounded once connected (below)
+        await asyncio.wait_for(
+            nc.connect(url, user="admin", password=password, connect_timeout=CONNECT_TIMEOUT_S,
+                       allow_reconnect=True, max_reconnect_attempts=FIRST_TRIES - 1,
+                       reconnect_time_wait=RECONNECT_WAIT_S, error_cb=quiet),
+            FIRST_CONNECT_S)
+    except Exception:  # refused, timed out, no servers left: all mean the same to a user
+        try:
+            await nc.close()
+        except Exception:  # a half-made connection may have nothing to close
+            pass
+        raise FollowError(unreachable) from None
+    # nats-py reads the option at each reconnect: from now on a lost hub is retried forever
+    nc.options["max_reconnect_attempts"] = -1
+    return nc
+
+
+__all__ = ["CONNECT_TIMEOUT_S", "FIRST_CONNECT_S", "FIRST_TRIES", "FollowError",
+           "RECONNECT_WAIT_S", "connect_hub", "follow_logs"]

@@ -83,7 +83,7 @@ class AuditSettings:
 class ForwardSettings:
     """Where the traces process forwards OTLP payloads (``traces.forward:``)."""
 
-    endpoint: str                       # http(s)://host:port[/base]; POSTs go to /v1/traces
+    endpoint: str                       # http(s)://host[:port][/base]; POSTs go to /v1/traces
     headers: tuple[tuple[str, str], ...] = ()
     queue: int = 1000
     timeout: float = 10.0
@@ -232,18 +232,13 @@ def _traces(raw: object, at: At) -> TracesSettings:
     if t.get("forward") is not None:
         fa = at.key("forward")
         f = dict(get_map(t["forward"], fa, ("endpoint", "headers", "queue", "timeout")))
-        endpoint = get_str(f, "endpoint", fa).rstrip("/")
-        parts = urlsplit(endpoint)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise fa.key("endpoint").error(
-                f"invalid URL {fa.key('endpoint').show(endpoint)} (expected http(s)://HOST[:PORT]"
-                f"[/PATH]: the OTLP/HTTP receiver; /v1/traces is added)")
         ha = fa.key("headers")
         headers = dict(get_map(f.get("headers") or {}, ha))
         for k in headers:
-            get_str(headers, k, ha)
+            _header(headers, k, ha)
         forward = ForwardSettings(
-            endpoint=endpoint, headers=tuple((k, str(v)) for k, v in headers.items()),
+            endpoint=_endpoint(get_str(f, "endpoint", fa), fa.key("endpoint")),
+            headers=tuple((k, str(v)) for k, v in headers.items()),
             queue=get_int(f, "queue", fa, 1000, minimum=1, maximum=1_000_000),
             timeout=get_duration(f, "timeout", fa, 10.0, minimum=0.1, exclusive=False,
                                  maximum=300.0))
@@ -255,6 +250,58 @@ def _traces(raw: object, at: At) -> TracesSettings:
                                    exclusive=False, maximum=86_400.0),
         retention=_days_or_duration(t, "retention", at, 14 * 86_400.0),
         forward=forward)
+
+
+OTLP_TRACES_PATH = "/v1/traces"
+# RFC 9110 field-name: a token
+_TCHAR = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyz"
+                   "ABCDEFGHIJKLMNOPQRSTUVWXYZ")
+
+
+def _endpoint(text: str, at: At) -> str:
+    """``traces.forward.endpoint`` checked: ``http(s)://HOST[:PORT][/PATH]``, the port in
+    range, no query or fragment; a trailing ``/v1/traces`` (the full URL, as some
+    collectors document it) is stripped, since it is added to every POST.
+
+    Raises:
+        ConfigError: anything else (the value shown, or its ``${VAR}`` when from the
+            environment).
+    """
+    expected = ("expected http(s)://HOST[:PORT][/PATH]: the OTLP/HTTP receiver; "
+                f"{OTLP_TRACES_PATH} is added")
+    endpoint = text.strip().rstrip("/")
+    parts = urlsplit(endpoint)
+    try:
+        port = parts.port
+    except ValueError:  # urllib's words for a port out of 0-65535 or not a number
+        port = -1
+    if port is not None and not 0 < port < 65536:
+        raise at.error(f"invalid URL {at.show(text)}: port out of range (expected 1-65535)")
+    if (parts.scheme not in ("http", "https") or not parts.hostname or parts.query
+            or parts.fragment or "?" in endpoint or "#" in endpoint):
+        raise at.error(f"invalid URL {at.show(text)} ({expected})")
+    if endpoint.endswith(OTLP_TRACES_PATH):
+        endpoint = endpoint.removesuffix(OTLP_TRACES_PATH).rstrip("/")
+    return endpoint
+
+
+def _header(headers: Mapping[str, object], key: str, at: At) -> str:
+    """One ``traces.forward.headers`` entry checked: the name a token, the value one line of
+    text (a CR or LF would end the header and start another: header injection; aiohttp
+    refuses it at the first POST, the rig's loader at start, so must we).
+
+    Raises:
+        ConfigError: a bad name or value (the value shown only when not from ``${VAR}``).
+    """
+    value = get_str(headers, key, at)
+    where = at.key(key)
+    if not isinstance(key, str) or not key or not set(key) <= _TCHAR:
+        raise where.error(f"invalid header name {key!r} (expected a token: letters, digits, "
+                          f"and !#$%&'*+-.^_`|~)")
+    if any(ch != "\t" and (ord(ch) < 0x20 or ord(ch) == 0x7F) for ch in value):
+        raise where.error(f"invalid header value {where.show(value)} (expected one line of "
+                          f"text: no CR, LF or other control character)")
+    return value
 
 
 def _tls_url(url: str) -> bool:

@@ -8,16 +8,30 @@ import json
 import shutil
 import sys
 from pathlib import Path
+from typing import Final
 
 from engine.units import parse_duration
 
+# ten years: beyond any retention worth having, and far inside the dates Python can show
+# (a larger window ran past year 1 and ended in a ValueError traceback)
+MAX_SINCE_DAYS: Final = 3650
 
-def since_seconds(text: str) -> float | None:
-    """``--since``: a duration (``30s``, ``10m``, ``1h``, ``2d``) in seconds, or None."""
+
+def since_seconds(text: str, option: str = "--since") -> float:
+    """``--since``: a duration (``30s``, ``10m``, ``1h``, ``2d``) in seconds, more than 0 and
+    at most ``MAX_SINCE_DAYS`` days.
+
+    Raises:
+        ValueError: anything else (the message names ``option`` and the rule).
+    """
     t = text.strip()
     seconds = (float(t[:-1]) * 86_400.0 if t.endswith("d") and t[:-1].isdigit()
                else parse_duration(t))
-    return seconds if seconds is not None and seconds > 0 else None
+    if seconds is None or seconds <= 0:
+        raise ValueError(f"invalid {option} {text!r} (expected a duration: 30s, 10m, 1h, 2d)")
+    if seconds > MAX_SINCE_DAYS * 86_400.0:
+        raise ValueError(f"invalid {option} {text!r} (at most {MAX_SINCE_DAYS}d)")
+    return seconds
 
 
 def run_traces(data_dir: Path, query: str, since: str, limit: int, as_json: bool) -> int:
@@ -26,10 +40,10 @@ def run_traces(data_dir: Path, query: str, since: str, limit: int, as_json: bool
     if not data_dir.is_dir():
         sys.stderr.write(f"error: not a hub data dir: {data_dir}\n")
         return 1
-    seconds = since_seconds(since)
-    if seconds is None:
-        sys.stderr.write(f"error: invalid --since {since!r} (expected a duration: 30s, 10m, "
-                         f"1h, 2d)\n")
+    try:
+        seconds = since_seconds(since)
+    except ValueError as exc:
+        sys.stderr.write(f"error: {exc}\n")
         return 2
     import duckdb
 
@@ -89,4 +103,4 @@ def quick_traces(argv: list[str]) -> bool:
     raise SystemExit(run_traces(Path(argv[1]), argv[2], since, limit, as_json))
 
 
-__all__ = ["quick_traces", "run_traces", "since_seconds"]
+__all__ = ["MAX_SINCE_DAYS", "quick_traces", "run_traces", "since_seconds"]

@@ -10,7 +10,15 @@ configured headers) with a timeout. The verdict on an answer is ``verdict`` (san
 * 429, 5xx, a connection error or a timeout: tried again after ``backoff(attempt)``
   (exponential from 0.5 s to 30 s, jittered; a ``Retry-After`` in seconds is honoured up to
   30 s), at most ``MAX_ATTEMPTS`` times, then dropped;
-* any other status (400: the collector will never take it): dropped at once.
+* any other status (400: the collector will never take it): dropped at once;
+* any other exception from a POST (aiohttp raises ``ValueError`` for a header it refuses):
+  that payload dropped at once, counted as ``errors``, logged rate-limited — a bug or a
+  setting no retry heals, which must not stop the sender.
+
+The sender task never dies of a payload: what ``_send`` does not decide is contained in
+``_run`` (counted, logged) and the loop goes on; should the HTTP session itself fail, a new
+one is made after ``MAX_DELAY``. ``close`` never raises, so the process's final report and
+writer shutdown always run.
 
 While it retries, new payloads wait in the queue; a full queue drops the newest (counted,
 logged rate-limited). Forwarding is best effort, like the traces themselves: the queue is
@@ -65,6 +73,7 @@ class ForwardStats:
     retried: int = 0
     dropped_full: int = 0
     dropped_failed: int = 0
+    errors: int = 0  # unexpected exceptions contained (their payloads dropped)
 
 
 class Forwarder:
@@ -95,21 +104,41 @@ class Forwarder:
         self._task = asyncio.create_task(self._run(), name="trace-forward")
 
     async def close(self) -> None:
-        """Stop the sender (what waits is dropped: best effort)."""
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        """Stop the sender (what waits is dropped: best effort). Never raises: a sender
+        that failed is logged, so the caller's shutdown goes on."""
+        if self._task is None:
+            return
+        self._task.cancel()
+        try:
+            await self._task
+        except asyncio.CancelledError:
+            pass
+        except Exception as exc:  # the caller's final report and shutdown must still run
+            log.error("trace forward sender failed: url=%s, error=%r", self.url, exc)
+
+    def _unexpected(self, what: str, exc: Exception) -> None:
+        """An exception nothing decided: counted and logged (rate-limited)."""
+        self.stats.errors += 1
+        RATELOG.error("forward-error", "trace forward error: url=%s, %s, error=%r, "
+                      "errors=%d", self.url, what, exc, self.stats.errors)
 
     async def _run(self) -> None:
         headers = {"Content-Type": "application/x-protobuf", **dict(self.settings.headers)}
         timeout = aiohttp.ClientTimeout(total=self.settings.timeout)
-        async with aiohttp.ClientSession(headers=headers, timeout=timeout) as session:
-            while True:
-                rack, payload = await self.queue.get()
-                await self._send(session, rack, payload)
+        while True:
+            try:
+                async with aiohttp.ClientSession(headers=headers, timeout=timeout) as session:
+                    while True:
+                        rack, payload = await self.queue.get()
+                        try:
+                            await self._send(session, rack, payload)
+                        except Exception as exc:  # one payload must not stop the sender
+                            self._unexpected(f"rack={rack}, bytes={len(payload)}", exc)
+                        finally:
+                            self.queue.task_done()
+            except Exception as exc:  # the session itself: a new one after a pause
+                self._unexpected("session failed", exc)
+                await asyncio.sleep(MAX_DELAY)
 
     async def _send(self, session: aiohttp.ClientSession, rack: str, payload: bytes) -> None:
         for attempt in range(1, MAX_ATTEMPTS + 1):
@@ -124,6 +153,10 @@ class Forwarder:
                     why = f"status {status}"
             except (aiohttp.ClientError, TimeoutError, OSError) as exc:
                 why = repr(exc)
+            except Exception as exc:  # no retry heals it (a refused header): drop, go on
+                self.stats.dropped_failed += 1
+                self._unexpected(f"rack={rack}, bytes={len(payload)}, dropped", exc)
+                return
             v = verdict(status)
             if v == DONE:
                 self.stats.sent += 1

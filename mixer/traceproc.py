@@ -9,6 +9,11 @@ and forget: nothing is acked, a message lost on the way (hub down, slow consumer
 * Each message is decoded on the event loop (``mixer.tracerows``: one row per trace per
   message; one row per log record). A payload that does not decode is counted and logged
   rate-limited with its rack and length; the process goes on.
+* A row's hour (its partition) is its own time (``mixer.tracerows``) only when that lies
+  within ``[now - traces.retention, now + 1 h]``; otherwise the hour it was received
+  (``partition_ns``; its own time stays in its columns; counted as ``misdated``). A rack
+  with a wrong clock, or a hostile one, thus adds at most the current hour, never a part per
+  distinct hour of its choosing nor a ``date=`` directory retention would never reach.
 * Rows wait in ``TelemetryBuffer`` (memory, per kind, rack and hour) and are written as one
   part per rack-hour when the oldest has waited ``traces.flush`` or when ``flush_rows``
   wait in all (``mixer.tracefiles.write_part``, in the writer thread, in order). A crash
@@ -64,6 +69,16 @@ TRACES_SUBJECT: Final = "fluxrig.traces.*"
 LOGS_SUBJECT: Final = "fluxrig.logs.*"
 
 Key = tuple[str, str, int]  # (kind, rack, hour start ns)
+FUTURE_SLACK_NS: Final = HOUR_NS  # a rack's clock may run this far ahead of the Mixer's
+
+
+def partition_ns(ts_ns: int, now_ns: int, retention_s: float) -> int:
+    """The time whose hour holds a row of time ``ts_ns`` received at ``now_ns``: ``ts_ns``
+    when it lies within ``[now_ns - retention, now_ns + 1 h]``, else ``now_ns`` (module
+    doc)."""
+    if now_ns - int(retention_s * 1e9) <= ts_ns <= now_ns + FUTURE_SLACK_NS:
+        return ts_ns
+    return now_ns
 
 
 @dataclass(slots=True)
@@ -109,10 +124,10 @@ class TraceStats:
     traces: int = 0
     logs: int = 0
     bad_traces: int = 0
-    bad_logs: int = 0
     bad_lines: int = 0
     parts: int = 0
     lost_rows: int = 0
+    misdated: int = 0  # rows stored in the hour received: their own time out of the window
 
     def line(self) -> str:
         """The counters as ``k=v``."""
@@ -132,11 +147,15 @@ class TracesPlan:
 class TraceShell:
     """The process's state, owned by the event loop."""
 
-    def __init__(self, plan: TracesPlan, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, plan: TracesPlan, clock: Callable[[], float] = time.monotonic,
+                 wall_ns: Callable[[], int] = time.time_ns):
+        """``clock``: seconds for the flush deadlines; ``wall_ns``: the time of day that
+        bounds a row's own time (``partition_ns``)."""
         self.plan = plan
         self.s = plan.settings
         self.root = Path(plan.data_dir)
         self.clock = clock
+        self.wall_ns = wall_ns
         self.buffer = TelemetryBuffer()
         self.stats = TraceStats()
         self.namer = PartNamer()
@@ -167,7 +186,7 @@ class TraceShell:
             return
         now = self.clock()
         for r in rows:
-            self.buffer.add(TRACES_DIR, rack, r.hour_ns, r.as_dict(), now)
+            self.buffer.add(TRACES_DIR, rack, self._partition(r.hour_ns), r.as_dict(), now)
         self.stats.traces += len(rows)
         if self.forward is not None:
             self.forward.offer(rack, msg.data)
@@ -178,13 +197,7 @@ class TraceShell:
         self.stats.messages += 1
         if rack is None:
             return
-        try:
-            rows, bad = log_rows(rack, msg.data)
-        except TelemetryDecodeError as exc:
-            self.stats.bad_logs += 1
-            RATELOG.warning(f"bad-logs-{rack}", "bad log payload: rack=%s, bytes=%d, error=%s, "
-                            "bad_logs=%d", rack, len(msg.data), exc, self.stats.bad_logs)
-            return
+        rows, bad = log_rows(rack, msg.data)  # never refuses a whole batch: bad lines only
         if bad:
             self.stats.bad_lines += bad
             RATELOG.warning(f"bad-lines-{rack}", "bad log lines skipped: rack=%s, bytes=%d, "
@@ -192,8 +205,16 @@ class TraceShell:
                             self.stats.bad_lines)
         now = self.clock()
         for r in rows:
-            self.buffer.add(LOGS_DIR, rack, r.ts, r.as_dict(), now)
+            self.buffer.add(LOGS_DIR, rack, self._partition(r.ts), r.as_dict(), now)
         self.stats.logs += len(rows)
+
+    def _partition(self, ts_ns: int) -> int:
+        """``partition_ns`` with the wall clock, a misdated row counted."""
+        now_ns = self.wall_ns()
+        at = partition_ns(ts_ns, now_ns, self.s.retention)
+        if at != ts_ns:
+            self.stats.misdated += 1
+        return at
 
     def tick(self, everything: bool = False) -> None:
         """Hand what is due to the writer thread."""
@@ -239,7 +260,8 @@ class TraceShell:
             if self.forward is not None:
                 f = self.forward.stats
                 extra = (f", forwarded={f.sent}, forward_retries={f.retried}, "
-                         f"forward_dropped={f.dropped_full + f.dropped_failed}")
+                         f"forward_dropped={f.dropped_full + f.dropped_failed}, "
+                         f"forward_errors={f.errors}")
             log.info("traces: %s%s", self.stats.line(), extra)
 
     async def drain(self) -> None:
@@ -288,7 +310,7 @@ async def traces_main(plan: TracesPlan, rt: Runtime | None, name: str,
         await close_quietly(nc)  # first: nothing new comes while the buffer is written
         await shell.drain()
         if shell.forward is not None:
-            await shell.forward.close()
+            await shell.forward.close()  # never raises: the report and shutdown below run
         shell.report()
         shell.writer.shutdown(wait=True)
         shell.keeper.shutdown(wait=False, cancel_futures=True)
@@ -299,5 +321,5 @@ def run_traces(plan: TracesPlan, rt: Runtime, name: str) -> None:
     asyncio.run(traces_main(plan, rt, name))
 
 
-__all__ = ["TelemetryBuffer", "TraceShell", "TraceStats", "TracesPlan", "run_traces",
-           "traces_main"]
+__all__ = ["FUTURE_SLACK_NS", "TelemetryBuffer", "TraceShell", "TraceStats", "TracesPlan",
+           "partition_ns", "run_traces", "traces_main"]

@@ -12,6 +12,12 @@ half-way) changes nothing.
 
 The connection may read the hub's ``traces/`` and ``logs/`` only, external access off and
 its configuration locked, as ``mixer audit query``'s.
+
+Rendering: every stored text is a rack's (span names, attribute values, log messages,
+logger and process names) and goes to a terminal, so each passes
+``engine.logutil.printable`` (control and format characters as ``\\xNN``/``\\uNNNN``): a
+rack can neither move the cursor, retitle the window nor forge a second line. A traceback
+keeps its lines, each made printable. ``--json`` needs none of this (JSON escapes).
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from typing import Final
 import duckdb
 import orjson
 
+from engine.logutil import printable
 from mixer.tracelayout import (
     HOUR_NS,
     LEVELS,
@@ -311,11 +318,11 @@ def clusters(traces: Sequence[TraceView]) -> list[list[TraceView]]:
 def _header(t: TraceView, width: int) -> list[str]:
     h = t.header
     ts = datetime.fromtimestamp(t.start_ns / 1e9, UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
-    fields = [f"trace {t.trace_id}", f"rack={t.rack}",
+    fields = [f"trace {printable(t.trace_id)}", f"rack={printable(t.rack)}",
               f"total={(t.end_ns - t.start_ns) / 1e6:.2f} ms", f"at={ts}Z"]
     for c in ("token", "terminal", "stan", "mti", "de39", "outcome", "keep"):
         if h.get(c) is not None:
-            fields.append(f"{c}={h[c]}")
+            fields.append(f"{c}={printable(str(h[c]))}")
     lines = [fields[0]]
     for f in fields[1:]:  # wrapped to the terminal, continuation lines indented
         if len(lines[-1]) + 2 + len(f) > width:
@@ -334,11 +341,12 @@ def waterfall(traces: Sequence[TraceView], width: int = 100) -> str:
     for group in clusters(traces):
         t0 = min(t.start_ns for t in group)
         total = max(max(t.end_ns for t in group) - t0, 1)
+        names = {id(s): printable(s.name) for t in group for s in t.spans}
         whos = {(s.rack, s.process) for t in group for s in t.spans}
         show_who = len(whos) > 1
-        name_w = min(max((2 * s.depth + len(s.name) for t in group for s in t.spans),
+        name_w = min(max((2 * s.depth + len(names[id(s)]) for t in group for s in t.spans),
                          default=10), 40)
-        who_w = max((len(f"{r}/{p or '-'}") for r, p in whos), default=0) if show_who else 0
+        who_w = max((len(_who(r, p)) for r, p in whos), default=0) if show_who else 0
         bar_w = max(width - (2 + name_w + 2 + 9 + 1 + 9 + 2 + 2) - (who_w + 2 if show_who
                                                                      else 0), 10)
         if len(group) > 1:
@@ -352,16 +360,21 @@ def waterfall(traces: Sequence[TraceView], width: int = 100) -> str:
                 a = min(int(off / total * bar_w), bar_w - 1)
                 b = max(a + 1, min(round((off + dur) / total * bar_w), bar_w))
                 bar = " " * a + "█" * (b - a) + " " * (bar_w - b)
-                label = ("  " * s.depth + s.name)[:name_w]
+                label = ("  " * s.depth + names[id(s)])[:name_w]
                 line = (f"  {label:<{name_w}}  {off / 1e6:>7.2f}ms {dur / 1e6:>7.2f}ms  "
                         f"|{bar}|")
                 if show_who:
-                    line += f"  {s.rack}/{s.process or '-'}"
+                    line += f"  {_who(s.rack, s.process)}"
                 if s.status == "ERROR":
                     line += "  !error"
                 out.append(line)
             out.append("")
     return "\n".join(out)
+
+
+def _who(rack: str, process: str | None) -> str:
+    """``rack/process`` as a waterfall line shows it (printable)."""
+    return printable(f"{rack}/{process or '-'}")
 
 
 # --- logs ------------------------------------------------------------------------------------
@@ -428,11 +441,13 @@ def read_logs(con: duckdb.DuckDBPyConnection, root: Path, since_ns: int, now_ns:
 
 
 def log_line(r: LogRecord) -> str:
-    """``ts level rack process logger: msg`` (the traceback indented below)."""
+    """``ts level rack process logger: msg`` (the traceback indented below, one line of it
+    per line): every stored text printable (module doc), so a record's header is one line."""
     ts = datetime.fromtimestamp(r.ts / 1e9, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3]
-    line = f"{ts}Z {r.level:<8} {r.rack} {r.process} {r.logger}: {r.msg}"
+    line = (f"{ts}Z {printable(r.level):<8} {printable(r.rack)} {printable(r.process)} "
+            f"{printable(r.logger)}: {printable(r.msg)}")
     if r.exc:
-        line += "\n" + "\n".join("    " + x for x in r.exc.rstrip("\n").split("\n"))
+        line += "\n" + "\n".join("    " + printable(x) for x in r.exc.rstrip().splitlines())
     return line
 
 

@@ -19,7 +19,16 @@ first span's start: so a lookup by trace id opens one hour directory.
 
 Every text stored passes ``engine.masking.mask_card_numbers`` (a Luhn-valid run of 13-19
 digits is masked): a last guard should a gear put a clear card number in a span name, an
-attribute or a log message. Ids (trace, span) are hex, never masked: they are not text.
+attribute or a log message. A text is masked *before* it is cut to its stored length, so a
+card number straddling the cut is never kept half clear; numbers that hold a card number
+(an integer, an integral float) are stored as its masked text; a bytes attribute is stored
+as hex, masked both as the text its bytes spell and as the hex digits (a BCD-packed card
+number *is* its digits in hex). Ids (trace, span) are hex, never masked: they are not text.
+
+Times are int64 ns in the files; a time beyond int64 (a protobuf ``fixed64``, a JSON
+number) is clamped to its range, so one hostile value cannot cost the part it would sit in.
+A log batch is decoded with invalid UTF-8 bytes replaced (U+FFFD), so one bad byte costs
+neither its record nor its neighbours.
 """
 
 from __future__ import annotations
@@ -49,6 +58,15 @@ _KINDS: Final = {Span.SPAN_KIND_INTERNAL: "INTERNAL", Span.SPAN_KIND_SERVER: "SE
                  Span.SPAN_KIND_CONSUMER: "CONSUMER"}
 _STATUS: Final = {Status.STATUS_CODE_OK: "OK", Status.STATUS_CODE_ERROR: "ERROR"}
 MAX_TEXT: Final = 16_384  # characters kept of one log message or traceback
+MAX_NAME: Final = 256     # characters kept of a logger or process name
+# masked before the cut: what a number straddling the cut needs past it (19 digits and
+# their separators are at most 37 characters, with room for the forms masking may add)
+MASK_SLACK: Final = 64
+I64_MIN: Final = -(2**63)
+I64_MAX: Final = 2**63 - 1
+# below 2**53 every integer is a float exactly; above it a float's digits are not the
+# number that was sent, so a Luhn check of them says nothing
+_EXACT_FLOAT: Final = 2**53
 
 
 class TelemetryDecodeError(ValueError):
@@ -96,16 +114,53 @@ class LogRow:
                 "process": self.process, "msg": self.msg, "exc": self.exc}
 
 
+def clamp_i64(value: int) -> int:
+    """``value`` within the int64 range of the files' time columns."""
+    return min(max(value, I64_MIN), I64_MAX)
+
+
+def masked_cut(text: str, limit: int) -> str:
+    """``text`` masked, then cut to ``limit`` characters (masking first: a card number that
+    straddles the cut is masked whole; only ``MASK_SLACK`` past the cut is scanned)."""
+    return mask_card_numbers(text[:limit + MASK_SLACK])[:limit]
+
+
+def _masked_number(value: int | float) -> object:
+    """A number that may be a card number: its masked digits when it is one (an integer, or
+    an integral float, of 13-19 digits that passes Luhn; an integral float too large to be
+    exact is masked whatever its digits), else ``value`` unchanged."""
+    if isinstance(value, float):
+        if not value.is_integer() or not 1e12 <= abs(value) < 1e19:
+            return value
+        whole = int(abs(value))
+        digits = str(whole)
+        if whole >= _EXACT_FLOAT:
+            return mask_digits(digits)
+    else:
+        digits = str(abs(value))
+    if 13 <= len(digits) <= 19 and luhn_valid(digits):
+        return mask_digits(digits)
+    return value
+
+
+def masked_bytes(data: bytes) -> str:
+    """A bytes attribute as stored: hex, with any card number masked — spelled in the
+    bytes (ASCII digits: the masked positions become ``*``, hex ``2a``) or packed in them
+    (BCD: the hex text is the digits)."""
+    text = data.decode("latin-1")
+    spelled = mask_card_numbers(text)
+    if spelled != text:
+        data = spelled.encode("latin-1", "replace")
+    return mask_card_numbers(data.hex())
+
+
 def _masked(value: object) -> object:
-    """An attribute value with card numbers masked: text by ``mask_card_numbers``, an
-    integer that is a Luhn-valid 13-19 digit number as its masked text."""
+    """An attribute value with card numbers masked: text by ``mask_card_numbers``, a number
+    that is a card number as its masked text (``_masked_number``)."""
     if isinstance(value, str):
         return mask_card_numbers(value)
-    if isinstance(value, int) and not isinstance(value, bool):
-        digits = str(abs(value))
-        if 13 <= len(digits) <= 19 and luhn_valid(digits):
-            return mask_digits(digits)
-        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return _masked_number(value)
     if isinstance(value, list):
         return [_masked(v) for v in value]
     if isinstance(value, dict):
@@ -124,7 +179,7 @@ def any_value(v: AnyValue) -> object:
     if which == "kvlist_value":
         return attributes(v.kvlist_value.values)
     if which == "bytes_value":
-        return v.bytes_value.hex()
+        return masked_bytes(v.bytes_value)
     return _masked(getattr(v, which))
 
 
@@ -179,8 +234,9 @@ def span_json(span: Span, process: str | None) -> dict[str, object]:
 def _row(rack: str, tid: bytes, spans: list[tuple[Span, str | None]]) -> TraceRow:
     docs = [span_json(s, p) for s, p in spans]
     root = next((i for i, (s, _) in enumerate(spans) if not s.parent_span_id), None)
-    start = min(s.start_time_unix_nano for s, _ in spans)
-    end = max(max(s.end_time_unix_nano, s.start_time_unix_nano) for s, _ in spans)
+    # fixed64 on the wire: a time past int64 would make the part unwritable
+    start = clamp_i64(min(s.start_time_unix_nano for s, _ in spans))
+    end = clamp_i64(max(max(s.end_time_unix_nano, s.start_time_unix_nano) for s, _ in spans))
     cols: dict[str, str | None] = dict.fromkeys((c for c, _ in ROOT_COLUMNS))
     name = None
     process = spans[0][1]
@@ -200,16 +256,11 @@ def _row(rack: str, tid: bytes, spans: list[tuple[Span, str | None]]) -> TraceRo
 
 def log_rows(rack: str, payload: bytes) -> tuple[list[LogRow], int]:
     """The records of one ``fluxrig.logs.<rack>`` message (JSON lines) and how many lines
-    were not a record (skipped: one bad line does not cost its neighbours).
-
-    Raises:
-        TelemetryDecodeError: not UTF-8 text.
-    """
-    try:
-        text = payload.decode()
-    except UnicodeDecodeError as exc:
-        raise TelemetryDecodeError(f"not UTF-8 text: {exc.reason} at byte {exc.start}") \
-            from None
+    were not a record (skipped: one bad line does not cost its neighbours). Invalid UTF-8
+    bytes are replaced by U+FFFD (UTF-8 resynchronises at the next character, so a bad byte
+    spoils only the text it sits in): the record is kept, or, when the damage is in its
+    JSON syntax, that line alone is skipped."""
+    text = payload.decode(errors="replace")
     rows: list[LogRow] = []
     bad = 0
     for line in _lines(text):
@@ -239,13 +290,14 @@ def _log_row(rack: str, line: str) -> LogRow | None:
         return None
     level = str(doc.get("level", "INFO")).upper()
     exc = doc.get("exc")
-    return LogRow(rack=rack, ts=ts, level=level if level in LEVELS else "INFO",
-                  logger=mask_card_numbers(str(doc.get("logger", "")))[:256],
-                  process=mask_card_numbers(str(doc.get("process", "")))[:256],
-                  msg=mask_card_numbers(msg[:MAX_TEXT]),
-                  exc=mask_card_numbers(str(exc)[:MAX_TEXT]) if exc else None)
+    return LogRow(rack=rack, ts=clamp_i64(ts), level=level if level in LEVELS else "INFO",
+                  logger=masked_cut(str(doc.get("logger", "")), MAX_NAME),
+                  process=masked_cut(str(doc.get("process", "")), MAX_NAME),
+                  msg=masked_cut(msg, MAX_TEXT),
+                  exc=masked_cut(str(exc), MAX_TEXT) if exc else None)
 
 
-__all__ = ["DAY_NS", "LEVELS", "LOG_COLUMNS", "LogRow", "ROOT_COLUMNS", "TRACE_COLUMNS",
-           "TelemetryDecodeError", "TraceRow", "any_value", "attributes", "log_rows",
-           "span_json", "trace_id_bytes", "trace_rows", "uuid7_ns"]
+__all__ = ["DAY_NS", "I64_MAX", "I64_MIN", "LEVELS", "LOG_COLUMNS", "LogRow", "MASK_SLACK",
+           "MAX_NAME", "MAX_TEXT", "ROOT_COLUMNS", "TRACE_COLUMNS", "TelemetryDecodeError",
+           "TraceRow", "any_value", "attributes", "clamp_i64", "log_rows", "masked_bytes",
+           "masked_cut", "span_json", "trace_id_bytes", "trace_rows", "uuid7_ns"]

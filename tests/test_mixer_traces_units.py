@@ -119,8 +119,7 @@ def test_bad_log_lines_are_counted_and_their_neighbours_kept():
     good = log_batch("r", [{"msg": "one"}, {"msg": "two", "level": "WARNING"}]).decode()
     rows, bad = log_rows("r", (good + "{oops\n[1,2]\n{\"ts\": \"x\", \"msg\": 1}\n").encode())
     assert [r.msg for r in rows] == ["one", "two"] and rows[1].level == "WARNING" and bad == 3
-    with pytest.raises(TelemetryDecodeError, match="UTF-8"):
-        log_rows("r", b"\xff\xfe")
+    assert log_rows("r", b"\xff\xfe") == ([], 1)  # not UTF-8, not JSON: one bad line
 
 
 # --- parts, compaction, retention -------------------------------------------------------------
@@ -319,3 +318,215 @@ def test_the_process_housekeeping_compacts_closed_hours_and_applies_retention(tm
         shell.keeper.shutdown()
     assert [p.name.split("-")[0] for p in tmp_path.rglob("*.parquet")] == ["compact"]
     assert not list(tmp_path.glob("traces/rack=rack-a/date=2026-02-*"))
+
+
+# --- hostile racks (issue "Pipeline B") ---------------------------------------------------------
+
+# ESC sequences (retitle, clear, colour), BEL, NUL, DEL, a C1 CSI, CR/LF and a forged record
+# line after it, a bidi override
+EVIL = ("\x1b]0;PWNED\x07\x1b[2J\x1b[31mred\x00\x7f\x9b31m\r\n"
+        "2026-01-01T00:00:00.000Z CRITICAL rack-z supervisor fluxrig: forged\u202e")
+
+
+def _raw_controls(text: str) -> list[str]:
+    """The control/format characters of ``text`` other than the newlines between lines."""
+    import unicodedata
+
+    return [c for c in text if c != "\n" and unicodedata.category(c).startswith("C")]
+
+
+def test_stored_texts_reach_the_terminal_printable_one_line_per_record(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    from mixer.tracecli import run_traces
+    from mixer.tracequery import LogRecord, log_line
+
+    recs = [LogRecord(ts=T0, level="INFO", rack="rack-a", process=EVIL, logger=EVIL, msg=EVIL,
+                      exc=f"Traceback\n  {EVIL}\nValueError: x"),
+            LogRecord(ts=T0, level=EVIL, rack=EVIL, process="p", logger="l", msg="ok", exc=None)]
+    text = "\n".join(log_line(r) for r in recs)
+    assert not _raw_controls(text)
+    lines = text.split("\n")
+    assert [x for x in lines if not x.startswith("    ")] == [x for x in lines if "Z " in x[:25]]
+    assert len([x for x in lines if not x.startswith("    ")]) == 2  # one line per record
+    assert "    Traceback" in lines and "\\x1b]0;PWNED\\x07" in lines[0]
+    assert "\\x0d\\x0a2026-01-01" in lines[0] and "\\u202e" in lines[0]
+
+    t = switch_txn(T0, "4761739990010119", "T1", "000123")
+    t.spans[1].name = EVIL
+    t.spans[0].attributes.extend([kv("iso8583.de39", EVIL)])
+    _store(tmp_path, "rack-a", request(t.spans, "rack-a", process=EVIL), "part-1-1.parquet")
+    other = switch_txn(T0 + 10**6, "4761739990010119", "T1", "000123")  # two whos: shown
+    _store(tmp_path, "rack-b", request(other.spans, "rack-b"), "part-1-2.parquet")
+    assert run_traces(tmp_path, t.trace_id.hex(), "1h", 10, False) == 0
+    out = capsys.readouterr().out
+    assert not _raw_controls(out) and "\\x1b[2J" in out
+    assert sum(x.startswith("trace ") for x in out.split("\n")) == 1
+    assert not any(x.startswith("2026-01-01") for x in out.split("\n"))
+
+
+def test_a_card_number_across_the_cut_in_a_float_or_in_bytes_is_masked():
+    from mixer.tracerows import MAX_TEXT
+
+    for cut in range(1, 16):
+        line = orjson.dumps({"ts": 1, "msg": "x" * (MAX_TEXT - cut) + CLEAR_PAN,
+                             "logger": "y" * (256 - cut) + CLEAR_PAN})
+        row = log_rows("r", line)[0][0]
+        kept = "411111******1111"[:cut]  # masked whole, then cut
+        assert len(row.msg) == MAX_TEXT and row.msg.endswith(kept)
+        assert len(row.logger) == 256 and row.logger.endswith(kept)
+    from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
+
+    t = switch_txn(T0, "1", "T", "1")
+    t.spans[0].attributes.extend([
+        kv("f", float(CLEAR_PAN)), kv("f19", 4000000000000000006.0), kv("ratio", 0.5),
+        KeyValue(key="ascii", value=AnyValue(bytes_value=CLEAR_PAN.encode())),
+        KeyValue(key="bcd", value=AnyValue(bytes_value=bytes.fromhex(CLEAR_PAN))),
+        KeyValue(key="plain", value=AnyValue(bytes_value=b"\x01\x02"))])
+    attrs = orjson.loads(trace_rows("r", request(t.spans, "r"))[0].spans)[0]["attributes"]
+    assert attrs["f"] == "411111******1111" and attrs["ratio"] == 0.5
+    assert isinstance(attrs["f19"], str) and "*" in attrs["f19"]
+    assert attrs["bcd"] == "411111******1111" and attrs["plain"] == "0102"
+    assert bytes.fromhex(attrs["ascii"]) == b"411111******1111"
+
+
+def test_a_bad_utf8_byte_costs_no_neighbour():
+    batch = log_batch("r", [{"msg": "before"}, {"msg": "after"}])
+    bad = b'{"ts": 1, "msg": "file \xff\xfe.txt"}\n{"ts": 1, "msg": "x"\xff}\n'
+    rows, skipped = log_rows("r", bad + batch)
+    assert [r.msg for r in rows] == ["file \ufffd\ufffd.txt", "before", "after"]
+    assert skipped == 1  # the byte inside the JSON syntax: that line only
+
+
+def test_misdated_rows_go_to_the_hour_received_and_times_are_clamped(tmp_path: Path):
+    import asyncio
+    from types import SimpleNamespace
+
+    from mixer.traceproc import TraceShell, TracesPlan, partition_ns
+
+    day = 86_400 * 10**9
+    assert partition_ns(T0 - day, T0, 86_400.0) == T0 - day
+    assert partition_ns(T0 - day - 1, T0, 86_400.0) == T0
+    assert partition_ns(T0 + HOUR_NS, T0, 86_400.0) == T0 + HOUR_NS
+    assert partition_ns(T0 + HOUR_NS + 1, T0, 86_400.0) == T0
+    recs = [{"ts": T0 - h * HOUR_NS, "msg": f"h{h}"} for h in range(200)]
+    recs += [{"ts": t, "msg": "edge"} for t in (2**63 - 1, -2**63, 2**64 - 1, -1, T0 + day)]
+    t = switch_txn(T0 - 30 * day, "4761739990010119", "T1", "1")  # a v7 id 30 days old
+    shell = TraceShell(TracesPlan(data_dir=str(tmp_path), hub_url="nats://127.0.0.1:1",
+                                  password="x", settings=TracesSettings(retention=86_400.0)),
+                       clock=lambda: 0.0, wall_ns=lambda: T0)
+
+    async def feed() -> None:
+        logs = SimpleNamespace(subject="fluxrig.logs.rack-o", data=log_batch("rack-o", recs))
+        spans = SimpleNamespace(subject="fluxrig.traces.rack-o", data=request(t.spans, "rack-o"))
+        await shell.on_logs(logs)  # type: ignore[arg-type]
+        await shell.on_traces(spans)  # type: ignore[arg-type]
+        keys = set(shell.buffer.rows)
+        assert len(keys) == 25 + 1  # a day of hours, and the trace in the hour received
+        assert all(T0 - day - HOUR_NS < h <= T0 for _, _, h in keys)
+        await shell.drain()
+
+    try:
+        asyncio.run(feed())
+    finally:
+        shell.writer.shutdown()
+        shell.keeper.shutdown()
+    assert shell.stats.misdated == 200 - 25 + 5 + 1 and shell.stats.lost_rows == 0
+    assert "misdated=181" in shell.stats.line()
+    ts = sorted(pq.read_table(tmp_path / "logs").column("ts").to_pylist())
+    assert ts[0] == -2**63 and ts[-2:] == [2**63 - 1, 2**63 - 1]  # clamped, not lost
+    assert {p.name for p in tmp_path.glob("*/rack=*/date=*")} == {"date=2026-03-03",
+                                                                  "date=2026-03-04"}
+
+
+@pytest.mark.parametrize(("forward", "message"), [
+    ("{endpoint: 'http://c:4318', headers: {a: \"x\\r\\nB: 1\"}}",
+     "mixer.yaml: traces.forward.headers.a: invalid header value 'x\\r\\nB: 1' (expected one "
+     "line of text: no CR, LF or other control character)"),
+    ("{endpoint: 'http://c:4318', headers: {'a b': x}}", "traces.forward.headers.a b: "
+     "invalid header name"),
+    ("{endpoint: 'http://c:99999'}", "mixer.yaml: traces.forward.endpoint: invalid URL "
+     "'http://c:99999': port out of range (expected 1-65535)"),
+    ("{endpoint: 'http://c:0'}", "port out of range"),
+    ("{endpoint: 'http://c:4318/x?y=1'}", "traces.forward.endpoint: invalid URL"),
+])
+def test_a_bad_forward_header_or_endpoint_is_refused_with_its_key(forward: str, message: str):
+    with pytest.raises(ConfigError) as err:
+        parse_settings(yaml.safe_load(f"traces: {{forward: {forward}}}"), "mixer.yaml")
+    assert message in str(err.value)
+
+
+@pytest.mark.parametrize("endpoint", ["http://c:4318/v1/traces", "http://c:4318/v1/traces/",
+                                      "http://c:4318"])
+def test_a_trailing_v1_traces_is_stripped_from_the_endpoint(endpoint: str):
+    s = parse_settings({"traces": {"forward": {"endpoint": endpoint}}}, "mixer.yaml")
+    assert s.traces.forward is not None and s.traces.forward.endpoint == "http://c:4318"
+
+
+def test_the_forward_sender_outlives_an_unexpected_error_and_close_never_raises():
+    import asyncio
+
+    from mixer.traceforward import Forwarder
+
+    async def go() -> None:
+        async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.read(65536)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+            writer.close()
+
+        server = await asyncio.start_server(answer, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        # a header aiohttp refuses at each POST (ValueError), as settings once let through
+        f = Forwarder(ForwardSettings(endpoint=f"http://127.0.0.1:{port}",
+                                      headers=(("a", "x\r\nB: 1"),), queue=5, timeout=2.0))
+        f.start()
+        for _ in range(3):
+            f.offer("r", b"x")
+        await asyncio.wait_for(f.queue.join(), 10)
+        assert f._task is not None and not f._task.done()
+        assert (f.stats.errors, f.stats.dropped_failed, f.stats.sent) == (3, 3, 0)
+        await f.close()
+
+        async def boom() -> None:
+            raise RuntimeError("sender bug")
+
+        f._task = asyncio.create_task(boom())
+        await asyncio.sleep(0)
+        await f.close()  # logged, not raised
+        server.close()
+
+    asyncio.run(go())
+
+
+def test_follow_says_at_once_that_the_mixer_is_not_running(tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch):
+    import asyncio
+    import socket
+
+    import mixer.hubfiles
+    from mixer.logfollow import FIRST_CONNECT_S, FollowError, connect_hub
+    from mixer.settings import MixerSettings
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setattr(mixer.hubfiles, "local_users", lambda d: {"admin": "pw"})
+    t = time.monotonic()
+    with pytest.raises(FollowError) as err:
+        asyncio.run(connect_hub(tmp_path, MixerSettings(hub_port=port)))
+    assert time.monotonic() - t < FIRST_CONNECT_S + 1
+    assert str(err.value) == (f"cannot reach the hub at nats://127.0.0.1:{port}: is the Mixer "
+                              f"running? (mixer status {tmp_path})")
+
+
+@pytest.mark.parametrize(("since", "message"), [
+    ("99999999d", "error: invalid --since '99999999d' (at most 3650d)"),
+    ("3651d", "(at most 3650d)"), ("99999999h", "(at most 3650d)"),
+    ("soon", "error: invalid --since 'soon' (expected a duration"),
+])
+def test_an_unbounded_since_is_refused_with_exit_2(tmp_path: Path, since: str, message: str,
+                                                   capsys: pytest.CaptureFixture[str]):
+    from mixer.tracecli import run_traces, since_seconds
+
+    assert run_traces(tmp_path, "4761739990010119", since, 10, False) == 2
+    assert message in capsys.readouterr().err
+    assert since_seconds("3650d") == 3650 * 86_400.0

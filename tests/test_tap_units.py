@@ -253,3 +253,11 @@ def test_the_otlp_endpoint_is_checked_and_its_path_suffix_taken_off(tmp_path):
     for bad in ("http://c:99999", "http://c:4318?x=1", "ftp://c"):
         with pytest.raises(ConfigError, match="telemetry.otlp.endpoint"):
             load_config(rig(bad))
+
+
+def test_one_unencodable_record_costs_only_itself():
+    ship = LogShipper("r1", LogShipSettings(rate=100, burst=100))
+    recs = [("p", {"ts": 1, "level": "INFO", "logger": "l", "msg": "bad \udcff"}),
+            ("p", {"ts": 2, "level": "INFO", "logger": "l", "msg": "good"})]
+    lines = [orjson.loads(x) for x in ship.lines(recs, 1000.0).splitlines()]
+    assert [r["msg"] for r in lines][:1] == ["good"] and ship.dropped_total == 1
