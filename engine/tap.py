@@ -156,12 +156,14 @@ class Tracer:
     ``keep(...)``; when that gives a reason it calls ``emit``.
     """
 
-    __slots__ = ("settings", "tap", "_rand", "_window", "_kept", "_clock")
+    __slots__ = ("settings", "tap", "slow_ns", "_rand", "_window", "_kept", "_clock")
 
     def __init__(self, settings: TraceSettings, tap: Tap | None,
                  clock: object = time.monotonic):
         self.settings = settings
         self.tap = tap if settings.enabled else None
+        # slower than this (ns) keeps a transaction: callers test it before asking ``keep``
+        self.slow_ns = int(settings.slower_than * 1e9) if settings.slower_than else 1 << 62
         self._rand = random.random
         self._clock = clock
         self._window = 0.0

@@ -51,8 +51,6 @@ SAF = True  # the coat check run has store-and-forward on too (--no-saf: coat ch
 
 
 MIX = ["4761739001010119:0100:2500"]
-# --tracing: 2% declines (the issuer declines amounts >= 900000), which the keep rules keep
-TRACING_MIX = ["4761739001010119:0100:2500:49", "4761739001010119:0100:950000:1"]
 
 
 def _load(port: int, seconds: float, rate: float) -> dict:
@@ -220,6 +218,9 @@ def main() -> int:
     ap.add_argument("--tracing", action="store_true",
                     help="only fluxrig, tracing off vs 1%% sampling + keep rules vs 100%%, "
                          "alternating --repeat times (issue 'Pipeline B' bars)")
+    ap.add_argument("--declines", type=int, default=0, metavar="PCT",
+                    help="with --tracing: this share of requests declined by the issuer "
+                         "(kept by the keep rules); default 0: the switch bench's own load")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--quick", action="store_true",
                     help="at most 10 s at max rate and 5 s at 2,000 TPS (scripts/bench)")
@@ -342,7 +343,9 @@ TRACING_VARIANTS = (("off", {"enabled": False}),
 def tracing_main(args: argparse.Namespace) -> int:
     """Tracing off vs 1% + keep rules vs 100%, same run, alternating; medians."""
     global MIX
-    MIX = TRACING_MIX
+    if args.declines:  # the issuer declines amounts >= 900000 (kept by the keep rules)
+        MIX = [f"4761739001010119:0100:2500:{100 - args.declines}",
+               f"4761739001010119:0100:950000:{args.declines}"]
     issuer_port = free_port()
     issuer = start_issuer_simulator(["--port", str(issuer_port), "--rule", "4:900000=05",
                                      "--rule", "4=00"], 1)
@@ -370,8 +373,9 @@ def tracing_main(args: argparse.Namespace) -> int:
 
     off_tps, off_cpu = med("off", "tps"), med("off", "cpu")
     print(f"switch tracing benchmark: {args.seconds:.0f} s at max rate x {args.repeat} "
-          f"alternating runs per variant (medians), --workers {args.workers}, 2% declines "
-          f"(kept by the keep rules), coat check {'on' if args.coatcheck else 'off'}")
+          f"alternating runs per variant (medians), --workers {args.workers}, "
+          f"{args.declines}% declines (kept by the keep rules), coat check "
+          f"{'on' if args.coatcheck else 'off'}")
     print(f"{'tracing':<18} {'TPS':>8} {'CPU us/txn':>10} {'TPS ratio':>9} {'CPU ratio':>9} "
           f"{'p99 ms':>7} {'lost':>5}")
     table = {}
@@ -398,6 +402,7 @@ def tracing_main(args: argparse.Namespace) -> int:
     if args.json:
         args.json.write_text(json.dumps({
             "benchmark": "switch_tracing", "seconds": args.seconds, "repeat": args.repeat,
+            "declines_pct": args.declines,
             "workers": args.workers, "variants": table, "bars": bars,
             "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0],
                         "platform": platform.platform()},
