@@ -9,9 +9,11 @@ separators kept; so is one in any script's digits, and one inside a longer run o
 that it starts or ends or that puts a two-digit length before it (DE2 as sent: ``16`` + the
 PAN). Plain runs are masked first, so a number beside a card number (``0 4761...``) is never
 merged into it. A 19-digit run starting ``17`` (a nanosecond time until 2033) is masked
-only when it is Luhn-valid as a whole, not as a length and a 17-digit card number. Tokens (``gears.coatcheck.make_token``) fail the Luhn check on purpose, so they
-pass unchanged; one run of random digits in ten passes Luhn and is masked too: a false
-positive costs a few digits of a log line, a false negative a card number.
+only when it is Luhn-valid as a whole, not as a length and a 17-digit card number.
+
+Tokens (``gears.coatcheck.make_token``) fail the Luhn check on purpose, so they pass
+unchanged; one run of random digits in ten passes Luhn and is masked too: a false positive
+costs a few digits of a log line, a false negative a card number.
 """
 
 from __future__ import annotations
