@@ -17,8 +17,10 @@ retried for as long as the user follows (a Mixer restart is bridged).
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Final
 
@@ -70,31 +72,45 @@ async def _follow(data_dir: Path, settings: MixerSettings, rack: str | None,
                                       logger=r.logger, msg=r.msg, exc=r.exc))
 
     loop = asyncio.get_running_loop()
+    # Ctrl-C / SIGTERM end the follow through an event, not by cancelling whatever runs:
+    # an interrupt landing in the nats client's tasks or a Parquet read must not leave the
+    # process waiting on them (once seen in CI: 10 s and no exit)
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    reader = ThreadPoolExecutor(1, thread_name_prefix="logs-read")
+    stopped = asyncio.ensure_future(stop.wait())
     try:
         await nc.subscribe(f"fluxrig.logs.{rack or '*'}", cb=on_msg)
         await nc.flush()  # the server has the subscription: what comes next is held
         t_sub = time.time_ns()
         printed: set[tuple[object, ...]] = set()
-        for r in await loop.run_in_executor(None, stored, 0):
+        for r in await loop.run_in_executor(reader, stored, 0):
             printed.add(r.key())
             show(r)
         # the traces process's buffer at the subscription is on disk after one flush
         flush = settings.traces.flush
         catch_up: float | None = loop.time() + flush + 1.5
         live_seen: set[tuple[object, ...]] = set()
-        while True:
-            try:
-                timeout = None if catch_up is None else max(catch_up - loop.time(), 0.0)
-                r = await asyncio.wait_for(live.get(), timeout)
-            except TimeoutError:
+        while not stop.is_set():
+            timeout = None if catch_up is None else max(catch_up - loop.time(), 0.0)
+            got = asyncio.ensure_future(live.get())
+            await asyncio.wait((got, stopped), timeout=timeout,
+                               return_when=asyncio.FIRST_COMPLETED)
+            if stop.is_set():
+                got.cancel()
+                break
+            if not got.done():  # the catch-up moment
+                got.cancel()
                 since = t_sub - int((2 * flush + 5) * 1e9)
-                for r in await loop.run_in_executor(None, stored, since):
+                for r in await loop.run_in_executor(reader, stored, since):
                     if r.key() not in printed and r.key() not in live_seen:
                         show(r)
                 catch_up = None
                 printed.clear()
                 live_seen.clear()
                 continue
+            r = got.result()
             if r.key() in printed:
                 continue
             if catch_up is not None:
@@ -102,7 +118,12 @@ async def _follow(data_dir: Path, settings: MixerSettings, rack: str | None,
             if record_matches(r, levels, grep):
                 show(r)
     finally:
-        await nc.close()
+        stopped.cancel()
+        reader.shutdown(wait=False, cancel_futures=True)
+        try:
+            await asyncio.wait_for(nc.close(), 2.0)
+        except Exception:  # leaving anyway: the hub forgets a dead subscriber by itself
+            pass
 
 
 async def connect_hub(data_dir: Path, settings: MixerSettings) -> Client:
