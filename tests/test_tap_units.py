@@ -28,18 +28,13 @@ from engine.traceexport import (
 PAN = "4761739001010119"
 
 
-def test_log_records_are_tapped_masked_and_filtered_by_level(shm_name):
+def _tapped_logs(shm_name, level: str, log) -> list[tuple[str, dict]]:
+    """What ``log(logger)`` ships through a real tap ring with the handler at ``level``."""
     ring = Ring.create(shm_name("tap"), 1 << 16, KIND_TAP, doorbells=False)
     counters = Counters.create(shm_name("c"))
-    handler = install_log_tap(Tap(ring, counters), LogShipSettings(level="warning"))
-    logger = logging.getLogger("fluxrig.test.tap")
+    handler = install_log_tap(Tap(ring, counters), LogShipSettings(level=level))
     try:
-        logger.info("below the level: %s", PAN)
-        logger.warning("a card %s in a message", PAN)
-        try:
-            raise ValueError(f"bad field {PAN}")
-        except ValueError:
-            logger.exception("with a traceback")
+        log(logging.getLogger("fluxrig.test.tap"))
         reader = TapReader([{"name": "p.g.0", "tap": ring.segment.name}])
         got = reader.poll()
         reader.close()
@@ -47,10 +42,23 @@ def test_log_records_are_tapped_masked_and_filtered_by_level(shm_name):
         logging.getLogger().removeHandler(handler)
         ring.close()
         counters.close()
-    msgs = [doc["msg"] for _, doc in got.logs]
+    return got.logs
+
+
+def test_log_records_are_tapped_masked_and_filtered_by_level(shm_name):
+    def log(logger: logging.Logger) -> None:
+        logger.info("below the level: %s", PAN)
+        logger.warning("a card %s in a message", PAN)
+        try:
+            raise ValueError(f"bad field {PAN}")
+        except ValueError:
+            logger.exception("with a traceback")
+
+    logs = _tapped_logs(shm_name, "warning", log)
+    msgs = [doc["msg"] for _, doc in logs]
     assert msgs == ["a card 476173******0119 in a message", "with a traceback"]
-    assert PAN not in str(got.logs) and "476173******0119" in got.logs[1][1]["exc"]
-    assert all(p == "p.g.0" for p, _ in got.logs)
+    assert PAN not in str(logs) and "476173******0119" in logs[1][1]["exc"]
+    assert all(p == "p.g.0" for p, _ in logs)
 
 
 def test_a_full_tap_counts_dropped_log_records(shm_name):
@@ -179,21 +187,11 @@ def test_more_card_number_forms_are_masked():
 def test_a_log_call_never_raises_and_a_card_across_the_cut_is_masked(shm_name):
     from engine.tap import MAX_LOG_TEXT
 
-    ring = Ring.create(shm_name("tap"), 1 << 16, KIND_TAP, doorbells=False)
-    counters = Counters.create(shm_name("c"))
-    handler = install_log_tap(Tap(ring, counters), LogShipSettings(level="info"))
-    logger = logging.getLogger("fluxrig.test.tap2")
-    try:
+    def log(logger: logging.Logger) -> None:
         logger.warning("file %s", "bad-\udcff-name")  # a lone surrogate: undecodable path
         logger.warning("x" * (MAX_LOG_TEXT - 8) + PAN)  # the card number across the cut
-        reader = TapReader([{"name": "p", "tap": ring.segment.name}])
-        got = reader.poll()
-        reader.close()
-    finally:
-        logging.getLogger().removeHandler(handler)
-        ring.close()
-        counters.close()
-    msgs = [doc["msg"] for _, doc in got.logs]
+
+    msgs = [doc["msg"] for _, doc in _tapped_logs(shm_name, "info", log)]
     assert msgs[0] == "file bad-\\udcff-name"
     assert len(msgs[1]) == MAX_LOG_TEXT
     assert PAN[:13] not in msgs[1] and msgs[1].endswith("476173**")
