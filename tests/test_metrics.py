@@ -427,7 +427,10 @@ def test_a_switch_rack_scrape_follows_the_conventions_and_feeds_the_dashboard(tm
     assert value(text, "fluxrig_iso8583_answers_total", de39="00") == 6
     assert value(text, "fluxrig_frames_out_total", process="egress") == 10
     assert value(text, "fluxrig_ring_fill_ratio", process="egress") is not None
-    assert value(text, "fluxrig_process_cpu_seconds_total", role="source") > 0
+    # every process has its CPU counter; a switch that answered 10 requests may still be
+    # under one 10 ms clock tick (a CI run saw 0.0), telemetry never is
+    assert value(text, "fluxrig_process_cpu_seconds_total", role="source") >= 0
+    assert value(text, "fluxrig_process_cpu_seconds_total", process="telemetry") > 0
     assert value(text, "fluxrig_process_resident_memory_bytes", process="telemetry") > 0
     assert types["fluxrig_process_cpu_seconds_total"] == "counter"
     assert types["fluxrig_latency_seconds"] == "histogram"
