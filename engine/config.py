@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import os
 import re
-import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +42,8 @@ from engine.schema import (  # noqa: F401 - ConfigError and At are part of this 
     At,
     ConfigError,
     _type_name,
+    get_http_header,
+    get_otlp_endpoint,
 )
 from engine.streams import StreamConfig, subject_matches
 from engine.tap import LogShipSettings, TraceSettings
@@ -279,33 +280,14 @@ def _telemetry(r: Reader, rack_id: str) -> TelemetryConfig:
     otlp = None
     if r.given("otlp"):
         o = r.section("otlp")
-        headers = {}
-        for k, v in o.mapping("headers").items():
-            if not isinstance(v, str) or not v or "\n" in v or "\r" in v:
-                raise o.where("headers").key(str(k)).error(
-                    "expected a header value (one line of text)")
-            headers[str(k)] = v
-        otlp = OtlpConfig(endpoint=_otlp_endpoint(o), headers=headers,
-                          timeout=o.seconds("timeout"))
+        raw = o.mapping("headers")
+        headers = {str(k): get_http_header(raw, k, o.where("headers")) for k in raw}
+        otlp = OtlpConfig(endpoint=get_otlp_endpoint(o.string("endpoint"), o.where("endpoint")),
+                          headers=headers, timeout=o.seconds("timeout"))
     return TelemetryConfig(interval=r.seconds("interval"), prometheus_host=prom_host,
                            prometheus_port=prom_port,
                            subject=r.string("subject", default=f"fluxrig.stats.{rack_id}"),
                            traces=traces, logs=logs, otlp=otlp)
-
-
-def _otlp_endpoint(o: Reader) -> str:
-    """The collector's base URL: a port in range, a trailing ``/v1/traces`` taken off (the
-    exporter adds it)."""
-    text = o.string("endpoint").rstrip("/")
-    try:
-        url = urllib.parse.urlsplit(text)
-        port = url.port
-    except ValueError as exc:
-        raise o.where("endpoint").error(f"expected an http(s) URL: {exc}") from None
-    if not url.hostname or url.query or url.fragment or (port is not None and port == 0):
-        raise o.where("endpoint").error(
-            "expected http(s)://host[:port][/path] with no query or fragment")
-    return text.removesuffix("/v1/traces").rstrip("/")
 
 
 def _egress(r: Reader) -> EgressConfig:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import re
+import urllib.parse
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -235,3 +236,57 @@ def get_list(m: Mapping[str, Any], key: str, at: At, required: bool = False) -> 
     if not isinstance(value, list):
         raise at.key(key).error(f"expected a list, got {_type_name(value)}")
     return value
+OTLP_TRACES_PATH = "/v1/traces"
+# RFC 9110 field-name: a token
+_TCHAR = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyz"
+                   "ABCDEFGHIJKLMNOPQRSTUVWXYZ")
+
+
+def get_otlp_endpoint(text: str, at: At) -> str:
+    """An OTLP/HTTP collector URL checked (``telemetry.otlp.endpoint``, ``traces.forward.
+    endpoint``): ``http(s)://HOST[:PORT][/PATH]``, the port in
+    range, no query or fragment; a trailing ``/v1/traces`` (the full URL, as some
+    collectors document it) is stripped, since it is added to every POST.
+
+    Raises:
+        ConfigError: anything else (the value shown, or its ``${VAR}`` when from the
+            environment).
+    """
+    expected = ("expected http(s)://HOST[:PORT][/PATH]: the OTLP/HTTP receiver; "
+                f"{OTLP_TRACES_PATH} is added")
+    endpoint = text.strip().rstrip("/")
+    parts = urllib.parse.urlsplit(endpoint)
+    try:
+        port = parts.port
+    except ValueError:  # urllib's words for a port out of 0-65535 or not a number
+        port = -1
+    if port is not None and not 0 < port < 65536:
+        raise at.error(f"invalid URL {at.show(text)}: port out of range (expected 1-65535)")
+    if (parts.scheme not in ("http", "https") or not parts.hostname or parts.query
+            or parts.fragment or "?" in endpoint or "#" in endpoint):
+        raise at.error(f"invalid URL {at.show(text)} ({expected})")
+    if endpoint.endswith(OTLP_TRACES_PATH):
+        endpoint = endpoint.removesuffix(OTLP_TRACES_PATH).rstrip("/")
+    return endpoint
+
+
+def get_http_header(headers: Mapping[str, object], key: str, at: At) -> str:
+    """One HTTP header of a setting checked: the name a token, the value one line of
+    text (a CR or LF would end the header and start another: header injection; aiohttp
+    would refuse it only at the first request).
+
+    Raises:
+        ConfigError: a bad name or value (the value shown only when not from ``${VAR}``).
+    """
+    value = get_str(headers, key, at)
+    where = at.key(key)
+    if not isinstance(key, str) or not key or not set(key) <= _TCHAR:
+        raise where.error(f"invalid header name {key!r} (expected a token: letters, digits, "
+                          f"and !#$%&'*+-.^_`|~)")
+    if any(ch != "\t" and (ord(ch) < 0x20 or ord(ch) == 0x7F) for ch in value):
+        raise where.error(f"invalid header value {where.show(value)} (expected one line of "
+                          f"text: no CR, LF or other control character)")
+    return value
+
+
+

@@ -58,9 +58,11 @@ from engine.schema import (
     ConfigError,
     get_bool,
     get_duration,
+    get_http_header,
     get_int,
     get_list,
     get_map,
+    get_otlp_endpoint,
     get_str,
 )
 from engine.yamlfile import load_yaml
@@ -235,9 +237,9 @@ def _traces(raw: object, at: At) -> TracesSettings:
         ha = fa.key("headers")
         headers = dict(get_map(f.get("headers") or {}, ha))
         for k in headers:
-            _header(headers, k, ha)
+            get_http_header(headers, k, ha)
         forward = ForwardSettings(
-            endpoint=_endpoint(get_str(f, "endpoint", fa), fa.key("endpoint")),
+            endpoint=get_otlp_endpoint(get_str(f, "endpoint", fa), fa.key("endpoint")),
             headers=tuple((k, str(v)) for k, v in headers.items()),
             queue=get_int(f, "queue", fa, 1000, minimum=1, maximum=1_000_000),
             timeout=get_duration(f, "timeout", fa, 10.0, minimum=0.1, exclusive=False,
@@ -250,58 +252,6 @@ def _traces(raw: object, at: At) -> TracesSettings:
                                    exclusive=False, maximum=86_400.0),
         retention=_days_or_duration(t, "retention", at, 14 * 86_400.0),
         forward=forward)
-
-
-OTLP_TRACES_PATH = "/v1/traces"
-# RFC 9110 field-name: a token
-_TCHAR = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyz"
-                   "ABCDEFGHIJKLMNOPQRSTUVWXYZ")
-
-
-def _endpoint(text: str, at: At) -> str:
-    """``traces.forward.endpoint`` checked: ``http(s)://HOST[:PORT][/PATH]``, the port in
-    range, no query or fragment; a trailing ``/v1/traces`` (the full URL, as some
-    collectors document it) is stripped, since it is added to every POST.
-
-    Raises:
-        ConfigError: anything else (the value shown, or its ``${VAR}`` when from the
-            environment).
-    """
-    expected = ("expected http(s)://HOST[:PORT][/PATH]: the OTLP/HTTP receiver; "
-                f"{OTLP_TRACES_PATH} is added")
-    endpoint = text.strip().rstrip("/")
-    parts = urlsplit(endpoint)
-    try:
-        port = parts.port
-    except ValueError:  # urllib's words for a port out of 0-65535 or not a number
-        port = -1
-    if port is not None and not 0 < port < 65536:
-        raise at.error(f"invalid URL {at.show(text)}: port out of range (expected 1-65535)")
-    if (parts.scheme not in ("http", "https") or not parts.hostname or parts.query
-            or parts.fragment or "?" in endpoint or "#" in endpoint):
-        raise at.error(f"invalid URL {at.show(text)} ({expected})")
-    if endpoint.endswith(OTLP_TRACES_PATH):
-        endpoint = endpoint.removesuffix(OTLP_TRACES_PATH).rstrip("/")
-    return endpoint
-
-
-def _header(headers: Mapping[str, object], key: str, at: At) -> str:
-    """One ``traces.forward.headers`` entry checked: the name a token, the value one line of
-    text (a CR or LF would end the header and start another: header injection; aiohttp
-    refuses it at the first POST, the rig's loader at start, so must we).
-
-    Raises:
-        ConfigError: a bad name or value (the value shown only when not from ``${VAR}``).
-    """
-    value = get_str(headers, key, at)
-    where = at.key(key)
-    if not isinstance(key, str) or not key or not set(key) <= _TCHAR:
-        raise where.error(f"invalid header name {key!r} (expected a token: letters, digits, "
-                          f"and !#$%&'*+-.^_`|~)")
-    if any(ch != "\t" and (ord(ch) < 0x20 or ord(ch) == 0x7F) for ch in value):
-        raise where.error(f"invalid header value {where.show(value)} (expected one line of "
-                          f"text: no CR, LF or other control character)")
-    return value
 
 
 def _tls_url(url: str) -> bool:
