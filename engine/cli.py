@@ -80,9 +80,12 @@ def check(
                                  "file: {file, ok, rack, data_dir, nats, pipelines, stages, "
                                  "listeners} or {file, ok: false, error: {path, message, "
                                  "text}}"),
+    tests: Path | None = typer.Option(None, "--tests", help="a rig tests file to run once "
+                                      "the rig checks out (as `engine test`)"),
 ) -> None:
     """Validate rig files without starting anything: per file, what it would run or the
-    first error (file, key path, what was expected). Exit 2 if any file fails."""
+    first error (file, key path, what was expected). Exit 2 if any file fails; with
+    ``--tests``, then run the rig tests too (exit 1 if one fails)."""
     from engine.rigcheck import check_file, summary_lines
 
     results = [check_file(c) for c in configs]
@@ -96,6 +99,33 @@ def check(
                 typer.echo(f"error: {r.text}", err=True)
     if not all(r.ok for r in results):
         raise typer.Exit(2)
+    if tests is not None:
+        if len(configs) != 1:
+            _fail("--tests takes one rig file")
+        _run_tests(configs[0], tests)
+
+
+def _run_tests(rig: Path, tests: Path) -> None:
+    from engine.rigtest import ConfigError, run_file
+
+    try:
+        code = run_file(tests, rig, typer.echo)
+    except ConfigError as exc:
+        _fail(exc)
+    if code:
+        raise typer.Exit(code)
+
+
+@app.command("test")
+def test_rig(
+    rig: Path = typer.Argument(..., help="the rig file (YAML)", show_default=False),
+    tests: Path = typer.Argument(..., help="the tests file (YAML; docs/connectors.md)",
+                                 show_default=False),
+) -> None:
+    """Run a rig's stage tests (input frames, expected output frames and sinks) in this
+    process, without NATS or rack processes. Exit 1 if a test fails, 2 if a file is
+    wrong."""
+    _run_tests(rig, tests)
 
 
 @app.command()

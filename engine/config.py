@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.bus import ADMIN, BusAuth
+from engine.fanout import DISCARD
 from engine.identity import IdentityError, Passport, read_passport
 from engine.keytable import Reader
 from engine.rigkeys import RIG
@@ -356,14 +357,30 @@ def _pipeline(p: Reader) -> PipelineConfig:
     sinks = tuple(_gear(s, "sink", f"sink{j}") for j, s in enumerate(p.sections("sinks")))
     if not sinks:
         raise p.where("sinks").error("at least one sink is required")
-    if len(sinks) > 1:
+    if len(sinks) > 1 and not stages:
         raise p.where("sinks").error(
-            f"one sink per pipeline for now, got {len(sinks)} (fan-out is planned)")
+            f"{len(sinks)} sinks need a stage to fan out from (the last stage writes one ring "
+            f"per sink); add one, e.g. a 'map' stage")
     seen: set[str] = set()
     for g in (source, *stages, *sinks):
         if g.name in seen:
             raise p.at.error(f"duplicate gear name {g.name!r}")
         seen.add(g.name)
+    names = [sk.name for sk in sinks]
+    if DISCARD in names:
+        raise p.where("sinks").error(f"the sink name {DISCARD!r} is reserved (a route that "
+                                     f"goes nowhere)")
+    for j, stage in enumerate(stages):
+        for route in gear_class(stage.gear, Gear).routes(stage.settings):
+            if route != DISCARD and route not in names:
+                raise p.where("stages").index(j).key("settings").error(
+                    f"route {route!r} names no sink of the pipeline (sinks: "
+                    f"{', '.join(names)})")
+    if gear_class(source.gear, Gear).needs_durable(source.settings) and not any(
+            gear_class(sk.gear, Sink).to_jetstream for sk in sinks):
+        raise p.where("source").key("settings").error(
+            "a durable acknowledgement needs an egress sink in the pipeline (frames are "
+            "durable once JetStream stored them)")
     return PipelineConfig(name=name, key=key, source=source, stages=stages, sinks=sinks)
 
 

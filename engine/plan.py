@@ -86,6 +86,10 @@ class ProcessSpec:
             shipping off).
         listeners: sockets the supervisor bound for the gear (``Gear.listeners`` order).
         bus_auth: the process's credentials for the rack's NATS (``engine.bus``), or None.
+        sinks: a fan-out stage's sink names, parallel to ``outputs`` (``engine.fanout``);
+            empty for a stage with one output.
+        settle: a source's rings level by level down to egress, one chain per output lane
+            (``engine.settle``); empty when its pipeline has no egress sink.
     """
 
     name: str
@@ -106,6 +110,8 @@ class ProcessSpec:
     journal: Journal | None = None
     stat_defs: tuple[StatDef, ...] = ()
     tap: Ring | None = None
+    sinks: tuple[str, ...] = ()
+    settle: list[list[list[Ring]]] = field(default_factory=list)
 
 
 @dataclass(slots=True)

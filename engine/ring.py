@@ -339,6 +339,14 @@ class Ring:
         """The reading side, resuming at the committed head."""
         return Consumer(self)
 
+    def head(self) -> int:
+        """The committed head: every record before it is consumed for good."""
+        return load_acquire(self._slots, HEAD)
+
+    def tail(self) -> int:
+        """The published tail: every record before it is written."""
+        return load_acquire(self._slots, TAIL)
+
     def statistics(self) -> RingStatistics:
         """Positions and fill, readable from any process while both sides run."""
         head = load_acquire(self._slots, HEAD)

@@ -358,31 +358,59 @@ class Supervisor:
                     counters=self._counters(f"{p.name}-{p.source.name}", src_defs),
                     journal=extras[0][0], outlets=extras[0][1], stat_defs=src_defs,
                     listeners=self.listeners.get((p.name, p.source.name), [])))
+            # levels[i]: lane i's rings from the source's down to the last stage's (a
+            # source's durable acknowledgement watches them: engine.settle)
+            levels: list[list[list[Ring]]] = [[[ring]] for ring in lanes_in]
             current = lanes_in
-            for stage in p.stages:
-                nxt = [self._ring(f"{p.name}-{stage.name}-{i}") for i in range(n)]
+            fan = len(p.sinks) > 1  # the last stage writes one ring per sink (engine.fanout)
+            outs: list[list[Ring]] = [list(lanes_in)]  # per sink (one without fan-out): lanes
+            for k, stage in enumerate(p.stages):
+                last = k == len(p.stages) - 1
+                if fan and last:
+                    outs = [[self._ring(f"{p.name}-{stage.name}-{sink.name}-{i}")
+                             for i in range(n)] for sink in p.sinks]
+                    nxt_per_lane = [[outs[j][i] for j in range(len(p.sinks))] for i in range(n)]
+                else:
+                    ring_row = [self._ring(f"{p.name}-{stage.name}-{i}") for i in range(n)]
+                    outs = [ring_row]
+                    nxt_per_lane = [[ring_row[i]] for i in range(n)]
                 stage_defs = defs_of(stage)
                 for i in range(n):
                     stage_specs.append(ProcessSpec(
                         name=f"{p.name}.{stage.name}.{i}", role="stage", pipeline=p.name,
                         gear=stage, replica=i, replicas=n, inputs=[current[i]],
-                        outputs=[nxt[i]], stat_defs=stage_defs,
+                        outputs=nxt_per_lane[i], stat_defs=stage_defs,
+                        sinks=tuple(sk.name for sk in p.sinks) if fan and last else (),
                         counters=self._counters(f"{p.name}-{stage.name}-{i}", stage_defs)))
-                current = nxt
-            sink = p.sinks[0]  # one per pipeline (checked by engine.config)
-            if gear_class(sink.gear, Sink).to_jetstream:
-                subject = sink.settings.subject
-                stream = next(s.name for s in cfg.egress.streams
-                              if any(subject_matches(pt, subject) for pt in s.subjects))
-                for ring in current:
-                    egress_inputs.append(ring)
-                    routes.append(Route(subject=subject, stream=stream))
-            else:
-                sink_defs = defs_of(sink)
-                sinks_specs.append(ProcessSpec(
-                    name=f"{p.name}.{sink.name}", role="sink", pipeline=p.name, gear=sink,
-                    replicas=n, inputs=current, stat_defs=sink_defs,
-                    counters=self._counters(f"{p.name}-{sink.name}", sink_defs)))
+                    levels[i].append(nxt_per_lane[i])
+                current = [lane[0] for lane in nxt_per_lane]
+            to_js: list[int] = []  # indexes of the egress sinks
+            for j, sink in enumerate(p.sinks):
+                inputs = outs[j] if fan else outs[0]
+                if gear_class(sink.gear, Sink).to_jetstream:
+                    to_js.append(j)
+                    subject = sink.settings.subject
+                    stream = next(s.name for s in cfg.egress.streams
+                                  if any(subject_matches(pt, subject) for pt in s.subjects))
+                    for ring in inputs:
+                        egress_inputs.append(ring)
+                        routes.append(Route(subject=subject, stream=stream))
+                else:
+                    sink_defs = defs_of(sink)
+                    sinks_specs.append(ProcessSpec(
+                        name=f"{p.name}.{sink.name}", role="sink", pipeline=p.name, gear=sink,
+                        replicas=n, inputs=inputs, stat_defs=sink_defs,
+                        counters=self._counters(f"{p.name}-{sink.name}", sink_defs)))
+            if to_js:  # the source may await its frames' arrival in JetStream
+                chains = []
+                for lane in levels:
+                    chain = [list(level) for level in lane]
+                    if fan:  # the last level: only the rings egress reads
+                        chain[-1] = [chain[-1][j] for j in to_js]
+                    chains.append(chain)
+                for spec in source_specs:
+                    if spec.pipeline == p.name:
+                        spec.settle = ([chains[spec.replica]] if replicated else chains)
         specs: list[ProcessSpec] = []
         specs.append(ProcessSpec(
             name="telemetry", role="telemetry", counters=None,

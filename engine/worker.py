@@ -37,10 +37,12 @@ from typing import Any
 
 from engine.cbor import dumps
 from engine.counters import ERRORS, Counters
+from engine.fanout import RouteError, targets
 from engine.frame import Frame, FrameError, decode, encode, path_get
 from engine.outlet import MAIN, Outlet
 from engine.plan import ProcessSpec, Runtime, signal_ready
 from engine.ring import Producer, wait_any
+from engine.settle import Settle
 from engine.tap import OFF, LogShipSettings, Tap, Tracer, install_log_tap
 from gears.base import GearContext, Sink, Source, Stage, gear_class
 
@@ -72,11 +74,19 @@ def lane_of(frame: Frame, key: str | None, lanes: int, fallback: int) -> int:
     return zlib.crc32(data) % lanes
 
 
-def make_context(spec: ProcessSpec, rt: Runtime,
-                 producers: Sequence[Producer] = ()) -> GearContext:
+def make_context(spec: ProcessSpec, rt: Runtime, producers: Sequence[Producer] = (),
+                 dead: DeadLetters | None = None) -> GearContext:
     """The GearContext for a spec's gear (``producers``: a source's lane producers, so the
-    outlet ``"out"`` of a replicated source shares the one producer of its lane)."""
+    outlet ``"out"`` of a replicated source shares the one producer of its lane; ``dead``:
+    the process's dead-letter file, made here when not given)."""
     assert spec.gear is not None
+    letters = dead if dead is not None else DeadLetters(rt, spec)
+    counters = spec.counters
+
+    def dead_letter(frame: Frame, reason: str) -> None:
+        if counters is not None:
+            counters.add(ERRORS)
+        letters.put(encode(frame), reason)
     outlets = {name: Outlet(name, ring.producer(), None) for name, ring in spec.outlets.items()}
     if len(producers) == 1:  # one lane to write: the gear may write it synchronously
         outlets[MAIN] = Outlet(MAIN, producers[0], spec.counters)
@@ -100,6 +110,8 @@ def make_context(spec: ProcessSpec, rt: Runtime,
         bus_auth=spec.bus_auth,
         ready=lambda: signal_ready(rt, spec.name),
         tracer=Tracer(rt.traces, _TAP) if _TAP is not None else OFF,
+        dead_letter=dead_letter,
+        durable=Settle(spec.settle) if spec.settle else None,
     )
 
 
@@ -112,13 +124,13 @@ class DeadLetters:
         self.gear = gear
         self._fd: int | None = None
 
-    def put(self, data: bytes | memoryview, error: Exception) -> None:
-        """Record one rejected frame (its bytes) with the reason."""
+    def put(self, data: bytes | memoryview, error: Exception | str) -> None:
+        """Record one rejected frame (its bytes) with the reason (an exception or a text)."""
         if self._fd is None:
             os.makedirs(os.path.dirname(self.path), exist_ok=True)
             self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
-        os.write(self._fd, dumps({"error": f"{type(error).__name__}: {error}",
-                                  "gear": self.gear, "frame": bytes(data)}))
+        reason = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+        os.write(self._fd, dumps({"error": reason, "gear": self.gear, "frame": bytes(data)}))
 
 
 _TAP: Tap | None = None  # this process's signal tap (one writer per process: the tap's lock)
@@ -188,15 +200,21 @@ def _decode_batch(views: Sequence[memoryview], dead: DeadLetters, counters: Coun
 
 
 def run_stage(spec: ProcessSpec, rt: Runtime) -> None:
-    """A stage worker: input ring -> gear.process -> output ring, one batch at a time."""
+    """A stage worker: input ring -> gear.process -> output ring(s), one batch at a time.
+
+    A fan-out stage (``spec.sinks``) writes one ring per sink and sends each frame to the
+    sinks its ``route`` header names (``engine.fanout``); the input batch is committed only
+    when every output ring holds its part.
+    """
     stop = _Stop()
     assert spec.gear is not None and spec.counters is not None
-    gear = gear_class(spec.gear.gear, Stage)(spec.gear.settings, make_context(spec, rt))
+    dead = DeadLetters(rt, spec)
+    gear = gear_class(spec.gear.gear, Stage)(spec.gear.settings, make_context(spec, rt,
+                                                                              dead=dead))
     signal_ready(rt, spec.name)
     consumer = spec.inputs[0].consumer()
-    producer = spec.outputs[0].producer()
+    producers = [ring.producer() for ring in spec.outputs]
     counters = spec.counters
-    dead = DeadLetters(rt, spec)
     batch = rt.batch
     while not stop.set:
         if not consumer.wait(POLL_WAIT):
@@ -209,18 +227,42 @@ def run_stage(spec: ProcessSpec, rt: Runtime) -> None:
         except Exception:
             out = _process_one_by_one(gear, frames, dead, counters, spec.name)
         del views
-        encoded = [encode(f) for f in out]
-        done = 0
-        while done < len(encoded):
-            done += producer.write(encoded[done:], timeout=POLL_WAIT)
-            if stop.set and done < len(encoded):
-                return  # not committed: the successor replays this batch
+        parts = _split(out, spec.sinks, dead, counters, spec.name) if spec.sinks else [
+            [encode(f) for f in out]]
+        sent = 0
+        for producer, encoded in zip(producers, parts):
+            done = 0
+            while done < len(encoded):
+                done += producer.write(encoded[done:], timeout=POLL_WAIT)
+                if stop.set and done < len(encoded):
+                    return  # not committed: the successor replays this batch
+            sent += len(encoded)
         consumer.commit()
         now = time.time_ns()
         for f in frames:
             counters.observe(now - f.ts)
-        counters.count_batch(len(frames), len(encoded), nbytes_in, sum(map(len, encoded)))
+        counters.count_batch(len(frames), sent, nbytes_in,
+                             sum(len(e) for part in parts for e in part))
     gear.close()
+
+
+def _split(out: list[Frame], sinks: Sequence[str], dead: DeadLetters, counters: Counters,
+           name: str) -> list[list[bytes]]:
+    """A fan-out stage's output, one list of encoded frames per sink (by route)."""
+    parts: list[list[bytes]] = [[] for _ in sinks]
+    for frame in out:
+        data = encode(frame)
+        try:
+            picked = targets(frame.headers, sinks)
+        except RouteError as exc:
+            counters.add(ERRORS)
+            dead.put(data, exc)
+            log.error("unroutable frame dead-lettered: process=%s, frame_id=%s, error=%s",
+                      name, frame.id.hex(), exc)
+            continue
+        for i in picked:
+            parts[i].append(data)
+    return parts
 
 
 def _process_one_by_one(gear: Stage, frames: list[Frame], dead: DeadLetters,
@@ -284,15 +326,25 @@ async def run_source(spec: ProcessSpec, rt: Runtime) -> None:
 
 
 async def run_sink(spec: ProcessSpec, rt: Runtime) -> None:
-    """An io process running a Sink gear over all lanes of its pipeline."""
+    """An io process running a Sink gear over all lanes of its pipeline.
+
+    ``write`` gets up to the gear's ``batching().count`` frames of one lane (default: one
+    poll, at most ``rings.batch``); with a ``linger`` it waits that long for a short batch to
+    fill. The lane is committed once ``write`` returned: a batch it raised on is retried, a
+    batch in hand at a kill is read again by the successor.
+    """
     import asyncio
 
     assert spec.gear is not None and spec.counters is not None
-    gear = gear_class(spec.gear.gear, Sink)(spec.gear.settings, make_context(spec, rt))
+    cls = gear_class(spec.gear.gear, Sink)
+    dead = DeadLetters(rt, spec)
+    gear = cls(spec.gear.settings, make_context(spec, rt, dead=dead))
+    batching = cls.batching(spec.gear.settings)
+    count = batching.count if batching is not None else rt.batch
+    linger = batching.linger if batching is not None else 0.0
     signal_ready(rt, spec.name)
     consumers = [ring.consumer() for ring in spec.inputs]
     counters = spec.counters
-    dead = DeadLetters(rt, spec)
     stopping = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stopping.set)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -300,9 +352,17 @@ async def run_sink(spec: ProcessSpec, rt: Runtime) -> None:
         if not await wait_any(consumers, spec.inputs, POLL_WAIT):
             continue
         for consumer in consumers:
-            views = consumer.poll(rt.batch)
+            views = consumer.poll(count)
             if not views:
                 continue
+            if linger and len(views) < count:
+                ring = spec.inputs[consumers.index(consumer)]
+                deadline = time.monotonic() + linger
+                while len(views) < count and not stopping.is_set():
+                    left = deadline - time.monotonic()
+                    if left <= 0 or not await wait_any([consumer], [ring], left):
+                        break
+                    views += consumer.poll(count - len(views))
             frames, nbytes = _decode_batch(views, dead, counters, spec.name)
             del views
             while True:

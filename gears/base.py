@@ -49,7 +49,7 @@ import logging
 import socket
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, Protocol, TypeVar
 
 from engine.bus import BusAuth, Permissions
 from engine.counters import Counters, StatDef, Stats
@@ -59,6 +59,36 @@ from engine.keytable import Table
 from engine.outlet import Outlet, OutletSpec
 from engine.schema import At
 from engine.tap import OFF, Tracer
+
+
+class DeadLetterError(RuntimeError):
+    """A gear gave up on a frame where no dead-letter file exists (outside a rack)."""
+
+
+def _no_dead_letter(frame: Frame, reason: str) -> None:
+    raise DeadLetterError(f"no dead-letter file outside a rack: frame_id={frame.id.hex()}, "
+                          f"reason={reason}")
+
+
+class Durable(Protocol):
+    """What a source awaits before it tells a client its frames are safe (``engine.settle``)."""
+
+    async def settle(self) -> None:
+        """Return once every frame this process wrote before the call is in JetStream."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SinkBatching:
+    """How the rack hands frames to a sink's ``write``.
+
+    Attributes:
+        count: at most this many frames per call.
+        linger: seconds to wait for more frames when fewer than ``count`` are there (0:
+            hand over what there is at once).
+    """
+
+    count: int
+    linger: float = 0.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -86,6 +116,12 @@ class GearContext:
             themselves once they do; for the others the rack calls it).
         tracer: sampling decisions and the process's signal tap (``engine.tap``): a gear
             records spans of the transactions it keeps; ``engine.tap.OFF`` outside a rack.
+        dead_letter: give up on one frame, with the reason (a sink's refused request): the
+            frame is appended to ``<data_dir>/deadletter/<pipeline>.<gear>.cbor`` and
+            counted as an error. Outside a rack it raises ``DeadLetterError``.
+        durable: for a replicated source whose pipeline ends in an egress sink: ``await
+            ctx.durable.settle()`` returns once every frame this process wrote before the
+            call is stored in JetStream (``engine.settle``); None otherwise.
     """
 
     rack_id: str
@@ -104,6 +140,8 @@ class GearContext:
     bus_auth: BusAuth | None = None
     ready: Callable[[], None] = lambda: None
     tracer: Tracer = OFF
+    dead_letter: Callable[[Frame, str], None] = field(default=_no_dead_letter)
+    durable: Durable | None = None
 
 
 class Gear:
@@ -142,6 +180,20 @@ class Gear:
     def describe(cls, settings: Any) -> tuple[str, ...]:
         """Lines ``engine check`` prints about what this gear will do (e.g. the modbus
         source's request plan); default: none."""
+        return ()
+
+    @classmethod
+    def needs_durable(cls, settings: Any) -> bool:
+        """True when the gear awaits ``ctx.durable`` (sources only; e.g. an HTTP source that
+        answers once a request is in JetStream): ``engine check`` then requires the pipeline
+        to end in an egress sink. Default: False."""
+        return False
+
+    @classmethod
+    def routes(cls, settings: Any) -> tuple[str, ...]:
+        """Names of the outputs this gear sends frames to by their ``route`` header (stages
+        only; ``engine check`` requires each to be a sink of the pipeline, or ``discard``).
+        Default: none."""
         return ()
 
     @classmethod
@@ -207,6 +259,12 @@ class Sink(Gear):
     role = "sink"
     to_jetstream: ClassVar[bool] = False
 
+    @classmethod
+    def batching(cls, settings: Any) -> SinkBatching | None:
+        """How many frames ``write`` takes at once and how long the rack waits to fill a
+        batch; None (default): what one poll of a lane gives, at most ``rings.batch``."""
+        return None
+
     async def write(self, frames: list[Frame]) -> None:
         """Make ``frames`` durable; returning commits them upstream."""
         raise NotImplementedError
@@ -217,11 +275,14 @@ class Sink(Gear):
 _BUILTIN: Mapping[str, str] = {
     "generator": "gears.generator:Generator",
     "mapping": "gears.mapping:MappingStage",
+    "map": "gears.map:MapStage",
     "file": "gears.io.file:FileSink",
+    "http_client": "gears.io.http_sink:HttpSink",
     "stdout": "gears.io.stdout:StdoutSink",
     "egress": "gears.egress:Egress",
     "iso8583": "gears.iso8583.gear:SwitchGear",
     "modbus": "gears.modbus.gear:ModbusSource",
+    "http_server": "gears.io.http_source:HttpSource",
 }
 
 

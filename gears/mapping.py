@@ -45,7 +45,7 @@ class MappingSettings:
     kind: str | None
 
 
-def _check_path(path: Any, at: At) -> str:
+def check_path(path: Any, at: At) -> str:
     if not isinstance(path, str) or not path.startswith(("headers.", "body.")) or path.endswith("."):
         raise at.error(f"expected a path like 'headers.x' or 'body.a.b', got {path!r}")
     return path
@@ -89,11 +89,11 @@ class MappingStage(Stage):
         drop = r.sequence("drop")
         kind = r.optional_string("kind")
         return MappingSettings(
-            filter=tuple((_check_path(k, at.key("filter")), v) for k, v in flt.items()),
-            copy=tuple((_check_path(k, at.key("copy")), _check_path(v, at.key("copy").key(k)))
+            filter=tuple((check_path(k, at.key("filter")), v) for k, v in flt.items()),
+            copy=tuple((check_path(k, at.key("copy")), check_path(v, at.key("copy").key(k)))
                        for k, v in cp.items()),
-            set=tuple((_check_path(k, at.key("set")), v) for k, v in st.items()),
-            drop=tuple(_check_path(p, at.key("drop").index(i)) for i, p in enumerate(drop)),
+            set=tuple((check_path(k, at.key("set")), v) for k, v in st.items()),
+            drop=tuple(check_path(p, at.key("drop").index(i)) for i, p in enumerate(drop)),
             kind=kind,
         )
 

@@ -242,8 +242,21 @@ BAD = [
     ("source-missing", {"pipelines.0.source": DELETE}, "pipelines[0].source: required key missing"),
     ("sinks-missing", {"pipelines.0.sinks": DELETE}, "pipelines[0].sinks: required key missing"),
     ("sinks-empty", {"pipelines.0.sinks": []}, "pipelines[0].sinks: at least one sink is required"),
-    ("two-sinks", {"pipelines.0.sinks": [SINK, {**SINK, "name": "out2"}]},
-     "pipelines[0].sinks: one sink per pipeline for now, got 2 (fan-out is planned)"),
+    ("two-sinks-without-stage", {"pipelines.0.stages": DELETE,
+                                 "pipelines.0.sinks": [SINK, {**SINK, "name": "out2"}]},
+     "pipelines[0].sinks: 2 sinks need a stage to fan out from (the last stage writes one ring "
+     "per sink); add one, e.g. a 'map' stage"),
+    ("sink-named-discard", {"pipelines.0.sinks": [SINK, {**SINK, "name": "discard"}]},
+     "pipelines[0].sinks: the sink name 'discard' is reserved (a route that goes nowhere)"),
+    ("route-to-unknown-sink", {"pipelines.0.stages.0": {
+        "name": "m", "gear": "map", "settings": {"route": [{"when": "true", "to": "nowhere"}]}}},
+     "pipelines[0].stages[0].settings: route 'nowhere' names no sink of the pipeline "
+     "(sinks: out)"),
+    ("map-syntax-error", {"pipelines.0.stages.0": {
+        "name": "m", "gear": "map", "settings": {"set": {"body.x": "body.a +"}}}},
+     "pipelines[0].stages[0].settings.set.body.x: column 9: syntax error: mismatched input "
+     "'<EOF>' expecting {'[', '{', '(', '.', '-', '!', 'true', 'false', 'null', NUM_FLOAT, "
+     "NUM_INT, NUM_UINT, STRING, BYTES, IDENTIFIER}\n  | body.a +\n  | ........^"),
     ("gear-name-duplicate", {"pipelines.0.stages.0.name": "out"},
      "pipelines[0]: duplicate gear name 'out'"),
     ("gear-name-duplicates-default", {"pipelines.0.stages.0.name": "source"},
@@ -253,7 +266,8 @@ BAD = [
     # pipelines: gears
     ("gear-unknown", {"pipelines.0.stages.0.gear": "iso8538"},
      "pipelines[0].stages[0].gear: unknown gear 'iso8538' "
-     "(known: egress, file, generator, iso8583, mapping, modbus, stdout)"),
+     "(known: egress, file, generator, http_client, http_server, iso8583, map, mapping, modbus, "
+     "stdout)"),
     ("sink-as-stage", {"pipelines.0.stages.0.gear": "file"},
      "pipelines[0].stages[0].gear: gear 'file' is a sink, expected a stage"),
     ("stage-as-source", {"pipelines.0.source.gear": "mapping"},
@@ -457,7 +471,8 @@ def test_cli_check_refuses_a_bad_config_with_exit_2(tmp_path):
     assert result.stdout == ""
     assert result.stderr == (
         f"error: {path}: pipelines[0].stages[0].gear: unknown gear 'iso8538' "
-        "(known: egress, file, generator, iso8583, mapping, modbus, stdout)\n"
+        "(known: egress, file, generator, http_client, http_server, iso8583, map, mapping, "
+        "modbus, stdout)\n"
     )
 
 

@@ -328,7 +328,8 @@ def test_stdout_sink_writes_json_lines(capsysbinary):
 # --- registry --------------------------------------------------------------------------------
 
 ROLES = {"egress": "sink", "file": "sink", "generator": "source", "mapping": "stage",
-         "stdout": "sink", "iso8583": "source", "modbus": "source"}
+         "map": "stage", "stdout": "sink", "iso8583": "source", "modbus": "source",
+         "http_server": "source", "http_client": "sink"}
 
 
 def test_known_gears_is_sorted_and_complete():

@@ -1,0 +1,334 @@
+"""CEL expressions over frames, for the ``map`` stage and ``engine test`` checks.
+
+Why CEL, and why cel-expr-python (Google's cel-cpp): ``docs/mapping-eval.md`` measured the
+candidates. CEL cannot loop or recurse, its comprehensions run under an iteration budget
+and its regular expressions are RE2 (linear), so an expression written in a rig file has a
+bounded cost on any frame; it reports syntax and type errors with line and column.
+
+What an expression sees (the *input* frame, whatever else the stage does):
+
+* ``body`` (dyn), ``headers`` (map of text to dyn), ``kind`` and ``src`` (text), ``ts``
+  (int, ns since the epoch);
+* CEL's standard library, the ``strings`` extension (``upperAscii``, ``replace``, ``split``,
+  ``format``, ...), the ``math`` extension (``math.greatest``, ``math.round``, ...), and ours:
+  ``sum(list)``, ``format_time(ns, layout)`` (strftime, UTC), ``time_ns(ns)`` (a CEL
+  timestamp), ``mask(text)`` (card numbers masked), ``deleted()`` (a ``set`` whose value is
+  this removes the field).
+
+Two faults of cel-expr-python 0.1.3 this module works around or refuses, found by testing:
+
+* a Python ``bytes`` or ``str`` value holding a NUL character is cut at it when it enters
+  CEL. Bytes are handed over as ``bytearray`` (which it copies whole); a text with a NUL is
+  refused (``CelError``), never evaluated cut;
+* an exception raised in a host function comes back as "no matching overloads", so our
+  host functions do not raise on bad values of the right type.
+
+Expressions are compiled at ``engine check`` time (errors carry the line and column) and
+again in the worker after the fork, from their text: no cel-cpp object crosses a fork.
+"""
+
+from __future__ import annotations
+
+import datetime
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from engine.masking import mask_card_numbers
+
+try:  # a wheel for the machine may be missing: the map stage then says so at check time
+    from cel_expr_python import cel
+    from cel_expr_python.ext import ext_bindings, ext_math, ext_strings
+except ImportError:  # pragma: no cover - the wheel is a dependency
+    cel = None
+
+#: the value ``deleted()`` returns: a set whose result is this removes the field. A
+#: noncharacter, so no text from outside can equal it by accident.
+DELETED = "\ufdd0fluxrig:deleted\ufdd0"
+BATCH = "fx_batch__"  # the variable holding a batch of frames (``Program.run_batch``)
+BATCH_SIZE = 16  # frames per batched evaluation: fastest here (1: 19, 16: 11.5, 256: 17.6 µs)
+MAX_LAYOUT = 64  # format_time layouts: a strftime pattern, not a document
+_POS = re.compile(r"<input>:(\d+):(\d+): ")
+
+
+class CelError(ValueError):
+    """An expression that does not compile, or that failed on a frame."""
+
+
+def _sum(values: list[Any]) -> Any:
+    total: Any = 0
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            return float("nan")  # a host function must not raise (see the module doc)
+        total += v
+    return total
+
+
+def _format_time(ns: int, layout: str) -> str:
+    if len(layout) > MAX_LAYOUT:
+        return ""
+    try:
+        when = datetime.datetime.fromtimestamp(ns / 1e9, datetime.UTC)
+        return when.strftime(layout)
+    except (OverflowError, ValueError, OSError):
+        return ""
+
+
+def _time_ns(ns: int) -> datetime.datetime:
+    try:
+        return datetime.datetime.fromtimestamp(ns // 1000 / 1e6, datetime.UTC)
+    except (OverflowError, ValueError, OSError):
+        return datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
+
+
+def _functions() -> list[Any]:
+    t = cel.Type
+    return [
+        cel.FunctionDecl("sum", [cel.Overload("fx_sum", t.DYN, [t.List(t.DYN)], impl=_sum)]),
+        cel.FunctionDecl("format_time", [cel.Overload(
+            "fx_format_time", t.STRING, [t.INT, t.STRING], impl=_format_time)]),
+        cel.FunctionDecl("time_ns", [cel.Overload(
+            "fx_time_ns", t.TIMESTAMP, [t.INT], impl=_time_ns)]),
+        cel.FunctionDecl("mask", [cel.Overload(
+            "fx_mask", t.STRING, [t.STRING], impl=mask_card_numbers)]),
+        cel.FunctionDecl("deleted", [cel.Overload(
+            "fx_deleted", t.STRING, [], impl=lambda: DELETED)]),
+    ]
+
+
+_ENV: Any = None
+
+
+def environment() -> Any:
+    """The one CEL environment of this process (built on first use, after the fork)."""
+    global _ENV
+    if cel is None:
+        raise CelError("the CEL runtime (cel-expr-python) is not installed for this machine")
+    if _ENV is None:
+        t = cel.Type
+        _ENV = cel.NewEnv(
+            variables={"body": t.DYN, "headers": t.Map(t.STRING, t.DYN), "kind": t.STRING,
+                       "src": t.STRING, "ts": t.INT, BATCH: t.List(t.DYN)},
+            extensions=[ext_strings.ExtStrings(), ext_math.ExtMath(), ext_bindings.ExtBindings()],
+            functions=_functions())
+    return _ENV
+
+
+def compile_expr(text: str, want_bool: bool = False) -> Any:
+    """Compile one expression.
+
+    Raises:
+        CelError: it does not compile; the message starts with ``line L, column C:`` (or
+            ``column C:`` for a one-line expression) and ends with the line and a caret.
+    """
+    if not isinstance(text, str) or not text.strip():
+        raise CelError("expected a CEL expression (text), got "
+                       f"{type(text).__name__ if not isinstance(text, str) else 'empty text'}")
+    try:
+        expr = environment().compile(text)
+    except RuntimeError as exc:
+        raise CelError(describe_compile_error(text, str(exc))) from None
+    if want_bool and expr.return_type() not in (cel.Type.BOOL, cel.Type.DYN):
+        raise CelError(f"must be true or false, is {expr.return_type().name().lower()}")
+    return expr
+
+
+def describe_compile_error(text: str, message: str) -> str:
+    """cel-cpp's ``INVALID_ARGUMENT: ERROR: <input>:1:9: Syntax error: ...`` plus its caret
+    lines, as ``column 9: syntax error: ...`` (``line L, column C`` when the expression has
+    several lines) followed by the expression's line and a caret."""
+    m = _POS.search(message)
+    if m is None:
+        return message.split("\n")[0].removeprefix("INVALID_ARGUMENT: ")
+    line, col = int(m.group(1)), int(m.group(2))
+    what = message[m.end():].split("\n")[0].strip()
+    what = what[:1].lower() + what[1:]
+    where = f"column {col}" if "\n" not in text.strip("\n") else f"line {line}, column {col}"
+    src = text.split("\n")[line - 1] if line - 1 < len(text.split("\n")) else ""
+    return f"{where}: {what}\n  | {src}\n  | {'.' * (col - 1)}^"
+
+
+def to_cel(value: Any) -> Any:
+    """``value`` as CEL may take it: bytes as bytearray (cel-expr cuts ``bytes`` at a NUL).
+
+    Raises:
+        CelError: a text (value or map key) holds a NUL character.
+    """
+    t = type(value)
+    if t is str:
+        if "\x00" in value:
+            raise CelError("a text with a NUL character cannot enter a CEL expression "
+                           "(cel-expr-python would cut it)")
+        return value
+    if t is int or t is float or t is bool or value is None:
+        return value
+    if t is dict:
+        return {to_cel(k): to_cel(v) for k, v in value.items()}
+    if t is list:
+        return [to_cel(v) for v in value]
+    if t is bytes:
+        return bytearray(value)
+    return value
+
+
+_PLAIN = frozenset((str, int, float, bool, type(None)))
+
+
+def from_cel(value: Any) -> Any:
+    """A CEL result as a frame value: bytearray -> bytes, a timestamp -> RFC 3339 text, a
+    duration -> int ns, maps and lists converted through."""
+    t = type(value)
+    if t in _PLAIN:
+        return value
+    if t is dict:
+        return {from_cel(k): from_cel(v) for k, v in value.items()}
+    if t is list:
+        return [from_cel(v) for v in value]
+    if t is bytearray:
+        return bytes(value)
+    if t is datetime.datetime:
+        return value.isoformat().replace("+00:00", "Z")
+    if t is datetime.timedelta:
+        return (value.days * 86_400 + value.seconds) * 1_000_000_000 + value.microseconds * 1000
+    return value
+
+
+# CEL string and bytes literals (raw, triple-quoted) and line comments, blanked before
+# looking for uses of body and headers
+_LITERAL = re.compile(r"""[rRbB]{0,2}(?:'''[\s\S]*?'''|\"\"\"[\s\S]*?\"\"\"|'(?:\\.|[^'\\\n])*'"""
+                      r"""|"(?:\\.|[^"\\\n])*")|//[^\n]*""")
+# body / headers, then optionally .name (and whether a call follows) or [ ... ]
+_VAR = re.compile(r"(?<![\w.])(kind|src|ts)\b")
+_USE = re.compile(r"(?<![\w.])(body|headers)\b(?:\s*\.\s*([A-Za-z_]\w*)\s*(\()?|\s*(\[[^\]]*\]))?")
+_QUOTED = re.compile(r"""\[\s*(?:"([^"\\\n]*)"|'([^'\\\n]*)')\s*\]""")
+
+
+def references(texts: Sequence[str]) -> dict[str, frozenset[str] | None]:
+    """The variables the expressions read, each with the top-level keys of ``body`` and
+    ``headers`` they read; None: the whole value (``kind``, ``src``, ``ts``; a bare use of
+    a map, a method or macro on it, an index that is not a plain text).
+
+    Only what is read is handed to CEL, which converts every value it is given (a 20-field
+    body costs ~6 µs more than the few fields a mapping reads). Erring means None: slower,
+    never wrong. Literals and comments are blanked first, so ``"body.x"`` in a text counts
+    for nothing (the span positions stay, so an index's text is read back from the source).
+    """
+    found: dict[str, set[str] | None] = {}
+    for text in texts:
+        plain = _LITERAL.sub(lambda m: " " * len(m.group(0)), text)
+        for m in _VAR.finditer(plain):
+            found[m.group(1)] = None
+        for m in _USE.finditer(plain):
+            found.setdefault(m.group(1), set())
+            keys = found[m.group(1)]
+            if keys is None:
+                continue
+            if m.group(2) and not m.group(3):  # body.name, not body.name(...)
+                keys.add(m.group(2))
+                continue
+            if m.group(4):  # body["x"]: the literal was blanked, read it from the source
+                q = _QUOTED.fullmatch(text[m.start(4):m.end(4)])
+                if q is not None:
+                    keys.add(q.group(1) if q.group(1) is not None else q.group(2))
+                    continue
+            found[m.group(1)] = None
+    return {k: None if v is None else frozenset(v) for k, v in found.items()}
+
+
+@dataclass(frozen=True, slots=True)
+class Program:
+    """Several named expressions evaluated together over one frame.
+
+    Joined into one CEL map literal so a frame costs one activation and one evaluation; if
+    that fails, each expression is evaluated alone to name the one that failed.
+    """
+
+    names: tuple[str, ...]
+    texts: tuple[str, ...]
+    joined: Any
+    each: tuple[Any, ...]
+    reads: Mapping[str, frozenset[str] | None]  # ``references``: what to hand over
+    batched: Any  # the joined map for every frame of a list, or None (it did not compile)
+
+    @classmethod
+    def build(cls, named: Sequence[tuple[str, str]]) -> Program:
+        names = tuple(n for n, _ in named)
+        texts = tuple(t for _, t in named)
+        each = tuple(compile_expr(t) for t in texts)
+        joined = batched = None
+        reads = references(texts)
+        if named:
+            # a newline before the closing paren: a // comment must not swallow it
+            literal = "{" + ", ".join(f"{i}: ({t}\n)" for i, t in enumerate(texts)) + "}"
+            joined = environment().compile(literal)
+            # the same map over a list: the per-call cost of cel-expr (~7 µs) shared by a
+            # batch; cel.bind gives each frame's values the names the expressions use
+            inner = literal
+            for var in reads:
+                inner = f"cel.bind({var}, x__.{var}, {inner})"
+            try:
+                batched = environment().compile(f"{BATCH}.map(x__, {inner})")
+            except RuntimeError:
+                batched = None  # e.g. 32 levels of nesting: evaluate frame by frame
+        return cls(names, texts, joined, each, reads, batched)
+
+    def _data(self, variables: Mapping[str, Any]) -> dict[str, Any]:
+        data = {}
+        for k, keys in self.reads.items():  # only what is read: CEL converts what it gets
+            v = variables[k]
+            if keys is not None and type(v) is dict:
+                v = {name: v[name] for name in keys if name in v}
+            data[k] = to_cel(v)
+        return data
+
+    def run_batch(self, batch: Sequence[Mapping[str, Any]]) -> list[list[Any]] | None:
+        """``run`` for several frames' variables at once, or None when any of them fails
+        (or cannot enter CEL): then ``run`` each to find which. Same values as ``run``."""
+        if self.batched is None or not batch:
+            return None
+        try:
+            items = [self._data(v) for v in batch]
+            result = self.batched.eval(data={BATCH: items})
+        except (CelError, RuntimeError):
+            return None
+        if result.type() == cel.Type.ERROR:
+            return None
+        n = len(self.names)
+        return [[from_cel(values[i]) for i in range(n)] for values in result.plain_value()]
+
+    def run(self, variables: Mapping[str, Any]) -> list[Any]:
+        """The value of every expression, in order, over ``variables`` (``body``,
+        ``headers``, ``kind``, ``src``, ``ts``; only what the expressions read is handed
+        to CEL).
+
+        Raises:
+            CelError: an expression failed (``<name>: <CEL's message>``) or a value could
+                not enter CEL.
+        """
+        if self.joined is None:
+            return []
+        data = self._data(variables)
+        try:
+            result = self.joined.eval(data=data)
+            if result.type() != cel.Type.ERROR:
+                values = result.plain_value()
+                return [from_cel(values[i]) for i in range(len(self.names))]
+        except RuntimeError:
+            pass  # the iteration budget, an out-of-range integer: find which one below
+        for name, expr in zip(self.names, self.each):
+            try:
+                one = expr.eval(data=data)
+            except RuntimeError as exc:
+                raise CelError(f"{name}: {_short(str(exc))}") from None
+            if one.type() == cel.Type.ERROR:
+                raise CelError(f"{name}: {_short(str(one.value()))}")
+        raise CelError("the expressions failed together but not alone")
+
+
+def _short(message: str) -> str:
+    first = message.split("\n")[0]
+    for prefix in ("INTERNAL: ", "UNKNOWN: ", "INVALID_ARGUMENT: ", "NOT_FOUND: "):
+        first = first.removeprefix(prefix)
+    # values from the frame may be quoted: no card number in a dead-letter reason or a log
+    return mask_card_numbers(first.replace(" [INTERNAL]", "")[:300])
