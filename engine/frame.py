@@ -71,7 +71,7 @@ class Frame:
             raise FrameError(
                 f"invalid frame field: field=kind, rule=str, got={type(self.kind).__name__}"
             )
-        if not isinstance(self.headers, Mapping):
+        if type(self.headers) is not dict and not isinstance(self.headers, Mapping):
             raise FrameError(
                 f"invalid frame field: field=headers, rule=map, got={type(self.headers).__name__}"
             )

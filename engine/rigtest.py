@@ -316,9 +316,7 @@ def _cel_checks(compiled: Sequence[tuple[str, Any]], frame: Frame) -> str | None
 
     for text, _expr in compiled:
         try:
-            value = Program.build([("check", text)]).run(
-                {"body": frame.body, "headers": frame.headers, "kind": frame.kind,
-                 "src": frame.src, "ts": frame.ts})[0]
+            value = Program.build([("check", text)]).run(frame)[0]
         except CelError as exc:
             return f"check {text!r}: failed: {exc}"
         if value is not True:

@@ -137,14 +137,14 @@ class MapStage(Stage):
         self.body_paths = any(root == 1 for root, _ in
                               (*(c[0] for c in self.copies), *self.sets, *self.drops))
         self.routed = bool(settings.route) or settings.default_route is not None
+        self.kind = settings.kind
 
     def process(self, frames: list[Frame], emit: Callable[[Frame], None]) -> None:
         # expressions are evaluated BATCH_SIZE frames at a time (one cel-expr call); a chunk
         # that fails anywhere is done frame by frame, so the error names its frame
         for start in range(0, len(frames), BATCH_SIZE):
             chunk = frames[start:start + BATCH_SIZE]
-            results = self.program.run_batch([_variables(f) for f in chunk]) \
-                if len(chunk) > 1 else None
+            results = self.program.run_batch(chunk) if len(chunk) > 1 else None
             for i, frame in enumerate(chunk):
                 out = self._build(frame, results[i]) if results is not None else \
                     self.map_one(frame)
@@ -158,13 +158,13 @@ class MapStage(Stage):
         Raises:
             CelError: an expression failed on this frame (the message names its key).
         """
-        return self._build(frame, self.program.run(_variables(frame)))
+        return self._build(frame, self.program.run(frame))
 
     def _build(self, frame: Frame, values: list[Any]) -> Frame | None:
         s: MapSettings = self.settings
         body_in = frame.body
         route: tuple[str, ...] | None = s.default_route
-        for i, (_, to) in enumerate(s.route):
+        for i, (_, to) in enumerate(s.route):  # first true wins
             hit = values[self.nset + i]
             if hit is True:
                 route = to
@@ -195,26 +195,24 @@ class MapStage(Stage):
                 else:
                     _put(roots[root], keys, value, fresh)
         for (root, keys), value in zip(self.sets, values):
-            if value == DELETED:
+            if type(value) is str and value == DELETED:
                 value = _MISSING
             if len(keys) == 1 and value is not _MISSING:
                 roots[root][keys[0]] = value
             else:
                 _put(roots[root], keys, value, fresh)
         for root, keys in self.drops:
-            _put(roots[root], keys, _MISSING, fresh)
+            if len(keys) == 1:
+                roots[root].pop(keys[0], None)
+            else:
+                _put(roots[root], keys, _MISSING, fresh)
         if self.routed:
             if route is None:
                 headers.pop(ROUTE, None)
             else:
                 headers[ROUTE] = [n for n in route if n != DISCARD]
-        return Frame(id=frame.id, ts=frame.ts, src=frame.src, kind=s.kind or frame.kind,
+        return Frame(id=frame.id, ts=frame.ts, src=frame.src, kind=self.kind or frame.kind,
                      headers=headers, body=body)
-
-
-def _variables(frame: Frame) -> dict[str, Any]:
-    return {"body": frame.body, "headers": frame.headers, "kind": frame.kind,
-            "src": frame.src, "ts": frame.ts}
 
 
 def _split(path: str) -> tuple[int, tuple[str, ...]]:
