@@ -172,11 +172,11 @@ def _case(c: Any, cfg: RigConfig) -> Case:
         stages = tuple(s for s in pipe.stages if s.name in names)
     frames = []
     for i, f in enumerate(c.sections("input")):
+        ts, src, kind = f.integer("ts"), f.string("src"), f.string("kind")
+        headers, body = dict(f.mapping("headers")), f.raw("body")
         try:
-            frame = Frame(id=uuid7(), ts=f.integer("ts"), src=f.string("src"),
-                          kind=f.string("kind"), headers=dict(f.mapping("headers")),
-                          body=f.raw("body"))
-            frames.append(decode(encode(frame)))
+            frames.append(decode(encode(Frame(id=uuid7(), ts=ts, src=src, kind=kind,
+                                              headers=headers, body=body))))
         except (FrameError, TypeError, ValueError) as exc:
             raise c.where("input").index(i).error(f"not a frame: {exc}") from None
     expect = None
