@@ -99,3 +99,25 @@ def _grouped(m: re.Match[str]) -> str:
 
 
 __all__ = ["luhn_valid", "mask_card_numbers", "mask_digits"]
+
+
+def mask_tree(value: object) -> object:
+    """``value`` with card numbers masked in every text, byte string (read as Latin-1, so a
+    PAN in ASCII bytes is found and the length kept) and map key, at any depth; other
+    values as they are. For what is kept on disk for diagnosis (dead letters)."""
+    if isinstance(value, str):
+        return mask_card_numbers(value)
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        raw = bytes(value)
+        text = raw.decode("latin-1")
+        masked = mask_card_numbers(text)
+        return raw if masked == text else masked.encode("latin-1", "replace")
+    if isinstance(value, dict):
+        return {mask_tree(k): mask_tree(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [mask_tree(v) for v in value]
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 10**12:
+        text = str(value)  # a card number sent as a JSON number
+        masked = mask_card_numbers(text)
+        return value if masked == text else masked
+    return value

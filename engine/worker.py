@@ -39,6 +39,7 @@ from engine.cbor import dumps
 from engine.counters import ERRORS, Counters
 from engine.fanout import RouteError, targets
 from engine.frame import Frame, FrameError, decode, encode, path_get
+from engine.masking import mask_card_numbers, mask_tree
 from engine.outlet import MAIN, Outlet
 from engine.plan import ProcessSpec, Runtime, signal_ready
 from engine.ring import Producer, wait_any
@@ -125,12 +126,29 @@ class DeadLetters:
         self._fd: int | None = None
 
     def put(self, data: bytes | memoryview, error: Exception | str) -> None:
-        """Record one rejected frame (its bytes) with the reason (an exception or a text)."""
+        """Record one rejected frame (its bytes) with the reason (an exception or a text).
+
+        Card numbers are masked in the frame's texts and bytes and in the reason: a frame
+        dead-lettered before the stage that masks it (an HTTP event holding a PAN) must not
+        put the card number on disk. The file is for diagnosis; what is replayed comes
+        from the source."""
         if self._fd is None:
             os.makedirs(os.path.dirname(self.path), exist_ok=True)
             self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
         reason = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
-        os.write(self._fd, dumps({"error": reason, "gear": self.gear, "frame": bytes(data)}))
+        os.write(self._fd, dumps({"error": mask_card_numbers(reason), "gear": self.gear,
+                                  "frame": _masked(data)}))
+
+
+def _masked(data: bytes | memoryview) -> bytes:
+    try:
+        frame = decode(data)
+    except FrameError:  # not a frame: mask what reads as text
+        return bytes(mask_tree(bytes(data)))  # type: ignore[arg-type]
+    return encode(Frame(id=frame.id, ts=frame.ts, src=mask_card_numbers(frame.src),
+                        kind=mask_card_numbers(frame.kind),
+                        headers=mask_tree(dict(frame.headers)),  # type: ignore[arg-type]
+                        body=mask_tree(frame.body)))
 
 
 _TAP: Tap | None = None  # this process's signal tap (one writer per process: the tap's lock)
