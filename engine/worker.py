@@ -343,6 +343,36 @@ async def run_source(spec: ProcessSpec, rt: Runtime) -> None:
         gear.close()
 
 
+async def _write_until_stopped(gear: Sink, frames: list[Frame], stopping: Any,
+                               counters: Counters, name: str) -> bool:
+    """``gear.write(frames)``, retried while it raises, until it returns (True) or the rack
+    stops the process (False: the write is cancelled, the batch stays in the ring). A sink
+    whose receiver is down would otherwise hold a drain until the supervisor kills it."""
+    import asyncio
+
+    stop = asyncio.ensure_future(stopping.wait())
+    try:
+        while True:
+            write = asyncio.ensure_future(gear.write(frames))
+            await asyncio.wait({write, stop}, return_when=asyncio.FIRST_COMPLETED)
+            if not write.done():
+                write.cancel()
+                await asyncio.gather(write, return_exceptions=True)
+                return False
+            exc = write.exception()
+            if exc is None:
+                return True
+            counters.add(ERRORS)  # a sink failure is retried, never skipped
+            log.error("sink write failed, retrying: process=%s, error=%s", name, exc)
+            pause = asyncio.ensure_future(asyncio.sleep(1.0))
+            await asyncio.wait({pause, stop}, return_when=asyncio.FIRST_COMPLETED)
+            pause.cancel()
+            if stop.done():
+                return False
+    finally:
+        stop.cancel()
+
+
 async def run_sink(spec: ProcessSpec, rt: Runtime) -> None:
     """An io process running a Sink gear over all lanes of its pipeline.
 
@@ -383,15 +413,9 @@ async def run_sink(spec: ProcessSpec, rt: Runtime) -> None:
                     views += consumer.poll(count - len(views))
             frames, nbytes = _decode_batch(views, dead, counters, spec.name)
             del views
-            while True:
-                try:
-                    await gear.write(frames)
-                    break
-                except Exception as exc:  # a sink failure is retried, never skipped
-                    counters.add(ERRORS)
-                    log.error("sink write failed, retrying: process=%s, error=%s",
-                              spec.name, exc)
-                    await asyncio.sleep(1.0)
+            if not await _write_until_stopped(gear, frames, stopping, counters, spec.name):
+                gear.close()
+                return  # stopped mid-write: not committed, the next start sends it again
             consumer.commit()
             now = time.time_ns()
             for f in frames:

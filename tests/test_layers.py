@@ -14,7 +14,8 @@ SANS_IO = ["gears/iso8583/core.py", "gears/iso8583/validate.py", "gears/iso8583/
            "gears/iso8583/reversal.py", "gears/iso8583/settings.py", "engine/journal.py",
            "gears/modbus/codec.py", "gears/modbus/planner.py", "gears/modbus/sample.py",
            "gears/modbus/uns.py", "gears/modbus/mbap.py", "gears/modbus/settings.py",
-           "gears/modbus/write.py", "gears/modbus/unsview.py", "mixer/auditrow.py"]
+           "gears/modbus/write.py", "gears/modbus/unsview.py", "mixer/auditrow.py",
+           "gears/io/httpout.py", "gears/io/httpin.py", "engine/fanout.py"]
 
 
 def _imports(path: Path) -> set[str]:
