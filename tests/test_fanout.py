@@ -17,7 +17,7 @@ import yaml
 from engine.fanout import RouteError, targets
 from engine.ring import Ring
 from engine.settle import Settle
-from tests.rackutil import RackProcess, stream_contents, uid
+from tests.rackutil import RackProcess, rig, stream_contents, uid
 
 pytestmark = pytest.mark.slow
 
@@ -25,34 +25,24 @@ COUNT = 3000
 
 
 def _rig(tmp_path: Path, rack_id: str, count: int = COUNT) -> Path:
-    cfg = {
-        "rack": {"id": rack_id, "data_dir": str(tmp_path / "data")},
-        "rings": {"capacity": "1MiB", "batch": 256},
-        "telemetry": {"interval": 0.2},
-        "egress": {"streams": [{"name": "EV", "subjects": [f"fluxrig.{rack_id}.>"]}],
-                   "batch": 500, "max_inflight": 4, "ack_timeout": 2.0},
-        "pipelines": [{
-            "name": "p",
-            "key": "headers.device",
-            "source": {"gear": "generator", "settings": {
-                "rate": 20000, "count": count, "batch": 50, "keys": 8,
-                "headers": {"device": "d{i}"}, "body": {"seq": "$seq"}}},
-            "stages": [{"name": "route", "gear": "map", "settings": {
-                "set": {"body.tenth": "double(body.seq) / 10.0"},
-                "route": [
-                    {"when": "body.seq % 5 == 0", "to": "discard"},
-                    {"when": "body.seq % 3 == 0", "to": ["js", "file"]},
-                    {"when": "body.seq % 3 == 1", "to": "file"},
-                ],
-                "default_route": "js"}}],
-            "sinks": [{"name": "js", "gear": "egress",
-                       "settings": {"subject": f"fluxrig.{rack_id}.out"}},
-                      {"name": "file", "gear": "file", "settings": {"path": "out.jsonl"}}],
-        }],
-    }
-    path = tmp_path / "rig.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    return rig(tmp_path, rack_id, count=count, rate=20000, pipelines=[{
+        "name": "p",
+        "key": "headers.device",
+        "source": {"gear": "generator", "settings": {
+            "rate": 20000, "count": count, "batch": 50, "keys": 8,
+            "headers": {"device": "d{i}"}, "body": {"seq": "$seq"}}},
+        "stages": [{"name": "route", "gear": "map", "settings": {
+            "set": {"body.tenth": "double(body.seq) / 10.0"},
+            "route": [
+                {"when": "body.seq % 5 == 0", "to": "discard"},
+                {"when": "body.seq % 3 == 0", "to": ["js", "file"]},
+                {"when": "body.seq % 3 == 1", "to": "file"},
+            ],
+            "default_route": "js"}}],
+        "sinks": [{"name": "js", "gear": "egress",
+                   "settings": {"subject": f"fluxrig.{rack_id}.out"}},
+                  {"name": "file", "gear": "file", "settings": {"path": "out.jsonl"}}],
+    }])
 
 
 def _expected(count: int) -> tuple[set[int], set[int]]:
