@@ -11,17 +11,23 @@ What an expression sees (the *input* frame, whatever else the stage does):
   (int, ns since the epoch);
 * CEL's standard library, the ``strings`` extension (``upperAscii``, ``replace``, ``split``,
   ``format``, ...), the ``math`` extension (``math.greatest``, ``math.round``, ...), and ours:
-  ``sum(list)``, ``format_time(ns, layout)`` (strftime, UTC; ``%L`` ms, ``%N`` ns), ``time_ns(ns)`` (a CEL
-  timestamp), ``mask(text)`` (card numbers masked), ``deleted()`` (a ``set`` whose value is
-  this removes the field).
+  ``sum(list)``, ``format_time(ns, layout)`` (strftime, UTC; ``%L`` ms, ``%N`` ns),
+  ``time_ns(ns)`` (a CEL timestamp), ``mask(text)`` (card numbers masked), ``deleted()``
+  (a ``set`` whose value is this removes the field).
 
-Two faults of cel-expr-python 0.1.3 this module works around or refuses, found by testing:
+Faults and limits of cel-expr-python 0.1.3 this module works around or refuses, found by
+testing (a helper's adversarial tests, tests/test_map.py):
 
 * a Python ``bytes`` or ``str`` value holding a NUL character is cut at it when it enters
   CEL. Bytes are handed over as ``bytearray`` (which it copies whole); a text with a NUL is
   refused (``CelError``), never evaluated cut;
-* an exception raised in a host function comes back as "no matching overloads", so our
-  host functions do not raise on bad values of the right type.
+* an exception raised in a host function comes back as "no matching overloads"; ``_short``
+  turns that into the function's rule (``sum: numbers only, ...``);
+* an integer in [2^63, 2^64) becomes a CEL uint without a word: refused, like any integer
+  beyond int64;
+* cel-cpp has an iteration budget but no memory budget: ``s.replace("a", s)`` grows with
+  the square of ``s``. What an expression reads is capped (``MAX_READ``, 64 KiB a text or
+  bytes); within that, a rig's expressions are trusted not to multiply their inputs.
 
 Expressions are compiled at ``engine check`` time (errors carry the line and column) and
 again in the worker after the fork, from their text: no cel-cpp object crosses a fork.
@@ -32,6 +38,7 @@ from __future__ import annotations
 import datetime
 import functools
 import re
+import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -47,7 +54,10 @@ except ImportError:  # pragma: no cover - the wheel is a dependency
 
 #: the value ``deleted()`` returns: a set whose result is this removes the field. A
 #: noncharacter, so no text from outside can equal it by accident.
-DELETED = "\ufdd0fluxrig:deleted\ufdd0"
+# what ``deleted()`` returns: random per process, so no frame can hold it and delete a field
+DELETED = f"\ufdd0fluxrig:deleted:{secrets.token_hex(16)}\ufdd0"
+MAX_READ = 64 << 10  # longest text or bytes an expression may read (see to_cel)
+INT64 = (-(1 << 63), (1 << 63) - 1)
 BATCH = "fx_batch__"  # the variable holding a batch of frames (``Program.run_batch``)
 BATCH_SIZE = 16  # frames per batched evaluation: fastest here (1: 19, 16: 11.5, 256: 17.6 µs)
 MAX_LAYOUT = 64  # format_time layouts: a strftime pattern, not a document
@@ -61,8 +71,11 @@ class CelError(ValueError):
 def _sum(values: list[Any]) -> Any:
     for v in values:
         if type(v) is not int and type(v) is not float:
-            return float("nan")  # a host function must not raise (see the module doc)
-    return sum(values)
+            raise TypeError("sum: numbers only")  # CEL reports it as an error value
+    total = sum(values)
+    if type(total) is int and not INT64[0] <= total <= INT64[1]:
+        raise OverflowError("sum: beyond int64")
+    return total
 
 
 _SUBSECOND = re.compile(r"%[LN]")
@@ -126,22 +139,27 @@ def _functions() -> list[Any]:
     ]
 
 
-_ENV: Any = None
+_ENVS: dict[bool, Any] = {}
 
 
-def environment() -> Any:
-    """The one CEL environment of this process (built on first use, after the fork)."""
-    global _ENV
+def environment(batch: bool = False) -> Any:
+    """The CEL environment of this process (built on first use, after the fork); ``batch``:
+    the one that also declares the batch variable, for ``Program``'s own wrapper only, so
+    an expression from a rig file cannot read it."""
     if cel is None:
         raise CelError("the CEL runtime (cel-expr-python) is not installed for this machine")
-    if _ENV is None:
+    env = _ENVS.get(batch)
+    if env is None:
         t = cel.Type
-        _ENV = cel.NewEnv(
-            variables={"body": t.DYN, "headers": t.Map(t.STRING, t.DYN), "kind": t.STRING,
-                       "src": t.STRING, "ts": t.INT, BATCH: t.List(t.DYN)},
+        variables = {"body": t.DYN, "headers": t.Map(t.STRING, t.DYN), "kind": t.STRING,
+                     "src": t.STRING, "ts": t.INT}
+        if batch:
+            variables[BATCH] = t.List(t.DYN)
+        env = _ENVS[batch] = cel.NewEnv(
+            variables=variables,
             extensions=[ext_strings.ExtStrings(), ext_math.ExtMath(), ext_bindings.ExtBindings()],
             functions=_functions())
-    return _ENV
+    return env
 
 
 def compile_expr(text: str, want_bool: bool = False) -> Any:
@@ -167,8 +185,11 @@ def describe_compile_error(text: str, message: str) -> str:
     """cel-cpp's ``INVALID_ARGUMENT: ERROR: <input>:1:9: Syntax error: ...`` plus its caret
     lines, as ``column 9: syntax error: ...`` (``line L, column C`` when the expression has
     several lines) followed by the expression's line and a caret."""
+    if "recursion limit" in message or "max recursion depth" in message:
+        return ("nested deeper than 32 levels (cel-expr-python's limit; no column is given): "
+                "split the expression, or use && / || / ?: with fewer parentheses")
     m = _POS.search(message)
-    if m is None:
+    if m is None or int(m.group(1)) < 1 or int(m.group(2)) < 1:
         return message.split("\n")[0].removeprefix("INVALID_ARGUMENT: ")
     line, col = int(m.group(1)), int(m.group(2))
     what = message[m.end():].split("\n")[0].strip()
@@ -182,21 +203,41 @@ def to_cel(value: Any) -> Any:
     """``value`` as CEL may take it: bytes as bytearray (cel-expr cuts ``bytes`` at a NUL).
 
     Raises:
-        CelError: a text (value or map key) holds a NUL character.
+        CelError: a text holds a NUL character (the binding would cut it); a text or bytes
+            is longer than ``MAX_READ`` (an expression like ``s.replace("a", s)`` grows
+            with the square of its input, and cel-cpp has no memory budget); an integer is
+            beyond int64 (the binding would make it a uint without a word); a map key is
+            not a text, an integer or a boolean.
     """
     t = type(value)
     if t is str:
         if "\x00" in value:
             raise CelError("a text with a NUL character cannot enter a CEL expression "
                            "(cel-expr-python would cut it)")
+        if len(value) > MAX_READ:
+            raise CelError(f"a text of {len(value)} characters is longer than an expression "
+                           f"may read: max={MAX_READ}")
         return value
-    if t is int or t is float or t is bool or value is None:
+    if t is int:
+        if not INT64[0] <= value <= INT64[1]:
+            raise CelError("an integer beyond int64 cannot enter a CEL expression")
+        return value
+    if t is float or t is bool or value is None:
         return value
     if t is dict:
-        return {to_cel(k): to_cel(v) for k, v in value.items()}
+        out = {}
+        for k, v in value.items():
+            if type(k) not in (str, int, bool):
+                raise CelError(f"a map key of type {type(k).__name__} cannot enter a CEL "
+                               "expression (text, integer or boolean keys only)")
+            out[to_cel(k)] = to_cel(v)
+        return out
     if t is list:
         return [to_cel(v) for v in value]
     if t is bytes:
+        if len(value) > MAX_READ:
+            raise CelError(f"bytes of length {len(value)} are longer than an expression may "
+                           f"read: max={MAX_READ}")
         return bytearray(value)
     return value
 
@@ -224,10 +265,14 @@ def from_cel(value: Any) -> Any:
     return value
 
 
-# CEL string and bytes literals (raw, triple-quoted) and line comments, blanked before
-# looking for uses of body and headers
-_LITERAL = re.compile(r"""[rRbB]{0,2}(?:'''[\s\S]*?'''|\"\"\"[\s\S]*?\"\"\"|'(?:\\.|[^'\\\n])*'"""
-                      r"""|"(?:\\.|[^"\\\n])*")|//[^\n]*""")
+# CEL string and bytes literals and line comments, blanked before looking for uses of body
+# and headers. Raw literals (r"...") take backslashes as they are; the others escape
+# the next character, in triple-quoted ones too. Blanking too much would hide a read and
+# hand CEL too little (wrong); blanking too little only hands it more (slower).
+_RAW = r"""(?:[rR][bB]?|[bB][rR])(?:'''[\s\S]*?'''|\"\"\"[\s\S]*?\"\"\"|'[^'\n]*'|"[^"\n]*")"""
+_COOKED = (r"""[bB]?(?:'''(?:\\[\s\S]|[^\\])*?'''|\"\"\"(?:\\[\s\S]|[^\\])*?\"\"\""""
+           r"""|'(?:\\.|[^'\\\n])*'|"(?:\\.|[^"\\\n])*")""")
+_LITERAL = re.compile(f"{_RAW}|{_COOKED}|//[^\n]*")
 # body / headers, then optionally .name (and whether a call follows) or [ ... ]
 _VAR = re.compile(r"(?<![\w.])(kind|src|ts)\b")
 _USE = re.compile(r"(?<![\w.])(body|headers)\b(?:\s*\.\s*([A-Za-z_]\w*)\s*(\()?|\s*(\[[^\]]*\]))?")
@@ -299,18 +344,27 @@ class Program:
             for var in reads:
                 inner = f"cel.bind({var}, x__.{var}, {inner})"
             try:
-                batched = environment().compile(f"{BATCH}.map(x__, {inner})")
+                batched = environment(batch=True).compile(f"{BATCH}.map(x__, {inner})")
             except RuntimeError:
                 batched = None  # e.g. 32 levels of nesting: evaluate frame by frame
         return cls(names, texts, joined, each, reads, batched)
 
     def _data(self, frame: Frame) -> dict[str, Any]:
         # only what is read: CEL converts every value it is given (a frame costs ~1 µs here)
+        try:
+            return self._slim(frame)
+        except CelError as exc:
+            raise CelError(f"reading {exc}") from None
+
+    def _slim(self, frame: Frame) -> dict[str, Any]:
         data = {}
         for var, keys in self.reads.items():
             value = getattr(frame, var)
             if keys is None or type(value) is not dict:
-                data[var] = to_cel(value)
+                try:
+                    data[var] = to_cel(value)
+                except CelError as exc:
+                    raise CelError(f"{var}: {exc}") from None
                 continue
             slim = {}
             for name in keys:
@@ -318,11 +372,17 @@ class Program:
                 if v is _ABSENT:
                     continue
                 t = type(v)
-                if t is str:
-                    if "\x00" in v:
-                        to_cel(v)  # raises, with the message
-                elif not (t is int or t is float or t is bool or v is None):
-                    v = to_cel(v)
+                try:
+                    if t is str:
+                        if "\x00" in v or len(v) > MAX_READ:
+                            to_cel(v)  # raises, with the message
+                    elif t is int:
+                        if not INT64[0] <= v <= INT64[1]:
+                            to_cel(v)
+                    elif not (t is float or t is bool or v is None):
+                        v = to_cel(v)
+                except CelError as exc:
+                    raise CelError(f"{var}.{name}: {exc}") from None
                 slim[name] = v
             data[var] = slim
         return data
@@ -369,8 +429,17 @@ class Program:
         raise CelError("the expressions failed together but not alone")
 
 
+_HOST_FAILED = re.compile(r"No matching overloads found : (sum|format_time|time_ns|mask)\(")
+_HOST_RULES = {"sum": "sum: numbers only, and a total within int64",
+               "format_time": "format_time: an int of ns and a text layout",
+               "time_ns": "time_ns: an int of ns", "mask": "mask: a text"}
+
+
 def _short(message: str) -> str:
     first = message.split("\n")[0]
+    host = _HOST_FAILED.search(first)
+    if host is not None:  # a host function raised: cel-expr says only "no overload"
+        return _HOST_RULES[host.group(1)]
     for prefix in ("INTERNAL: ", "UNKNOWN: ", "INVALID_ARGUMENT: ", "NOT_FOUND: "):
         first = first.removeprefix(prefix)
     # values from the frame may be quoted: no card number in a dead-letter reason or a log

@@ -133,6 +133,9 @@ class MapStage(Stage):
         # read with one dict operation (this stage's budget is ~20 µs a frame, CEL included)
         self.copies = tuple((_split(dst), _split(src)) for dst, src in settings.copy)
         self.sets = tuple(_split(dst) for dst, _ in settings.set)
+        # only a set whose expression calls deleted() can delete (a frame cannot hold the
+        # per-process marker, and a set that cannot return it never compares)
+        self.deletes = tuple("deleted(" in text for _, text in settings.set)
         self.drops = tuple(_split(p) for p in settings.drop)
         self.body_paths = any(root == 1 for root, _ in
                               (*(c[0] for c in self.copies), *self.sets, *self.drops))
@@ -194,8 +197,8 @@ class MapStage(Stage):
                     roots[root][keys[0]] = value
                 else:
                     _put(roots[root], keys, value, fresh)
-        for (root, keys), value in zip(self.sets, values):
-            if type(value) is str and value == DELETED:
+        for (root, keys), value, deletes in zip(self.sets, values, self.deletes):
+            if deletes and type(value) is str and value == DELETED:
                 value = _MISSING
             if len(keys) == 1 and value is not _MISSING:
                 roots[root][keys[0]] = value
