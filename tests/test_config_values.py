@@ -9,6 +9,7 @@ import json
 import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from engine.keytable import (
 )
 from engine.reference import render, walk
 from engine.rigcheck import check_file, masked_url
+from tests.test_http_source import _self_signed
 from engine.rigkeys import RIG
 from engine.schema import At
 from engine.units import format_duration, format_size, parse_duration, parse_size
@@ -486,6 +488,9 @@ def _full_rig(tmp_path: Path) -> dict[str, Any]:
     }
 
 
+# the http_server's TLS files are loaded at check time: a real key pair
+_TLS = [str(p) for p in _self_signed(Path(tempfile.mkdtemp(prefix="fx-tls-")))]
+
 GEAR_SETTINGS: dict[str, dict[str, Any]] = {
     "generator": {"rate": 10, "count": 0, "batch": 8, "kind": "k", "keys": 4,
                   "headers": {"d": "dev-{i}"}, "body": {"seq": "$seq"}},
@@ -495,6 +500,16 @@ GEAR_SETTINGS: dict[str, dict[str, Any]] = {
             "drop": ["body.e"], "route": [{"when": "body.f > 1", "to": "x"}],
             "default_route": "y", "kind": "k"},
     "file": {"path": "f", "fsync": False},
+    "http_server": {
+        "host": "127.0.0.1", "port": 0, "paths": ["/", "/in"], "kind": "http",
+        "headers": ["x-device"], "idempotency_header": "idempotency-key",
+        "raw_types": ["application/octet-stream"],
+        "auth": {"bearer": "t0ken", "basic": {"user": "u", "password": "p"}, "none": False},
+        "tls": {"cert": _TLS[0], "key": _TLS[1]}, "ack": "ring", "durable_timeout": "5s",
+        "queue_wait": "200ms", "max_body": "1MiB", "max_connections": 10,
+        "max_per_address": 10, "concurrency": 10, "rate": 100, "burst": 10,
+        "max_header_size": "16KiB", "max_headers": 100, "idle_timeout": "60s",
+        "request_timeout": "10s"},
     "http_client": {"url": "https://127.0.0.1:8443/in", "method": "POST",
                     "headers": {"Authorization": "Bearer x"}, "format": "jsonl",
                     "batch": {"count": 100, "bytes": "1MiB", "time": "100ms"}, "timeout": "10s",
