@@ -140,6 +140,14 @@ class MapStage(Stage):
         self.body_paths = any(root == 1 for root, _ in
                               (*(c[0] for c in self.copies), *self.sets, *self.drops))
         self.routed = bool(settings.route) or settings.default_route is not None
+
+        def target(to: tuple[str, ...]) -> tuple[tuple[str, ...], bool]:
+            # the route header's names, and whether the frame is dropped (discard alone)
+            return tuple(n for n in to if n != DISCARD), to == (DISCARD,)
+        self.rules = tuple((self.nset + i, target(to)) for i, (_, to) in
+                           enumerate(settings.route))
+        self.default_route = None if settings.default_route is None else \
+            target(settings.default_route)
         self.kind = settings.kind
 
     def process(self, frames: list[Frame], emit: Callable[[Frame], None]) -> None:
@@ -164,39 +172,41 @@ class MapStage(Stage):
         return self._build(frame, self.program.run(frame))
 
     def _build(self, frame: Frame, values: list[Any]) -> Frame | None:
-        s: MapSettings = self.settings
-        body_in = frame.body
-        route: tuple[str, ...] | None = s.default_route
-        for i, (_, to) in enumerate(s.route):  # first true wins
-            hit = values[self.nset + i]
+        route = self.default_route  # (names without discard, discard alone) or None
+        for i, (index, target) in enumerate(self.rules):  # first true wins
+            hit = values[index]
             if hit is True:
-                route = to
+                route = target
                 break
             if hit is not False:
                 raise CelError(f"route[{i}].when: must be true or false, got "
                                f"{type(hit).__name__}")
-        if route is not None and len(route) == 1 and route[0] == DISCARD:
+        if route is not None and route[1]:
             return None
+        body_in = frame.body
         if type(body_in) is dict:
             body = dict(body_in)
         elif self.body_paths:
             raise CelError(f"body paths need a map body, got {type(body_in).__name__}")
         else:
             body = body_in
-        headers = dict(frame.headers)
+        headers_in = frame.headers
+        headers = dict(headers_in)
         roots = (headers, body)
-        inputs = (frame.headers, body_in)
+        inputs = (headers_in, body_in)
         fresh = {id(headers), id(body)}
-        # every copy reads the input frame (a swap is a swap) and gets its own subtree
-        copied = [(dst, _get(inputs[root], keys)) for dst, (root, keys) in self.copies]
-        for (root, keys), value in copied:
-            if value is not _MISSING:
-                if type(value) is dict or type(value) is list:
-                    value = _deep(value)
-                if len(keys) == 1:
-                    roots[root][keys[0]] = value
-                else:
-                    _put(roots[root], keys, value, fresh)
+        # copies read the input frame, which nothing here changes (maps on the way to a
+        # nested write are copied first), so a swap is a swap; each gets its own subtree
+        for (root, keys), (src_root, src_keys) in self.copies:
+            value = _get(inputs[src_root], src_keys)
+            if value is _MISSING:
+                continue
+            if type(value) is dict or type(value) is list:
+                value = _deep(value)
+            if len(keys) == 1:
+                roots[root][keys[0]] = value
+            else:
+                _put(roots[root], keys, value, fresh)
         for (root, keys), value, deletes in zip(self.sets, values, self.deletes):
             if deletes and type(value) is str and value == DELETED:
                 value = _MISSING
@@ -213,7 +223,7 @@ class MapStage(Stage):
             if route is None:
                 headers.pop(ROUTE, None)
             else:
-                headers[ROUTE] = [n for n in route if n != DISCARD]
+                headers[ROUTE] = list(route[0])
         return Frame(id=frame.id, ts=frame.ts, src=frame.src, kind=self.kind or frame.kind,
                      headers=headers, body=body)
 
@@ -224,6 +234,8 @@ def _split(path: str) -> tuple[int, tuple[str, ...]]:
 
 
 def _get(root: Any, keys: tuple[str, ...]) -> Any:
+    if len(keys) == 1:
+        return root.get(keys[0], _MISSING) if type(root) is dict else _MISSING
     value = root
     for key in keys:
         if type(value) is not dict:
