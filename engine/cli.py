@@ -85,7 +85,7 @@ def check(
 ) -> None:
     """Validate rig files without starting anything: per file, what it would run or the
     first error (file, key path, what was expected). Exit 2 if any file fails; with
-    ``--tests``, then run the rig tests too (exit 1 if one fails)."""
+    --tests, then run the rig tests too (exit 1 if one fails)."""
     from engine.rigcheck import check_file, summary_lines
 
     results = [check_file(c) for c in configs]
