@@ -101,10 +101,14 @@ def _grouped(m: re.Match[str]) -> str:
 __all__ = ["luhn_valid", "mask_card_numbers", "mask_digits"]
 
 
-def mask_tree(value: object) -> object:
+def mask_tree(value: object, depth: int = 0) -> object:
     """``value`` with card numbers masked in every text, byte string (read as Latin-1, so a
-    PAN in ASCII bytes is found and the length kept) and map key, at any depth; other
-    values as they are. For what is kept on disk for diagnosis (dead letters)."""
+    PAN in ASCII bytes is found and the length kept), text map key and number that could be
+    one (an integer or integral float of 13-19 digits, either sign), at any depth; other
+    values as they are. For what is kept on disk for diagnosis (dead letters). Never
+    raises: what it cannot walk (a cycle, nesting past 200 levels) becomes a placeholder."""
+    if depth > 200:
+        return "<nested too deep>"
     if isinstance(value, str):
         return mask_card_numbers(value)
     if isinstance(value, (bytes, bytearray, memoryview)):
@@ -113,11 +117,14 @@ def mask_tree(value: object) -> object:
         masked = mask_card_numbers(text)
         return raw if masked == text else masked.encode("latin-1", "replace")
     if isinstance(value, dict):
-        return {mask_tree(k): mask_tree(v) for k, v in value.items()}
+        return {(mask_card_numbers(k) if isinstance(k, str) else k): mask_tree(v, depth + 1)
+                for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [mask_tree(v) for v in value]
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 10**12:
-        text = str(value)  # a card number sent as a JSON number
+        return [mask_tree(v, depth + 1) for v in value]
+    if isinstance(value, float) and value.is_integer() and 1e12 <= abs(value) < 1e20:
+        value = int(value)  # a card number sent as a JSON number with a fraction
+    if isinstance(value, int) and not isinstance(value, bool) and 10**12 <= abs(value) < 10**20:
+        text = str(abs(value))
         masked = mask_card_numbers(text)
-        return value if masked == text else masked
+        return value if masked == text else ("-" if value < 0 else "") + masked
     return value

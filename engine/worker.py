@@ -87,7 +87,7 @@ def make_context(spec: ProcessSpec, rt: Runtime, producers: Sequence[Producer] =
     def dead_letter(frame: Frame, reason: str) -> None:
         if counters is not None:
             counters.add(ERRORS)
-        letters.put(encode(frame), reason)
+        letters.put(frame, reason)
     outlets = {name: Outlet(name, ring.producer(), None) for name, ring in spec.outlets.items()}
     if len(producers) == 1:  # one lane to write: the gear may write it synchronously
         outlets[MAIN] = Outlet(MAIN, producers[0], spec.counters)
@@ -125,26 +125,45 @@ class DeadLetters:
         self.gear = gear
         self._fd: int | None = None
 
-    def put(self, data: bytes | memoryview, error: Exception | str) -> None:
-        """Record one rejected frame (its bytes) with the reason (an exception or a text).
+    def put(self, data: bytes | memoryview | Frame, error: Exception | str) -> None:
+        """Record one rejected frame (its bytes, or the decoded frame) with the reason (an
+        exception or a text). Never raises: a dead letter that cannot be written whole is
+        written as what can be (the reason and the frame id), and one that cannot be
+        written at all is logged and counted by the caller; the lane goes on either way.
 
-        Card numbers are masked in the frame's texts and bytes and in the reason: a frame
-        dead-lettered before the stage that masks it (an HTTP event holding a PAN) must not
-        put the card number on disk. The file is for diagnosis; what is replayed comes
-        from the source."""
-        if self._fd is None:
-            os.makedirs(os.path.dirname(self.path), exist_ok=True)
-            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
-        reason = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
-        os.write(self._fd, dumps({"error": mask_card_numbers(reason), "gear": self.gear,
-                                  "frame": _masked(data)}))
+        Card numbers are masked in the frame's texts, bytes and numbers and in the reason:
+        a frame dead-lettered before the stage that masks it (an HTTP event holding a PAN)
+        must not put the card number on disk. The file is for diagnosis; what is replayed
+        comes from the source."""
+        try:
+            reason = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+            reason = mask_card_numbers(reason)
+        except Exception:  # an exception whose str() fails
+            reason = type(error).__name__
+        try:
+            record = {"error": reason, "gear": self.gear, "frame": _masked(data)}
+            blob = dumps(record)
+        except Exception as exc:  # a frame that cannot be walked or encoded again
+            frame_id = data.id if isinstance(data, Frame) else b""
+            blob = dumps({"error": f"{reason}; not kept: {type(exc).__name__}",
+                          "gear": self.gear, "frame": None, "frame_id": frame_id})
+        try:
+            if self._fd is None:
+                os.makedirs(os.path.dirname(self.path), exist_ok=True)
+                self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+            os.write(self._fd, blob)
+        except OSError as exc:
+            log.error("dead letter not written: path=%s, error=%s", self.path, exc)
 
 
-def _masked(data: bytes | memoryview) -> bytes:
-    try:
-        frame = decode(data)
-    except FrameError:  # not a frame: mask what reads as text
-        return bytes(mask_tree(bytes(data)))  # type: ignore[arg-type]
+def _masked(data: bytes | memoryview | Frame) -> bytes:
+    if isinstance(data, Frame):
+        frame = data
+    else:
+        try:
+            frame = decode(data)
+        except FrameError:  # not a frame: mask what reads as text
+            return bytes(mask_tree(bytes(data)))  # type: ignore[arg-type]
     return encode(Frame(id=frame.id, ts=frame.ts, src=mask_card_numbers(frame.src),
                         kind=mask_card_numbers(frame.kind),
                         headers=mask_tree(dict(frame.headers)),  # type: ignore[arg-type]
@@ -245,8 +264,12 @@ def run_stage(spec: ProcessSpec, rt: Runtime) -> None:
         except Exception:
             out = _process_one_by_one(gear, frames, dead, counters, spec.name)
         del views
-        parts = _split(out, spec.sinks, dead, counters, spec.name) if spec.sinks else [
-            [encode(f) for f in out]]
+        try:
+            encoded_out = [encode(f) for f in out]
+        except Exception:  # a gear passed on a value CBOR cannot hold (a cycle, say)
+            out, encoded_out = _encodable(out, dead, counters, spec.name)
+        parts = _split(out, encoded_out, spec.sinks, dead, counters, spec.name) \
+            if spec.sinks else [encoded_out]
         sent = 0
         for producer, encoded in zip(producers, parts):
             done = 0
@@ -264,12 +287,29 @@ def run_stage(spec: ProcessSpec, rt: Runtime) -> None:
     gear.close()
 
 
-def _split(out: list[Frame], sinks: Sequence[str], dead: DeadLetters, counters: Counters,
-           name: str) -> list[list[bytes]]:
+def _encodable(out: list[Frame], dead: DeadLetters, counters: Counters, name: str
+               ) -> tuple[list[Frame], list[bytes]]:
+    """The frames of ``out`` that encode, with their bytes; the others dead-lettered."""
+    frames, encoded = [], []
+    for frame in out:
+        try:
+            data = encode(frame)
+        except Exception as exc:
+            counters.add(ERRORS)
+            dead.put(frame, exc)
+            log.error("unencodable frame dead-lettered: process=%s, frame_id=%s, error=%s",
+                      name, frame.id.hex(), type(exc).__name__)
+            continue
+        frames.append(frame)
+        encoded.append(data)
+    return frames, encoded
+
+
+def _split(out: list[Frame], encoded: list[bytes], sinks: Sequence[str], dead: DeadLetters,
+           counters: Counters, name: str) -> list[list[bytes]]:
     """A fan-out stage's output, one list of encoded frames per sink (by route)."""
     parts: list[list[bytes]] = [[] for _ in sinks]
-    for frame in out:
-        data = encode(frame)
+    for frame, data in zip(out, encoded):
         try:
             picked = targets(frame.headers, sinks)
         except RouteError as exc:
@@ -293,7 +333,7 @@ def _process_one_by_one(gear: Stage, frames: list[Frame], dead: DeadLetters,
             gear.process([frame], mine.append)
         except Exception as exc:
             counters.add(ERRORS)
-            dead.put(encode(frame), exc)
+            dead.put(frame, exc)  # not encode(frame): a frame may not encode again (a cycle)
             log.error("gear failed on frame, dead-lettered: process=%s, frame_id=%s, error=%s",
                       name, frame.id.hex(), type(exc).__name__)
             continue

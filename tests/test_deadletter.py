@@ -56,3 +56,30 @@ def test_a_frame_without_card_numbers_is_kept_as_it_was(tmp_path):
     dead.put(encode(frame), "why")
     _, letters = _read(tmp_path)
     assert letters[0]["frame"] == encode(frame)
+
+
+def test_numbers_that_could_be_card_numbers_are_masked_in_any_form(tmp_path):
+    dead, _ = _letters(tmp_path)
+    frame = Frame(id=uuid7(), ts=1, src="s", kind="k", headers={},
+                  body={"f": float(PAN), "neg": -int(PAN), "big": 10**4000, "t": (PAN, 1)})
+    dead.put(encode(frame), "why")
+    raw, letters = _read(tmp_path)
+    kept = decode(letters[0]["frame"])
+    assert kept.body["f"] == "476173******0119" and kept.body["neg"] == "-476173******0119"
+    assert kept.body["big"] == 10**4000 and kept.body["t"] == ["476173******0119", 1]
+
+
+def test_a_frame_that_cannot_be_walked_or_encoded_is_kept_by_id_and_reason(tmp_path):
+    dead, _ = _letters(tmp_path)
+    cycle: list = []
+    cycle.append(cycle)  # a CBOR shared reference decodes to this
+    looped = Frame(id=uuid7(), ts=1, src="s", kind="k", headers={}, body={"c": cycle})
+    odd = Frame(id=uuid7(), ts=1, src="s", kind="k", headers={}, body={"o": object()})
+    dead.put(looped, ValueError(f"bad {PAN}"))  # neither may raise: the lane goes on
+    dead.put(odd, "why")
+    _, letters = _read(tmp_path)
+    kept = decode(letters[0]["frame"])  # the cycle cut where the walk stops
+    assert kept.id == looped.id and "<nested too deep>" in repr(kept.body)
+    assert letters[0]["error"] == "ValueError: bad 476173******0119"
+    assert letters[1]["frame_id"] == odd.id and letters[1]["frame"] is None
+    assert letters[1]["error"].startswith("why; not kept: ")

@@ -635,3 +635,46 @@ def test_rack_durable_ack_via_egress(tmp_path):
     count, messages = stream_contents(tmp_path / "data", rack_id, "HTTP")
     stored = {str(_uuid(decode(data).id)) for _, data in messages}
     assert count == 20 and stored == set(acked)
+
+
+# CBOR a sender may post that decodes but that the stages behind cannot map, mask or encode
+# again: a map keyed by an array, a bignum of 4,900 digits (Python refuses to print it),
+# a shared reference making a cycle. Each once killed the map stage in its dead-letter path
+# (replayed at every restart: the rack gave up and would not start again).
+POISON = {
+    "array-key": bytes.fromhex("a1820102") + b"\x03",
+    "huge-bignum": bytes.fromhex("c2590800") + b"\xff" * 2048,
+    "cycle": bytes.fromhex("d81c81d81d00"),
+}
+
+
+def test_rack_poison_cbor_is_dead_lettered_and_the_rack_serves_on(tmp_path):
+    port = free_port()
+    path = http_rig(tmp_path, uid("http-poison"), port, FILE_SINK)
+    cfg = yaml.safe_load(path.read_text())
+    # a map stage that reads the body and one that passes it on untouched
+    cfg["pipelines"][0]["stages"] = [
+        {"name": "read", "gear": "map",
+         "settings": {"set": {"headers.n": "has(body.n) ? body.n : size(body)"}}},
+        {"name": "pass", "gear": "map", "settings": {"set": {"headers.p": "1"}}}]
+    path.write_text(yaml.safe_dump(cfg))
+    rack = RackProcess(path, tmp_path / "data")
+    try:
+        c = Client(port)
+        acked = []
+        for name, body in POISON.items():
+            status, _, answer = c.request(body=body, ct="application/cbor")
+            assert status in (200, 400), (name, status, answer)
+        for i in range(20):
+            status, _, answer = c.request(body=b'{"n": %d}' % i)
+            assert status == 200
+            acked += ids_of(answer)
+        wait_until(lambda: set(acked) <= set(out_ids(tmp_path)), "the good frames")
+        assert rack.proc.poll() is None  # still serving
+        restarts = sum(p.get("restarts", 0) for p in rack.refresh()["processes"])
+        assert restarts == 0, rack.output()
+        assert rack.stop() == 0
+    finally:
+        rack.close()
+    dead = list((tmp_path / "data" / "deadletter").glob("*.cbor"))
+    assert dead, "the poison frames were not dead-lettered"
