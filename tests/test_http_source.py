@@ -678,3 +678,27 @@ def test_rack_poison_cbor_is_dead_lettered_and_the_rack_serves_on(tmp_path):
         rack.close()
     dead = list((tmp_path / "data" / "deadletter").glob("*.cbor"))
     assert dead, "the poison frames were not dead-lettered"
+
+
+def test_bytes_after_a_request_that_closes_are_dropped_quietly(served, caplog):
+    # a stranger's "Connection: close" request followed by junk once made the parser go on
+    # after the FIN: a write after write_eof, an asyncio traceback in the log per connection
+    # (500 lines for 20 requests, not rate-limited: a log flood without a token)
+    srv = served()
+    caplog.set_level(logging.ERROR)
+    for _ in range(5):
+        c = Client(srv.port)
+        c.send(b"GET /nope HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\nX")
+        got = c.read()
+        assert got is not None and got[0] == 404
+        assert c.eof()
+        c.close()
+        c = Client(srv.port)
+        c.send(req(body=b'{"a": 1}', extra={"Connection": "close"}) + b"GARBAGE\r\n\r\n")
+        got = c.read()
+        assert got is not None and got[0] == 200
+        assert c.eof()
+        c.close()
+    assert len(srv.frames()) == 5
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], \
+        [r.getMessage() for r in caplog.records]

@@ -558,6 +558,7 @@ class Conn(asyncio.Protocol):
         self.head_fed = 0  # bytes fed since the last request's headers ended
         self.in_head = True
         self.closing = False  # answered for the last time: input is dropped
+        self.finished = False  # FIN sent: nothing more may be written
         self.paused = False
         self.eof = False  # the client half-closed: close once every answer is written
 
@@ -730,14 +731,17 @@ class Conn(asyncio.Protocol):
                 self.transport.pause_reading()
         if server.draining:
             server._check_quiet()
+        if not keep_alive:  # nothing after a request that ends the connection is read
+            self._end_reading()
+            raise _Stop
 
     # -- answers ----------------------------------------------------------------------------
 
     def respond(self, seq: int, data: bytes, close: bool) -> None:
         """Send the answer of request ``seq`` once the answers before it are sent;
         ``close``: end the connection after it."""
-        if self.transport is None or self.transport.is_closing():
-            if seq == self.write_seq:
+        if self.transport is None or self.transport.is_closing() or self.finished:
+            if seq == self.write_seq:  # the connection ended (a FIN sent): nothing more goes
                 self.write_seq += 1
             return
         if seq != self.write_seq:
@@ -771,6 +775,7 @@ class Conn(asyncio.Protocol):
     def _finish(self) -> None:
         """After the last answer: FIN, then drop what still comes for up to ``LINGER``."""
         self.closing = True
+        self.finished = True
         t = self.transport
         if t is None or t.is_closing():
             return

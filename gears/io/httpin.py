@@ -47,7 +47,7 @@ import cbor2
 import orjson
 
 from engine.cbor import CBORDecodeError, CBOREncodeError, NotDeterministicError, loads
-from engine.frame import encode_parts, uuid7
+from engine.frame import FrameError, decode, encode_parts, uuid7
 from engine.keytable import (
     BOOLEAN,
     DURATION,
@@ -594,7 +594,9 @@ class HttpIn:
             fid = uuid7(now_ns)
             try:
                 payload = encode_parts(fid, now_ns, src, kind, headers, value)
-            except CBOREncodeError:
+                if mt == CBOR:  # tags the encoder writes back but the stages cannot read
+                    decode(payload)  # (a bigfloat of a huge exponent, a bad date)
+            except (CBOREncodeError, FrameError, ValueError, RecursionError):
                 return Refusal(status=400, reason="malformed",
                                error="body holds a value a frame cannot carry")
             if len(payload) > self.max_payload:
