@@ -4,8 +4,8 @@ Events and spans carry tokens and masked PANs by construction; this module is wh
 a card number that reached a free text anyway (a log message quoting a field, an exception
 text). A run of 13-19 ASCII digits that passes the Luhn check is masked to its first 6 and
 last 4 digits; so is one written in groups of 3-6 digits (``4761 7390 0101 0119``,
-``3782-822463-10005``, ``4761.7390...``: single spaces, dashes or dots between them), its
-separators kept; so is one in any script's digits, and one inside a longer run of digits
+``3782-822463-10005``, ``4761.7390...``, ``4761_7390...``, ``4761/7390...``: one or two
+spaces, tabs, dashes, dots, underscores or slashes between them), its separators kept; so is one in any script's digits, and one inside a longer run of digits
 that it starts or ends or that puts a two-digit length before it (DE2 as sent: ``16`` + the
 PAN). Plain runs are masked first, so a number beside a card number (``0 4761...``) is never
 merged into it. A 19-digit run starting ``17`` (a nanosecond time until 2033) is masked
@@ -23,7 +23,9 @@ import unicodedata
 from typing import Final
 
 _DIGITS: Final = re.compile(r"\d{13,}")  # any script's digits (full-width, Arabic-Indic)
-_GROUPED: Final = re.compile(r"(?<![\d*])\d{3,6}(?:[ .-]\d{3,6}){2,5}(?![\d*])")
+# groups split by up to two of: space, tab, dash, dot, underscore, slash
+_GROUPED: Final = re.compile(r"(?<![\d*])\d{3,6}(?:[ \t.\-_/]{1,2}\d{3,6}){2,5}(?![\d*])")
+_SEPARATORS: Final = frozenset(" \t.-_/")
 # ASCII digit -> the digit sum of its double, as a byte value (not a character): the doubled
 # positions of a card number are summed by one ``translate`` and one ``sum``, both C loops
 _DOUBLED: Final = bytes((2 * (b - 48) - 9 if 2 * (b - 48) > 9 else 2 * (b - 48))
@@ -49,7 +51,7 @@ def mask_card_numbers(text: str) -> str:
     if len(text) < 13:
         return text
     text = _DIGITS.sub(_plain, text)
-    if " " in text or "-" in text or "." in text:
+    if not _SEPARATORS.isdisjoint(text):
         text = _GROUPED.sub(_grouped, text)
     return text
 
@@ -85,7 +87,7 @@ def _plain(m: re.Match[str]) -> str:
 
 def _grouped(m: re.Match[str]) -> str:
     run = m.group()
-    digits = _ascii(run.replace(" ", "").replace("-", "").replace(".", ""))
+    digits = _ascii("".join(ch for ch in run if ch.isdigit()))
     if not 13 <= len(digits) <= 19 or not luhn_valid(digits):
         return run
     out, seen, last = [], 0, len(digits) - 4
