@@ -702,3 +702,17 @@ def test_bytes_after_a_request_that_closes_are_dropped_quietly(served, caplog):
     assert len(srv.frames()) == 5
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], \
         [r.getMessage() for r in caplog.records]
+
+
+def test_two_authorization_headers_and_a_huge_request_line_are_refused(served):
+    # the last of two Authorization headers used to win (a bad then a good token: 200), and
+    # a 20 KB URL in one packet got 404 (the request line was not counted)
+    srv = served()
+    c = Client(srv.port)
+    got = c.request(extra={"Authorization": "Bearer nope"})  # AUTH is sent first
+    assert got[0] == 400 and b"more than one Authorization header" in got[2]
+    c = Client(srv.port)
+    c.send(req(path="/" + "a" * 20_000))
+    got = c.read()
+    assert got is not None and got[0] == 431
+    assert srv.frames() == []

@@ -635,6 +635,10 @@ class Conn(asyncio.Protocol):
     def on_url(self, url: bytes) -> None:
         self.url += url
         self.head_bytes += len(url)
+        if self.head_bytes > self.max_header_size:  # a 20 KB URL in one packet: 431 too
+            self._protocol_error("request line and headers too large", status=431,
+                                 reason="headers_too_large")
+            raise _Stop
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self.nheaders += 1
@@ -652,6 +656,9 @@ class Conn(asyncio.Protocol):
         if what == _CT:
             head.content_type = value
         elif what == _AUTH:
+            if head.authorization is not None:  # which one counts? a proxy may disagree
+                self._protocol_error("more than one Authorization header")
+                raise _Stop
             head.authorization = value
         elif what == _CL:
             head.content_length = int(value)  # llhttp checked: digits, one value
