@@ -89,6 +89,24 @@ def new_frame(
     return Frame(id=uuid7(now), ts=now, src=src, kind=kind, headers=headers or {}, body=body)
 
 
+_new = object.__new__
+_set = object.__setattr__
+
+
+def transformed(frame: Frame, kind: str, headers: dict[str, Any], body: Any) -> Frame:
+    """``frame`` with a new kind, headers and body: the same signal (id, ts, src), built
+    without ``Frame``'s checks, which ``frame`` passed already and a stage's dict of
+    headers and text kind cannot fail (a map stage builds one per frame: ~1 µs saved)."""
+    out = _new(Frame)
+    _set(out, "id", frame.id)
+    _set(out, "ts", frame.ts)
+    _set(out, "src", frame.src)
+    _set(out, "kind", kind)
+    _set(out, "headers", headers)
+    _set(out, "body", body)
+    return out
+
+
 def encode(frame: Frame) -> bytes:
     """Deterministic CBOR bytes of ``frame``.
 

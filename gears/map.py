@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from engine.fanout import DISCARD, ROUTE
-from engine.frame import Frame
+from engine.frame import Frame, transformed
 from engine.keytable import CUSTOM, LIST, MAP, REQUIRED, SECTIONS, STRING, Key, Table
 from engine.schema import At
 from gears.base import Stage
@@ -224,8 +224,7 @@ class MapStage(Stage):
                 headers.pop(ROUTE, None)
             else:
                 headers[ROUTE] = list(route[0])
-        return Frame(id=frame.id, ts=frame.ts, src=frame.src, kind=self.kind or frame.kind,
-                     headers=headers, body=body)
+        return transformed(frame, self.kind or frame.kind, headers, body)
 
 
 def _split(path: str) -> tuple[int, tuple[str, ...]]:
