@@ -208,6 +208,12 @@ def test_cbor_body_deterministic_or_not():
     assert frames_of(c, h, b"\x9f\x01\x02\xff")[0].body == [1, 2]
 
 
+def test_invalid_utf8_in_json_names_its_byte():
+    got = core().frames(head(), b'{"a": "' + b"x" * 93 + b'\xff"}', 1)
+    assert isinstance(got, Refusal) and got.status == 400
+    assert (got.error, got.offset) == ("malformed json: invalid UTF-8", 100)
+
+
 def test_cbor_a_frame_could_not_be_read_back_from_is_refused():
     # the encoder writes these tags back, the decoder behind the ring refuses them: a 200
     # for an event no stage can read (a hostile probe sent 2,100 and got 2,100 200s)

@@ -575,6 +575,11 @@ class HttpIn:
             else:
                 values = [body]
         except orjson.JSONDecodeError as exc:
+            try:  # orjson says "surrogates not allowed" at offset 0 for a bad UTF-8 byte
+                body.decode("utf-8")
+            except UnicodeDecodeError as bad:
+                return Refusal(status=400, reason="malformed",
+                               error="malformed json: invalid UTF-8", offset=bad.start)
             return Refusal(status=400, reason="malformed", error=f"malformed json: {exc.msg}",
                            offset=byte_offset(body, exc.pos))
         except ValueError as exc:  # decode_cbor
