@@ -716,3 +716,22 @@ def test_two_authorization_headers_and_a_huge_request_line_are_refused(served):
     got = c.read()
     assert got is not None and got[0] == 431
     assert srv.frames() == []
+
+
+def test_a_transfer_coding_other_than_chunked_is_refused_501(served):
+    # gzip, chunked was taken and the body handed on still gzipped (a hostile probe)
+    srv = served()
+    c = Client(srv.port)
+    body = b"5\r\nhello\r\n0\r\n\r\n"
+    c.send(b"POST / HTTP/1.1\r\nHost: t\r\nAuthorization: " + AUTH.encode() +
+           b"\r\nContent-Type: application/json\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"
+           + body)
+    got = c.read()
+    assert got is not None and got[0] == 501 and b"chunked only" in got[2]
+    assert srv.frames() == []
+    c = Client(srv.port)  # plain chunked still works
+    c.send(b"POST / HTTP/1.1\r\nHost: t\r\nAuthorization: " + AUTH.encode() +
+           b"\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+           b"8\r\n{\"a\": 1}\r\n0\r\n\r\n")
+    got = c.read()
+    assert got is not None and got[0] == 200

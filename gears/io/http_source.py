@@ -665,6 +665,12 @@ class Conn(asyncio.Protocol):
         elif what == _EXPECT:
             self.expect = value.strip().lower() == b"100-continue"
         elif what == _TE:
+            # llhttp checked that chunked comes last; any other coding (gzip, deflate) would
+            # hand the stages a body still encoded: 501, as RFC 9112 asks
+            if value.replace(b" ", b"").lower() != b"chunked":
+                self._protocol_error("transfer coding not implemented (chunked only)",
+                                     status=501, reason="protocol")
+                raise _Stop
             self.chunked = True
         else:
             if head.copied is None:

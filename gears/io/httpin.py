@@ -324,9 +324,9 @@ REASONS = {
     405: "Method Not Allowed", 408: "Request Timeout", 413: "Content Too Large",
     415: "Unsupported Media Type", 429: "Too Many Requests",
     431: "Request Header Fields Too Large", 500: "Internal Server Error",
-    503: "Service Unavailable", 504: "Gateway Timeout",
+    501: "Not Implemented", 503: "Service Unavailable", 504: "Gateway Timeout",
 }
-STATUSES = (200, 400, 401, 404, 405, 408, 413, 415, 429, 431, 500, 503, 504)
+STATUSES = (200, 400, 401, 404, 405, 408, 413, 415, 429, 431, 500, 501, 503, 504)
 # why a request was refused (the ``http.refused{reason=}`` stat)
 REFUSALS = ("unauthorized", "not_found", "method", "too_large", "media_type", "malformed",
             "protocol", "headers_too_large", "timeout", "busy", "rate", "ring_full",
