@@ -735,3 +735,16 @@ def test_a_transfer_coding_other_than_chunked_is_refused_501(served):
            b"8\r\n{\"a\": 1}\r\n0\r\n\r\n")
     got = c.read()
     assert got is not None and got[0] == 200
+
+
+def test_an_upgrade_request_gets_one_clear_refusal(served):
+    # curl --http2 on http:// (Upgrade: h2c) got "400 malformed json: empty document" and a
+    # second, unasked answer: llhttp ends an upgrade request at its headers
+    srv = served()
+    c = Client(srv.port)
+    c.send(req(extra={"Connection": "Upgrade, HTTP2-Settings", "Upgrade": "h2c",
+                      "HTTP2-Settings": "AAMAAABkAARAAAAAAAIAAAAA"}))
+    got = c.read()
+    assert got is not None and got[0] == 400 and b"protocol upgrade not supported" in got[2]
+    assert c.eof()
+    assert srv.frames() == []

@@ -682,6 +682,13 @@ class Conn(asyncio.Protocol):
         self.head_fed = 0
         head = self.head
         assert head is not None
+        if self.parser.should_upgrade():
+            # llhttp ends an upgrade request at its headers and hands the rest over as the
+            # new protocol: its body would be lost and read as the next request (curl
+            # --http2 got a 400 about empty JSON, then a second answer). One clear refusal.
+            self._protocol_error("protocol upgrade not supported (h2c, websocket): send "
+                                 "plain HTTP/1.1 without Upgrade")
+            raise _Stop
         head.method = self.parser.get_method()
         path = self.url.split(b"?", 1)[0].split(b"#", 1)[0]
         head.path = path
