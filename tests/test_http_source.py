@@ -748,3 +748,11 @@ def test_an_upgrade_request_gets_one_clear_refusal(served):
     assert got is not None and got[0] == 400 and b"protocol upgrade not supported" in got[2]
     assert c.eof()
     assert srv.frames() == []
+
+
+def test_an_absolute_form_target_is_served_by_its_path(served):
+    srv = served(paths=["/events"])
+    c = Client(srv.port)
+    assert c.request(path="http://bridge.example:8088/events?x=1")[0] == 200
+    assert c.request(path="HTTP://bridge.example/other")[0] == 404
+    assert len(srv.frames()) == 1

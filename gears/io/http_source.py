@@ -691,6 +691,10 @@ class Conn(asyncio.Protocol):
             raise _Stop
         head.method = self.parser.get_method()
         path = self.url.split(b"?", 1)[0].split(b"#", 1)[0]
+        if path[:7].lower() == b"http://" or path[:8].lower() == b"https://":
+            # absolute-form (a client talking to a proxy): RFC 9112 3.2.2, the path after
+            # the authority counts
+            path = b"/" + path.split(b"/", 3)[3] if path.count(b"/") >= 3 else b"/"
         head.path = path
         route = self.core.route(head.method, path)
         if type(route) is int and route == DATA:
