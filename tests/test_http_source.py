@@ -756,3 +756,14 @@ def test_an_absolute_form_target_is_served_by_its_path(served):
     assert c.request(path="http://bridge.example:8088/events?x=1")[0] == 200
     assert c.request(path="HTTP://bridge.example/other")[0] == 404
     assert len(srv.frames()) == 1
+
+
+def test_card_numbers_in_copied_headers_are_masked(served):
+    srv = served(headers=["x-request-id"])
+    c = Client(srv.port)
+    got = c.request(extra={"X-Request-Id": "4761739001010119",
+                           "Idempotency-Key": "k 4761 7390 0101 0119"})
+    assert got[0] == 200
+    (f,) = srv.frames()
+    assert f.headers["x-request-id"] == "476173******0119"
+    assert f.headers["idempotency-key"] == "k 4761 73** **** 0119"

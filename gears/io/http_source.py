@@ -55,6 +55,7 @@ from engine.counters import StatDef, Stats
 from engine.frame import Frame
 from engine.listeners import bind
 from engine.logutil import RateLimitedLog
+from engine.masking import mask_card_numbers
 from engine.outlet import MAIN, WAKE_INTERVAL, Outlet
 from engine.ring import record_size
 from engine.schema import At
@@ -675,7 +676,10 @@ class Conn(asyncio.Protocol):
         else:
             if head.copied is None:
                 head.copied = {}
-            head.copied[self.core.copied_names[lname]] = value.decode("latin-1")
+            # a header value reaches JetStream as it is: no card number in one (a sender put
+            # a PAN in Idempotency-Key, copied by default, in a probe)
+            head.copied[self.core.copied_names[lname]] = mask_card_numbers(
+                value.decode("latin-1"))
 
     def on_headers_complete(self) -> None:
         self.in_head = False
