@@ -471,6 +471,16 @@ class Producer:
         fence()  # our tail store before its flag load: see engine._ordering
         self._bell.ring_if_waiting()
 
+    @property
+    def capacity(self) -> int:
+        """Bytes of the ring's data region."""
+        return self._cap
+
+    @property
+    def max_payload(self) -> int:
+        """The largest record the ring takes (``RecordTooLargeError`` above it)."""
+        return self._max
+
     def free_bytes(self) -> int:
         """Bytes the producer could write now (reads the consumer's head)."""
         return self._free()

@@ -220,25 +220,6 @@ class _Job:
         self.keep_alive = keep_alive
 
 
-class _TlsListener(TcpListener):
-    """``TcpListener`` whose connections speak TLS (the handshake runs per connection, in
-    its own task, bounded by ``TLS_HANDSHAKE_TIMEOUT``)."""
-
-    def __init__(self, *args: Any, ssl_context: ssl.SSLContext, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        self.ssl_context = ssl_context
-
-    async def _connect(self, conn: socket.socket, protocol: asyncio.Protocol,
-                       host: str) -> None:
-        try:
-            await self.loop.connect_accepted_socket(
-                lambda: protocol, conn, ssl=self.ssl_context,
-                ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT)
-        except (OSError, ssl.SSLError, TimeoutError, ConnectionError):
-            conn.close()
-            self.release(host)
-
-
 class HttpServer:
     """Everything one server process holds: connections, the waiting requests, timers."""
 
@@ -248,9 +229,8 @@ class HttpServer:
         self.loop = asyncio.get_running_loop()
         self.outlet = outlet
         self.producer = outlet.producer
-        ring = outlet.producer._ring  # capacity and record limit of the lane's ring
-        self.capacity: int = ring.capacity
-        self.core = HttpIn(s, src, ring.max_payload, self.loop.time())
+        self.capacity: int = outlet.producer.capacity
+        self.core = HttpIn(s, src, outlet.producer.max_payload, self.loop.time())
         self.durable = durable
         self.stats = stats
         self.ratelog = RateLimitedLog(log)
@@ -294,12 +274,9 @@ class HttpServer:
         limits = ListenLimits(max_connections=self.s.max_connections,
                               max_per_address=self.s.max_per_address)
         name = f"http {self.s.host}:{self.s.port}"
-        if self.tls is not None:
-            self.listener = _TlsListener(sock, self._new_conn, limits, self._conn_refused,
-                                         name=name, siblings=siblings, ssl_context=self.tls)
-        else:
-            self.listener = TcpListener(sock, self._new_conn, limits, self._conn_refused,
-                                        name=name, siblings=siblings)
+        self.listener = TcpListener(sock, self._new_conn, limits, self._conn_refused,
+                                    name=name, siblings=siblings, tls=self.tls,
+                                    tls_handshake_timeout=TLS_HANDSHAKE_TIMEOUT)
         self.listener.start()
         self.accepting = True
         self._sweeper = self.loop.call_later(self.sweep_every, self._sweep)

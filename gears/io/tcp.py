@@ -28,6 +28,7 @@ import logging
 import os
 import resource
 import socket
+import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -77,9 +78,12 @@ class TcpListener:
 
     def __init__(self, sock: socket.socket, factory: Callable[[], asyncio.Protocol],
                  limits: ListenLimits, on_refused: Callable[[str], None],
-                 name: str = "listener", siblings: int = 1):
+                 name: str = "listener", siblings: int = 1,
+                 tls: ssl.SSLContext | None = None, tls_handshake_timeout: float = 10.0):
         self.sock = sock
         self.siblings = siblings  # processes accepting from the same socket
+        self.tls = tls  # each connection's handshake runs in its own task, bounded
+        self.tls_handshake_timeout = tls_handshake_timeout
         self.factory = factory
         self.cap = effective_cap(limits.max_connections)
         if self.cap < limits.max_connections:
@@ -200,7 +204,12 @@ class TcpListener:
 
     async def _connect(self, conn: socket.socket, protocol: asyncio.Protocol, host: str) -> None:
         try:
-            await self.loop.connect_accepted_socket(lambda: protocol, conn)
+            if self.tls is None:
+                await self.loop.connect_accepted_socket(lambda: protocol, conn)
+            else:  # ssl.SSLError and a handshake timeout are OSErrors too
+                await self.loop.connect_accepted_socket(
+                    lambda: protocol, conn, ssl=self.tls,
+                    ssl_handshake_timeout=self.tls_handshake_timeout)
         except OSError:
             conn.close()
             self.release(host)
