@@ -454,11 +454,11 @@ async def run_sink(spec: ProcessSpec, rt: Runtime) -> None:
             frames, nbytes = _decode_batch(views, dead, counters, spec.name)
             del views
             if not await _write_until_stopped(gear, frames, stopping, counters, spec.name):
-                gear.close()
+                await gear.aclose()
                 return  # stopped mid-write: not committed, the next start sends it again
             consumer.commit()
             now = time.time_ns()
             for f in frames:
                 counters.observe(now - f.ts)
             counters.count_batch(len(frames), len(frames), nbytes, nbytes)
-    gear.close()
+    await gear.aclose()

@@ -26,7 +26,8 @@ Life cycle (all in the gear's own process, after ``fork``):
    * ``Sink.write(frames)``: an asyncio coroutine that makes a batch durable; the batch is
      committed upstream when it returns, so raising means "retry later".
 
-4. ``close()`` — on a clean stop (drain), after the last batch.
+4. ``close()`` — on a clean stop (drain), after the last batch; a sink's is awaited as
+   ``aclose()`` in its event loop (default: ``close()``).
 
 What a gear may ask the rack for (classmethods, answered from the settings before any
 process exists, so ``engine check`` sees them and the supervisor sizes shared memory):
@@ -268,6 +269,11 @@ class Sink(Gear):
     async def write(self, frames: list[Frame]) -> None:
         """Make ``frames`` durable; returning commits them upstream."""
         raise NotImplementedError
+
+    async def aclose(self) -> None:
+        """Release resources at a stop, in the sink's event loop (what a client library
+        closes with a coroutine); the rack calls this, not ``close``. Default: ``close``."""
+        self.close()
 
 
 # Registered gears: name -> "module:Class". Imported on first use, so `engine check` does not

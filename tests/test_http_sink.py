@@ -465,7 +465,7 @@ def test_cancelling_write_during_an_outage_propagates_and_resets_the_gauge(tmp_p
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        sink.close()
+        await sink.aclose()
 
     asyncio.run(main())
     assert stats.value(retrying) == 0
@@ -487,7 +487,7 @@ def test_a_server_certificate_of_another_ca_is_never_accepted(tmp_path, receiver
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        sink.close()
+        await sink.aclose()
 
     asyncio.run(main())
     assert recv.seen == []  # not one request reached a server we do not trust

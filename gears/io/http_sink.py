@@ -278,14 +278,9 @@ class HttpSink(Sink):
                         "frame_id=%s, reason=%s", self.settings.shown_url, frame.id.hex(),
                         reason.split(":", 1)[0])
 
-    def close(self) -> None:
-        """Close the connection (called in the loop, which cannot be awaited here)."""
+    async def aclose(self) -> None:
+        """Close the connection (the rack awaits this at a stop)."""
         session, self._session = self._session, None
-        if session is None or session.closed:
-            return
-        connector = session.connector
-        session.detach()  # the session counts as closed: no "unclosed session" warning
-        if connector is not None:
-            # the synchronous part of the connector's close: every transport closed now
-            connector._close()  # close() is a coroutine, which close() here cannot await
+        if session is not None and not session.closed:
+            await session.close()
 
