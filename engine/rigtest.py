@@ -187,7 +187,7 @@ def _case(c: Any, cfg: RigConfig) -> Case:
 
 
 def _checks(e: Any) -> dict[str, Any]:
-    from gears.celexpr import CelError, compile_expr
+    from gears.celexpr import CelError, Program, compile_expr
 
     checks: dict[str, Any] = {}
     for name in ("body", "body_has", "headers_has", "kind", "sinks"):
@@ -205,7 +205,8 @@ def _checks(e: Any) -> dict[str, Any]:
         for i, text in enumerate(texts):
             at = e.where("check").index(i) if isinstance(raw, list) else e.where("check")
             try:
-                compiled.append((text, compile_expr(text, want_bool=True)))
+                compile_expr(text, want_bool=True)  # the error names its own column
+                compiled.append((text, Program.build([("check", text)])))
             except CelError as exc:
                 raise at.error(str(exc)) from None
         checks["check"] = compiled
@@ -312,11 +313,11 @@ def _check(name: str, want: Any, frame: Frame, sinks: list[str]) -> str | None:
 
 
 def _cel_checks(compiled: Sequence[tuple[str, Any]], frame: Frame) -> str | None:
-    from gears.celexpr import CelError, Program
+    from gears.celexpr import CelError
 
-    for text, _expr in compiled:
+    for text, program in compiled:
         try:
-            value = Program.build([("check", text)]).run(frame)[0]
+            value = program.run(frame)[0]
         except CelError as exc:
             return f"check {text!r}: failed: {exc}"
         if value is not True:
