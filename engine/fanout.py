@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from engine.masking import mask_card_numbers
+
 ROUTE = "route"  # the frame header naming the sinks a frame goes to
 DISCARD = "discard"  # the route that goes nowhere
 
@@ -39,7 +41,9 @@ def targets(headers: Mapping[str, Any], sinks: Sequence[str]) -> tuple[int, ...]
         try:
             i = sinks.index(name)
         except ValueError:
-            raise RouteError(f"route names no sink of the pipeline: route={name[:64]!r}, "
+            # the header came with the frame: it is logged, so no card number in it
+            raise RouteError(f"route names no sink of the pipeline: "
+                             f"route={mask_card_numbers(name[:64])!r}, "
                              f"sinks={','.join(sinks)}") from None
         if i not in picked:
             picked.append(i)

@@ -135,6 +135,9 @@ def test_targets_follow_the_route_header():
     for bad in ({"route": "nope"}, {"route": 3}, {"route": [1]}, {"route": {"a": 1}}):
         with pytest.raises(RouteError):
             targets(bad, sinks)
+    # the route came with the frame and its error is logged: no card number in it
+    with pytest.raises(RouteError, match=r"route='476173\*\*\*\*\*\*0119'"):
+        targets({"route": "4761739001010119"}, sinks)
 
 
 def test_settle_waits_for_every_level_in_order(shm_name):
